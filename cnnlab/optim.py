@@ -1,0 +1,61 @@
+"""Optimizers and learning-rate schedules from `config.optimizer`, built with optax.
+
+Weight decay is applied to kernels only (parameters with ndim > 1), not to biases or BatchNorm's
+scale/bias: decaying those only fights the normalisation. For `sgd`, `adam` and `rmsprop` it is
+the coupled L2 form (the gradient gets `weight_decay * w`, as PyTorch's `weight_decay=`); `adamw`
+uses decoupled weight decay (Loshchilov & Hutter).
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def kernel_mask(params):
+  """True for parameters weight decay applies to: kernels (ndim > 1)."""
+  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int,
+                           total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 over `warmup_epochs`, then constant, cosine (to 0) or step decay.
+
+  The step schedule multiplies the rate by `step_factor` at each of `step_boundaries`, given as
+  fractions of the whole run (0.5 = half-way).
+  """
+  base = float(opt.learning_rate)
+  warmup = min(int(round(opt.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  rest = max(total_steps - warmup, 1)
+  if opt.schedule == "constant":
+    main = optax.constant_schedule(base)
+  elif opt.schedule == "cosine":
+    main = optax.cosine_decay_schedule(base, decay_steps=rest)
+  else:  # "step"; validated earlier.
+    boundaries = {int(round(b * total_steps)) - warmup: float(opt.step_factor)
+                  for b in opt.step_boundaries}
+    main = optax.piecewise_constant_schedule(base, {b: f for b, f in boundaries.items() if b > 0})
+  if warmup == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def create_optimizer(opt: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The optax transformation named by `opt.name`, driven by `schedule`."""
+  decay = float(opt.weight_decay)
+  if opt.name == "adamw":
+    return optax.adamw(schedule, weight_decay=decay, mask=kernel_mask)
+  if opt.name == "sgd":
+    base = optax.sgd(schedule, momentum=float(opt.momentum) or None, nesterov=bool(opt.nesterov))
+  elif opt.name == "adam":
+    base = optax.adam(schedule)
+  else:  # "rmsprop"
+    base = optax.rmsprop(schedule, momentum=float(opt.momentum))
+  if decay == 0:
+    return base
+  return optax.chain(optax.masked(optax.add_decayed_weights(decay), kernel_mask), base)

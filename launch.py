@@ -1,0 +1,41 @@
+"""cnnlab's command line: parses flags and calls into `cnnlab`; nothing else lives here.
+
+    python launch.py --config=experiments/default.py --workdir=runs/default
+    python launch.py --config=experiments/default.py --config.model.dropout=spatial
+
+`--config` takes `file.py` or `file.py:variant`; `--config.a.b=value` overrides come after it.
+Errors in the user's config, data or workdir print one line and exit with status 2.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/default.py[:variant].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for this run's outputs; default runs/<config name>[_<variant>].")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from cnnlab import errors, rundir, train  # After flag parsing: keeps `--help` fast.
+  config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  workdir = _WORKDIR.value or rundir.default_workdir(config_arg)
+  try:
+    train.train_and_evaluate(
+        _CONFIG.value, workdir, overrides=[f"{k}={v!r}" for k, v in sorted(overrides.items())],
+        command=" ".join(sys.argv), progress=_PROGRESS.value)
+  except errors.CnnlabError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

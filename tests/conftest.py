@@ -1,0 +1,50 @@
+"""Shared fixtures: one prepared-data directory per test session, and tiny fast configs."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(path: str, arg: str | None = None):
+  """Calls `get_config(arg)` of an experiment file, as `--config=path[:arg]` would."""
+  spec = importlib.util.spec_from_file_location("experiment_config", os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A TFDS data dir shared by the session, so each bundled dataset is prepared once."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture
+def tiny_config(data_dir):
+  """The default config shrunk to seconds: digits (8x8), a small VGG-style CNN, 2 epochs."""
+  config = load_config("experiments/default.py")
+  config.dataset.name = "digits"
+  config.dataset.data_dir = data_dir
+  config.model.name = "vgg_cnn"
+  config.model.stages = ((8,), (16,))
+  config.model.bn_placement = "before_act"
+  config.model.dropout = "spatial"
+  config.model.dropout_rate = 0.2
+  config.batch_size = 32
+  config.eval_batch_size = 256
+  config.num_epochs = 2
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 20
+  return config
+
+
+def run_launch(*args, timeout=300):
+  """Runs `python launch.py ARGS` in a subprocess; returns the CompletedProcess."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, env=env)

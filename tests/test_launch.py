@@ -1,0 +1,89 @@
+"""The command line: overrides, default workdir, and a clear one-line error for every bad input."""
+
+import json
+import os
+
+import pytest
+
+from cnnlab import errors, rundir, train
+from conftest import run_launch
+
+
+def _assert_clean_failure(proc, *fragments):
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(error_lines) == 1, proc.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in error_lines[0]
+
+
+def test_override_reaches_config_json_and_bad_value_fails_cleanly(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = run_launch("--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
+                    f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=digits",
+                    "--config.model.dropout=spatial", "--config.model.dropout_rate=1.5")
+  _assert_clean_failure(proc, "config.model.dropout_rate=1.5", "[0, 1)")
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+  proc = run_launch("--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
+                    f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=digits",
+                    "--config.model.name=mlp", "--config.model.hidden=(16,)",
+                    "--config.model.dropout=standard", "--config.model.dropout_rate=0.1",
+                    "--config.num_epochs=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["config"]["model"]["dropout"] == "standard"
+  assert saved["config"]["model"]["hidden"] == [16]
+  assert "model.dropout='standard'" in saved["overrides"]
+  assert os.path.exists(os.path.join(workdir, "results.json"))
+
+  # The same workdir with a different config: refused, naming the differing key.
+  proc = run_launch("--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
+                    f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=digits",
+                    "--config.model.name=mlp", "--config.model.hidden=(16,)",
+                    "--config.model.dropout=standard", "--config.model.dropout_rate=0.2",
+                    "--config.num_epochs=1")
+  _assert_clean_failure(proc, "different config", "model.dropout_rate")
+
+
+@pytest.mark.parametrize("key, value, fragments", [
+    ("model.dropout_rate", 1.5, ("config.model.dropout_rate=1.5", "[0, 1)")),
+    ("model.bn_placement", "middle", ("'middle'", "before_act", "after_act")),
+    ("model.dropout", "gaussian", ("'gaussian'", "spatial")),
+    ("model.name", "resnet9000", ("'resnet9000'", "lenet5")),
+    ("dataset.name", "imagenet_xl", ("'imagenet_xl'", "mnist5k")),
+    ("optimizer.name", "lbfgs", ("'lbfgs'", "adamw")),
+    ("batch_size", 100000, ("100000",)),
+    ("dtype", "float16", ("'float16'", "bfloat16")),
+])
+def test_bad_values_raise_one_clear_error(tiny_config, tmp_path, key, value, fragments):
+  section, _, field = key.rpartition(".")
+  (tiny_config[section] if section else tiny_config)[field] = value
+  workdir = str(tmp_path / "run")
+  with pytest.raises(errors.CnnlabError) as info:
+    train.train_and_evaluate(tiny_config, workdir, progress=False)
+  for fragment in fragments:
+    assert fragment in str(info.value)
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, workdir, progress=False)
+  os.remove(os.path.join(workdir, "results.json"))
+  latest = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  state_dir = os.path.join(workdir, "checkpoints", str(latest), "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(errors.CheckpointError, match="cannot be restored"):
+    train.train_and_evaluate(tiny_config, workdir, progress=False)
+
+
+def test_default_workdir_from_config_name():
+  assert rundir.default_workdir("experiments/default.py") == os.path.join("runs", "default")
+  assert rundir.default_workdir("experiments/ablation.py:quick") == os.path.join(
+      "runs", "ablation_quick")

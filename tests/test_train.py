@@ -1,0 +1,196 @@
+"""Training core: reproducibility, resume, RNG discipline, optimizers and schedules."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnnlab import data, models, optim, train
+from cnnlab.rundir import RunDir
+from conftest import ROOT, load_config
+
+# Fields of results.json that measure time, not numbers: the only ones allowed to differ.
+TIMING_FIELDS = ("wall_time_s",)
+
+
+def numbers_of(results):
+  return {k: v for k, v in results.items() if k not in TIMING_FIELDS}
+
+
+def test_rerun_is_bit_identical_and_seed_changes_it(tiny_config, tmp_path):
+  a = train.train_and_evaluate(tiny_config, str(tmp_path / "a"), progress=False)
+  b = train.train_and_evaluate(tiny_config, str(tmp_path / "b"), progress=False)
+  assert numbers_of(a) == numbers_of(b)
+  assert a["test_accuracy"] > 0.5  # It learned something: 2 epochs on digits.
+  tiny_config.seed = 1
+  c = train.train_and_evaluate(tiny_config, str(tmp_path / "c"), progress=False)
+  assert c["params_sha256"] != a["params_sha256"]
+  assert c["test_loss"] != a["test_loss"]
+  # The metrics logs agree line for line, apart from wall time.
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]
+  assert strip(RunDir(str(tmp_path / "a")).read_metrics()) == strip(
+      RunDir(str(tmp_path / "b")).read_metrics())
+
+
+def test_workdir_contents(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(tiny_config, workdir, overrides=["model.name='vgg_cnn'"],
+                                     progress=False)
+  for key in ("test_accuracy", "test_loss", "train_loss", "epochs", "steps", "seed",
+              "wall_time_s", "params_sha256", "environment"):
+    assert key in results
+  run = RunDir(workdir)
+  config = json.load(open(run.config_path))
+  assert config["config"]["model"]["dropout"] == "spatial"
+  assert config["overrides"] == ["model.name='vgg_cnn'"]
+  env = json.load(open(run.environment_path))
+  for key in ("packages", "backend", "device_count", "threads", "xla_flags", "dtype",
+              "git_commit"):
+    assert key in env
+  metrics = run.read_metrics()
+  steps_per_epoch = results["steps"] // results["epochs"]
+  train_lines = [m for m in metrics if m["split"] == "train"]
+  test_lines = [m for m in metrics if m["split"] == "test"]
+  assert {"step", "epoch", "loss", "accuracy", "learning_rate", "wall_time_s"} <= set(
+      train_lines[0])
+  assert [m["step"] for m in test_lines] == [steps_per_epoch * (e + 1) for e in range(2)]
+  assert train_lines[-1]["step"] == results["steps"]
+  assert os.listdir(run.checkpoint_dir)
+
+
+def test_finished_workdir_is_not_retrained(tiny_config, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  first = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  mtime = os.path.getmtime(os.path.join(workdir, "metrics.jsonl"))
+  again = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  assert "already holds a finished run" in capsys.readouterr().out
+  assert again == first
+  assert os.path.getmtime(os.path.join(workdir, "metrics.jsonl")) == mtime
+
+
+def _state_and_batch(config):
+  info = data.dataset_info(config.dataset)
+  model = models.get_model(config.model, info.num_classes)
+  tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(0.01))
+  state = train.create_train_state(model, tx, train.split_seed(config.seed), info.image_shape)
+  batch = next(data.train_iterator(config.dataset, config.batch_size, 0))
+  return model, state, batch
+
+
+def test_dropout_masks_differ_between_steps_and_repeat_across_reruns(tiny_config):
+  model, state, batch = _state_and_batch(tiny_config)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+  def forward(step):
+    out, _ = model.apply(variables, batch["image"], train=True,
+                         rngs=train.step_rngs(state.rngs, jnp.int32(step)),
+                         mutable=["batch_stats"])
+    return np.asarray(out)
+
+  np.testing.assert_array_equal(forward(3), forward(3))
+  assert not np.array_equal(forward(3), forward(4))
+  # A fresh state from the same seed draws the same masks: rerunning repeats them.
+  _, state2, _ = _state_and_batch(tiny_config)
+  for a, b in zip(jax.tree_util.tree_leaves(state.rngs), jax.tree_util.tree_leaves(state2.rngs)):
+    np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+
+
+def test_train_step_threads_batch_stats_and_eval_uses_them(tiny_config):
+  _, state, batch = _state_and_batch(tiny_config)
+  batch = {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"])}
+  before = jax.tree_util.tree_map(np.asarray, state.batch_stats)
+  eval_batch = dict(batch, mask=jnp.ones(batch["label"].shape, jnp.float32))
+  eval_before = train.eval_step(state, eval_batch)
+  new_state, metrics = jax.jit(train.train_step)(state, batch)
+  assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+  changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, np.asarray(b)), before,
+                                   new_state.batch_stats)
+  assert all(jax.tree_util.tree_leaves(changed))
+  # Eval is deterministic (no dropout) and depends on the running statistics.
+  e1, e2 = train.eval_step(new_state, eval_batch), train.eval_step(new_state, eval_batch)
+  assert float(e1["loss_sum"]) == float(e2["loss_sum"])
+  assert float(e1["loss_sum"]) != float(eval_before["loss_sum"])
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_every_optimizer_takes_a_step(tiny_config, name):
+  tiny_config.optimizer.name = name
+  tx = optim.create_optimizer(tiny_config.optimizer, optax.constant_schedule(0.01))
+  params = {"kernel": jnp.ones((3, 3)), "bias": jnp.ones((3,))}
+  grads = {"kernel": jnp.zeros((3, 3)), "bias": jnp.zeros((3,))}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Zero gradient: only weight decay moves anything, and only the kernel.
+  assert float(jnp.abs(updates["kernel"]).sum()) > 0
+  np.testing.assert_array_equal(updates["bias"], 0)
+
+
+def test_schedules_by_hand(tiny_config):
+  opt = tiny_config.optimizer
+  opt.learning_rate, opt.warmup_epochs = 0.1, 1.0
+  opt.schedule = "constant"
+  s = optim.learning_rate_schedule(opt, steps_per_epoch=10, total_steps=100)
+  np.testing.assert_allclose([s(0), s(5), s(10), s(99)], [0.0, 0.05, 0.1, 0.1], rtol=1e-6)
+  opt.schedule = "cosine"
+  s = optim.learning_rate_schedule(opt, steps_per_epoch=10, total_steps=100)
+  # After warm-up: 0.1 * (1 + cos(pi * t / 90)) / 2 at t = step - 10.
+  np.testing.assert_allclose([s(10), s(55), s(100)], [0.1, 0.05, 0.0], rtol=1e-6, atol=1e-7)
+  opt.schedule, opt.step_boundaries, opt.step_factor = "step", (0.5, 0.75), 0.1
+  s = optim.learning_rate_schedule(opt, steps_per_epoch=10, total_steps=100)
+  np.testing.assert_allclose([s(49), s(50), s(74), s(75)], [0.1, 0.01, 0.01, 0.001], rtol=1e-5)
+
+
+def _launch_args(config, workdir):
+  return ["--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
+          f"--config.dataset.name={config.dataset.name}",
+          f"--config.dataset.data_dir={config.dataset.data_dir}",
+          f"--config.model.name={config.model.name}",
+          "--config.model.stages=((8,),(16,))",
+          f"--config.model.bn_placement={config.model.bn_placement}",
+          f"--config.model.dropout={config.model.dropout}",
+          f"--config.model.dropout_rate={config.model.dropout_rate}",
+          f"--config.batch_size={config.batch_size}", "--config.num_epochs=3",
+          "--config.log_every_steps=5", "--config.checkpoint_every_steps=5"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_config, tmp_path):
+  """Kill a run with SIGKILL mid-training; rerunning the command ends bit-identical."""
+  reference = str(tmp_path / "reference")
+  killed = str(tmp_path / "killed")
+  cmd = [sys.executable, os.path.join(ROOT, "launch.py")]
+  done = subprocess.run(cmd + _launch_args(tiny_config, reference), cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  expected = json.load(open(os.path.join(reference, "results.json")))
+
+  proc = subprocess.Popen(cmd + _launch_args(tiny_config, killed), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = os.path.join(killed, "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(
+        ckpt_dir) else []
+    if steps and max(steps) >= 10:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+  time.sleep(0.3)  # Land somewhere between checkpoints, possibly inside a save.
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(killed, "results.json"))
+
+  resumed = subprocess.run(cmd + _launch_args(tiny_config, killed), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resuming" in resumed.stdout
+  got = json.load(open(os.path.join(killed, "results.json")))
+  assert numbers_of(got) == numbers_of(expected)
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]
+  assert strip(RunDir(killed).read_metrics()) == strip(RunDir(reference).read_metrics())
