@@ -4,6 +4,7 @@
     python launch.py --config=experiments/default.py --config.model.dropout=spatial
 
 `--config` takes `file.py` or `file.py:variant`; `--config.a.b=value` overrides come after it.
+A config with a `sweep` section trains every cell of its grid and writes a report.
 Errors in the user's config, data or workdir print one line and exit with status 2.
 """
 
@@ -24,17 +25,18 @@ flags.mark_flag_as_required("config")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from cnnlab import errors, rundir, train  # After flag parsing: keeps `--help` fast.
+  from cnnlab import errors, rundir, sweep  # After flag parsing: keeps `--help` fast.
   config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   workdir = _WORKDIR.value or rundir.default_workdir(config_arg)
   try:
-    train.train_and_evaluate(
+    written = sweep.run(
         _CONFIG.value, workdir, overrides=[f"{k}={v!r}" for k, v in sorted(overrides.items())],
         command=" ".join(sys.argv), progress=_PROGRESS.value)
   except errors.CnnlabError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  print(f"wrote {written}")
 
 
 if __name__ == "__main__":

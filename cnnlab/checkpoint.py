@@ -40,6 +40,10 @@ class Checkpointer:
     """The step of the latest complete checkpoint, or None."""
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """Steps of every complete checkpoint, oldest first."""
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: dict[str, Any], progress: dict[str, Any]) -> None:
     """Saves `state` (a pytree of arrays) and `progress` (JSON-serialisable) as checkpoint `step`."""
     self._manager.save(

@@ -42,9 +42,11 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> str:
-  """A short hash of everything in `config` that can change a run's numbers."""
-  d = {k: v for k, v in config_to_dict(config).items() if k not in _NOT_FINGERPRINTED}
+def fingerprint(config: ml_collections.ConfigDict, exclude: tuple[str, ...] = ()) -> str:
+  """A short hash of everything in `config` (but `exclude`d top-level keys) that can change a
+  run's numbers."""
+  skip = _NOT_FINGERPRINTED + tuple(exclude)
+  d = {k: v for k, v in config_to_dict(config).items() if k not in skip}
   d.pop("sweep", None)  # How a run was scheduled does not change it.
   blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -167,7 +169,10 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
   return changed
 
 
-def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = ""):
-  """A tqdm bar on stderr with rate and ETA; disabled when `enabled` is False."""
-  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
-                   dynamic_ncols=True, file=sys.stderr, leave=True)
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "",
+                 unit: str = "step"):
+  """A tqdm bar on stderr with rate and ETA; disabled when `enabled` is False. A bar opened
+  while another is open (a run inside a sweep) sits below it and disappears when done."""
+  nested = bool(getattr(tqdm.tqdm, "_instances", None))
+  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit,
+                   dynamic_ncols=True, file=sys.stderr, leave=not nested)

@@ -1,0 +1,309 @@
+"""Ablation sweeps: a grid of config overrides x seeds -> cells -> runs -> report.
+
+A config's `sweep` section declares named axes over dotted config keys and the seeds:
+
+    config.sweep.axes.dropout = ConfigDict(dict(key="model.dropout",
+                                                values=("none", "standard", "spatial")))
+    config.sweep.seeds = (0, 1, 2, 3, 4)
+
+Every combination of axis values is a cell, named `bn=before_act,dropout=spatial` (axes in
+alphabetical order) and identified by a short hash of its full config (seed excluded). Each
+(cell, seed) trains in `<workdir>/cells/<cell dir>/seed_<s>/`, a normal training workdir. A config
+without axes and with one seed is the degenerate sweep: it trains directly in `<workdir>`.
+
+Cells are claimed with a lock file, so several processes (the `workers` setting, or the user
+starting the command again elsewhere) never train one cell twice; a killed process's lock is freed
+by the OS, finished seeds are kept and an interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fcntl
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from ml_collections import config_dict
+
+from cnnlab import rundir, train
+from cnnlab.errors import ConfigError
+from cnnlab.validation import validate_config
+
+VMAP_CHOICES = ("auto", "on", "off")
+# Measured (see README, "Performance"): on this 2-core CPU vmapped seeds ran slower than one
+# after another; on a GPU they share the idle device and win.
+VMAP_AUTO = {"cpu": False, "gpu": True, "tpu": True}
+
+
+@dataclasses.dataclass
+class Cell:
+  """One combination of axis values; `config` has the overrides applied (seed unset)."""
+  name: str
+  values: dict[str, Any]
+  config: ml_collections.ConfigDict
+  digest: str
+
+  @property
+  def dirname(self) -> str:
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name.replace("=", "-")) or "base"
+    return f"{readable}-{self.digest}"
+
+  def seed_config(self, seed: int) -> ml_collections.ConfigDict:
+    config = copy.deepcopy(self.config)
+    config.seed = seed
+    return config
+
+
+def sweep_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.sweep` with defaults filled in; a config without one is a single run."""
+  s = config_dict.ConfigDict({"axes": {}, "seeds": (config.seed,), "baseline": "",
+                              "vmap_seeds": "auto", "workers": 1, "target_accuracy": 0.9})
+  if "sweep" in config:
+    s.update(config.sweep)
+  if s.vmap_seeds not in VMAP_CHOICES:
+    raise ConfigError(f"config.sweep.vmap_seeds={s.vmap_seeds!r} is not allowed; choose one of: "
+                      f"{', '.join(VMAP_CHOICES)}.")
+  if not isinstance(s.workers, int) or s.workers < 1:
+    raise ConfigError(f"config.sweep.workers={s.workers!r} must be an integer >= 1.")
+  if not s.seeds or len(set(s.seeds)) != len(s.seeds):
+    raise ConfigError(f"config.sweep.seeds={tuple(s.seeds)!r} must be non-empty and distinct.")
+  return s
+
+
+def _set_dotted(config: ml_collections.ConfigDict, key: str, value: Any, axis: str) -> None:
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise ConfigError(f"config.sweep.axes.{axis}.key={key!r} names no config field.")
+    node = node[part]
+  if leaf not in node:
+    raise ConfigError(f"config.sweep.axes.{axis}.key={key!r} names no config field.")
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.sweep.axes.{axis}: {key}={value!r} does not fit the field "
+                      f"({e}).") from None
+
+
+def expand(config: ml_collections.ConfigDict) -> list[Cell]:
+  """The cells of the grid, in product order of the (alphabetically sorted) axes; each cell's
+  config is validated, so a bad value fails before anything trains."""
+  axes = sweep_settings(config).axes
+  names = sorted(axes.keys())
+  for name in names:
+    if "key" not in axes[name] or "values" not in axes[name] or not axes[name].values:
+      raise ConfigError(f"config.sweep.axes.{name} needs a `key` (dotted config key) and a "
+                        f"non-empty tuple of `values`.")
+  base = copy.deepcopy(config)
+  if "sweep" in base:
+    with base.unlocked():
+      del base["sweep"]
+  cells = []
+  for combo in itertools.product(*(tuple(axes[n].values) for n in names)):
+    cell_config = copy.deepcopy(base)
+    for name, value in zip(names, combo):
+      _set_dotted(cell_config, axes[name].key, value, name)
+    validate_config(cell_config)
+    name = ",".join(f"{n}={v}" for n, v in zip(names, combo))
+    cells.append(Cell(name, dict(zip(names, combo)), cell_config,
+                      rundir.fingerprint(cell_config, exclude=("seed",))[:8]))
+  return cells
+
+
+def seed_workdir(workdir: str, cell: Cell, seed: int, degenerate: bool) -> str:
+  return workdir if degenerate else os.path.join(workdir, "cells", cell.dirname, f"seed_{seed}")
+
+
+def use_vmap(setting: str, num_seeds: int) -> bool:
+  if num_seeds < 2 or setting == "off":
+    return False
+  return setting == "on" or VMAP_AUTO.get(jax.default_backend(), False)
+
+
+class CellLock:
+  """An exclusive, non-blocking flock on `<cell dir>/.lock`; the OS frees it if we die."""
+
+  def __init__(self, cell_dir: str):
+    os.makedirs(cell_dir, exist_ok=True)
+    self._file = open(os.path.join(cell_dir, ".lock"), "a")
+
+  def acquire(self) -> bool:
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except BlockingIOError:
+      return False
+
+  def release(self) -> None:
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self.close()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def _finished(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), command: str = "",
+         progress: bool = True, on_seed_done=None, poll_s: float = 2.0) -> None:
+  """Trains every unfinished (cell, seed) this process can lock; returns when all are finished
+  (waiting for cells other processes hold, and taking over any whose holder died)."""
+  settings = sweep_settings(config)
+  cells = expand(config)
+  seeds = tuple(settings.seeds)
+  degenerate = len(cells) == 1 and len(seeds) == 1 and not settings.axes
+  vmapped = use_vmap(settings.vmap_seeds, len(seeds))
+  while True:
+    waiting = False
+    for cell in cells:
+      dirs = [seed_workdir(workdir, cell, s, degenerate) for s in seeds]
+      cell_dir = workdir if degenerate else os.path.dirname(dirs[0])
+      diag_path = None if degenerate else os.path.join(cell_dir, "diagnostics.json")
+      if _cell_done(dirs, diag_path):
+        continue
+      lock = CellLock(cell_dir)
+      if not lock.acquire():
+        waiting = True
+        lock.close()
+        continue
+      try:  # Look again under the lock: another process may have just finished the cell.
+        todo = [(s, d) for s, d in zip(seeds, dirs) if not _finished(d)]
+        groups = [todo] if vmapped else [[t] for t in todo]
+        for group in filter(None, groups):
+          train.train_seeds([cell.seed_config(s) for s, _ in group], [d for _, d in group],
+                            vmap_seeds=vmapped, overrides=overrides, command=command,
+                            progress=progress)
+          if on_seed_done:
+            on_seed_done(len(group))
+        if diag_path and not os.path.exists(diag_path):
+          from cnnlab import diagnostics  # Only sweeps need it.
+          diagnostics.write_variance_shift(cell, seeds, dirs, diag_path)
+      finally:
+        lock.release()
+    if not waiting:
+      return
+    time.sleep(poll_s)
+
+
+def _cell_done(seed_dirs: list[str], diagnostics_path: str | None) -> bool:
+  return all(map(_finished, seed_dirs)) and (
+      diagnostics_path is None or os.path.exists(diagnostics_path))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), command: str = "",
+        progress: bool = True) -> str:
+  """Runs a config: a single training run, or a sweep followed by its report.
+
+  Returns the path of results.json (single run) or of report.md (sweep).
+  """
+  settings = sweep_settings(config)
+  cells = expand(config)
+  seeds = tuple(settings.seeds)
+  if len(cells) == 1 and len(seeds) == 1 and not settings.axes:
+    work(config, workdir, overrides=overrides, command=command, progress=progress)
+    return os.path.join(workdir, "results.json")
+
+  os.makedirs(workdir, exist_ok=True)
+  rundir.write_json_atomic(os.path.join(workdir, "sweep.json"), {
+      "config": rundir.config_to_dict(config), "overrides": list(overrides),
+      "command": command})
+  total = len(cells) * len(seeds)
+  done = lambda: sum(_finished(seed_workdir(workdir, c, s, False)) for c in cells for s in seeds)
+  bar = rundir.progress_bar(total, done(), enabled=progress, desc="sweep runs", unit="run")
+  if settings.workers == 1:
+    work(config, workdir, overrides=overrides, command=command, progress=progress,
+         on_seed_done=bar.update)
+  else:
+    _run_workers(workdir, settings.workers, bar, done)
+  bar.close()
+  return write_sweep_report(config, cells, seeds, workdir, command=command)
+
+
+def steps_to_target(metrics: list[dict], target: float) -> int | None:
+  """The first step whose end-of-epoch test accuracy reached `target` (None if none did)."""
+  for m in metrics:
+    if m["split"] == "test" and m["accuracy"] >= target:
+      return m["step"]
+  return None
+
+
+def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdir: str, *,
+                       command: str = "") -> str:
+  """Collects every (cell, seed) result into rows, curves and diagnostics; writes the report."""
+  from cnnlab import environment, report  # Post-processing only.
+  settings = sweep_settings(config)
+  rows, curves, diagnostics = [], {}, {}
+  for cell in cells:
+    curves[cell.name] = []
+    for seed in seeds:
+      run = rundir.RunDir(seed_workdir(workdir, cell, seed, False))
+      res, metrics = run.read_results(), run.read_metrics()
+      env = res["environment"]
+      rows.append({
+          "cell": cell.name, "cell_hash": cell.digest, "seed": seed,
+          **{axis: str(value) for axis, value in cell.values.items()},
+          **{k: res[k] for k in ("test_accuracy", "test_loss", "train_loss", "train_accuracy")},
+          "steps_to_target": steps_to_target(metrics, settings.target_accuracy),
+          "wall_time_s": res["wall_time_s"], "num_params": res["num_params"],
+          "threads": env["threads"], "xla_flags": env["xla_flags"], "dtype": env["dtype"],
+          "backend": env["backend"], "vmapped_seeds": res["vmapped_seeds"],
+          "params_sha256": res["params_sha256"]})
+      curves[cell.name].append(metrics)
+    path = os.path.join(workdir, "cells", cell.dirname, "diagnostics.json")
+    diagnostics[cell.name] = rundir.read_json(path) if os.path.exists(path) else []
+  baseline = settings.baseline or cells[0].name
+  meta = {"command": command, "config": rundir.config_to_dict(config),
+          "packages": environment.package_versions(), "git_commit": environment.git_commit(),
+          "environment": {k: rows[0][k] for k in ("threads", "xla_flags", "dtype", "backend")}}
+  return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
+                             target_accuracy=settings.target_accuracy, meta=meta)
+
+
+def _run_workers(workdir: str, workers: int, bar, done) -> None:
+  """Starts `workers` processes of `python -m cnnlab.sweep WORKDIR`, each pinned to one core
+  and one XLA thread, and waits for them, advancing `bar` as runs finish."""
+  cpus = sorted(os.sched_getaffinity(0))
+  flags = os.environ.get("XLA_FLAGS", "")
+  env = dict(os.environ, XLA_FLAGS=f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip())
+  procs = []
+  for i in range(workers):
+    cpu = cpus[i % len(cpus)]
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "cnnlab.sweep", workdir], env=env,
+        preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu}),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+  while any(p.poll() is None for p in procs):
+    bar.update(done() - bar.n)
+    time.sleep(1.0)
+  bar.update(done() - bar.n)
+  failed = [p for p in procs if p.returncode != 0]
+  if failed:
+    tail = failed[0].stderr.read()[-2000:]
+    raise RuntimeError(f"{len(failed)} sweep worker(s) failed; the first one said:\n{tail}")
+
+
+# Pins XLA's CPU backend to one intra-op thread (recorded as threads=1 in every result).
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def _worker_main(workdir: str) -> None:
+  """Entry point of a worker process: trains cells of the sweep recorded in `workdir`."""
+  saved = rundir.read_json(os.path.join(workdir, "sweep.json"))
+  config = ml_collections.ConfigDict(saved["config"])
+  work(config, workdir, overrides=saved["overrides"], command=saved["command"], progress=False)
+
+
+if __name__ == "__main__":
+  _worker_main(sys.argv[1])
