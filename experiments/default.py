@@ -10,56 +10,11 @@ Override any value on the command line, after `--config`:
         --config.model.dropout_rate=0.2 --config.model.bn_placement=before_act
 """
 
-from ml_collections import config_dict
+from cnnlab.configs import base_config
 
 
-def get_config(arg: str | None = None) -> config_dict.ConfigDict:
-  """Returns the default config. `arg` is unused (kept so `default.py:x` fails clearly)."""
-  del arg
-  config = config_dict.ConfigDict()
-  config.name = "default"
-  config.seed = 0
-  # Floating-point dtype of activations ("float32" or "bfloat16"); parameters stay float32.
-  config.dtype = "float32"
-
-  config.dataset = config_dict.ConfigDict()
-  config.dataset.name = "mnist5k"
-  # Where TFDS keeps prepared datasets; None means $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  config.dataset.data_dir = config_dict.placeholder(str)
-  # Directory with the official raw files, for preparing mnist/cifar10/... on offline machines.
-  config.dataset.manual_dir = config_dict.placeholder(str)
-  # Random flips and 4-pixel-padded crops (CIFAR only; ignored with a warning elsewhere).
-  config.dataset.augment = False
-
-  config.model = config_dict.ConfigDict()
-  config.model.name = "lenet5"
-  config.model.bn_placement = "none"      # none | before_act | after_act
-  config.model.bn_convention = "pytorch"  # pytorch | flax
-  config.model.dropout = "none"           # none | standard | spatial
-  config.model.dropout_rate = 0.0
-  config.model.activation = "relu"        # relu | tanh (LeNet-5 in 1998 used tanh)
-  # VGG-style CNN only: conv widths per stage (a 2x2 max-pool follows each stage).
-  config.model.stages = ((32, 32), (64, 64))
-  config.model.head = "gap"               # gap (global average pool) | flatten
-  # MLP only: hidden layer widths.
-  config.model.hidden = (256, 256)
-
-  config.optimizer = config_dict.ConfigDict()
-  config.optimizer.name = "sgd"           # sgd | adam | adamw | rmsprop
-  config.optimizer.learning_rate = 0.05
-  config.optimizer.momentum = 0.9
-  config.optimizer.nesterov = True
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.schedule = "cosine"    # constant | cosine | step
-  config.optimizer.warmup_epochs = 1.0
-  # step schedule only: multiply the rate by `step_factor` at these fractions of training.
-  config.optimizer.step_boundaries = (0.5, 0.75)
-  config.optimizer.step_factor = 0.1
-
-  config.batch_size = 64
-  config.eval_batch_size = 500
-  config.num_epochs = 12
-  config.log_every_steps = 50
-  config.checkpoint_every_steps = 250
-  config.checkpoints_to_keep = 2
-  return config
+def get_config(arg: str | None = None):
+  """LeNet-5 on mnist5k: the base config as it is. Takes no variant."""
+  if arg:
+    raise ValueError(f"experiments/default.py takes no variant (got {arg!r}).")
+  return base_config()
