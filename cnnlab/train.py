@@ -54,11 +54,17 @@ def data_seed(key: jax.Array) -> int:
   return int(jax.random.randint(key, (), 0, 2**31 - 1))
 
 
+@functools.lru_cache(maxsize=32)
+def _init_fn(model, input_shape: tuple[int, ...]):
+  """The jitted `model.init`, cached so that the seeds of a cell compile it once."""
+  dummy = jnp.zeros((1, *input_shape), jnp.float32)
+  return jax.jit(lambda key: model.init({"params": key}, dummy, train=False))
+
+
 def create_train_state(model, tx: optax.GradientTransformation, streams: dict[str, jax.Array],
                        input_shape: tuple[int, ...]) -> TrainState:
   """Initialises parameters and BN statistics for inputs of shape `input_shape` = (H, W, C)."""
-  dummy = jnp.zeros((1, *input_shape), jnp.float32)
-  variables = jax.jit(lambda k: model.init({"params": k}, dummy, train=False))(streams["params"])
+  variables = _init_fn(model, tuple(input_shape))(streams["params"])
   params = variables["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
