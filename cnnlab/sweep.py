@@ -152,8 +152,18 @@ class CellLock:
     self._file.close()
 
 
-def _finished(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, "results.json"))
+def _finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> bool:
+  """Whether `workdir` holds results (of `config`, if given: a finished run of another config
+  is not this run's result, and training it raises the workdir-conflict error)."""
+  run = rundir.RunDir(workdir)
+  if not run.finished():
+    return False
+  if config is None:
+    return True
+  try:
+    return rundir.read_json(run.config_path)["fingerprint"] == rundir.fingerprint(config)
+  except (OSError, ValueError, KeyError):
+    return False
 
 
 def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), command: str = "",
@@ -171,7 +181,8 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
       dirs = [seed_workdir(workdir, cell, s, degenerate) for s in seeds]
       cell_dir = workdir if degenerate else os.path.dirname(dirs[0])
       diag_path = None if degenerate else os.path.join(cell_dir, "diagnostics.json")
-      if _cell_done(dirs, diag_path):
+      configs = [cell.seed_config(s) for s in seeds]
+      if _cell_done(dirs, configs, diag_path):
         continue
       lock = CellLock(cell_dir)
       if not lock.acquire():
@@ -179,10 +190,10 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
         lock.close()
         continue
       try:  # Look again under the lock: another process may have just finished the cell.
-        todo = [(s, d) for s, d in zip(seeds, dirs) if not _finished(d)]
+        todo = [(c, d) for c, d in zip(configs, dirs) if not _finished(d, c)]
         groups = [todo] if vmapped else [[t] for t in todo]
         for group in filter(None, groups):
-          train.train_seeds([cell.seed_config(s) for s, _ in group], [d for _, d in group],
+          train.train_seeds([c for c, _ in group], [d for _, d in group],
                             vmap_seeds=vmapped, overrides=overrides, command=command,
                             progress=progress)
           if on_seed_done:
@@ -197,8 +208,8 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
     time.sleep(poll_s)
 
 
-def _cell_done(seed_dirs: list[str], diagnostics_path: str | None) -> bool:
-  return all(map(_finished, seed_dirs)) and (
+def _cell_done(seed_dirs: list[str], configs, diagnostics_path: str | None) -> bool:
+  return all(map(_finished, seed_dirs, configs)) and (
       diagnostics_path is None or os.path.exists(diagnostics_path))
 
 

@@ -1,0 +1,160 @@
+"""Data: TFDS builders (cnnlab.data.builders) prepared on first use, read with `tfds.data_source`,
+and a seeded grain index pipeline (cnnlab.data.pipeline).
+
+    info = dataset_info(config.dataset)            # prepares the dataset on first use
+    it = train_iterator(config.dataset, batch_size=64, seed=0)
+    batch = next(it)    # {"image": float32 [B, H, W, C] normalised, "label": int32 [B]}
+    for batch in eval_batches(config.dataset, "test", 500): ...   # + "mask": float32 [B]
+
+`data_config` is the `config.dataset` section: `name`, `data_dir` (None: $TFDS_DATA_DIR or
+~/tensorflow_datasets), `manual_dir` (raw files for offline preparation), `augment`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from typing import NamedTuple
+from urllib.parse import urlparse
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cnnlab.data.builders import BUILDERS
+from cnnlab.data.pipeline import TrainIterator, eval_batches_from_arrays
+from cnnlab.errors import ConfigError, DatasetError
+
+DATASET_NAMES = tuple(BUILDERS)
+_PROBE_TIMEOUT_S = 3.0
+
+
+class DatasetInfo(NamedTuple):
+  name: str
+  image_shape: tuple[int, int, int]   # (H, W, C)
+  num_classes: int
+  num_train: int
+  num_test: int
+
+
+class Split(NamedTuple):
+  images: np.ndarray   # uint8 [N, H, W, C]
+  labels: np.ndarray   # int32 [N]
+
+
+def _data_dir(data_config) -> str:
+  return os.path.expanduser(data_config.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
+                            or os.path.join("~", "tensorflow_datasets"))
+
+
+def _check_name(name: str) -> None:
+  if name not in BUILDERS:
+    raise ConfigError(f"config.dataset.name={name!r} is not allowed; choose one of: "
+                      f"{', '.join(DATASET_NAMES)}.")
+
+
+def _reachable(url: str) -> bool:
+  host = urlparse(url).hostname
+  port = urlparse(url).port or (443 if url.startswith("https") else 80)
+  try:
+    socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S).close()
+    return True
+  except OSError:
+    return False
+
+
+def prepare(name: str, data_dir: str, manual_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The builder of `data_config.name`, prepared (generated into the data dir) if it is not yet.
+
+  Raises:
+    DatasetError: the raw files are neither in `manual_dir` nor downloadable (checked within
+      seconds, before TFDS's download manager would retry for minutes), or are malformed.
+  """
+  _check_name(name)
+  builder = BUILDERS[name](data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return builder
+  files = builder.FILES
+  have_manual = manual_dir and all(os.path.exists(os.path.join(manual_dir, f)) for f in files)
+  if files and not have_manual and not all(_reachable(u) for u in files.values()):
+    raise DatasetError(
+        f"dataset {name!r} is not prepared in {data_dir} and its raw "
+        f"files cannot be downloaded (no network). Put {', '.join(files)} (the official files, "
+        f"from {', '.join(files.values())}) in a directory and pass "
+        f"--config.dataset.manual_dir=DIR, or run once on a machine with network access and "
+        f"copy {os.path.join(data_dir, builder.name)} here.")
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  try:
+    builder.download_and_prepare(download_config=config)
+  except (ValueError, OSError, EOFError, KeyError) as e:
+    raise DatasetError(f"preparing dataset {name!r} failed: {e}. Check the raw "
+                       f"files ({', '.join(files) or 'package data'}).") from None
+  return builder
+
+
+@functools.lru_cache(maxsize=16)
+def _load_split(name: str, data_dir: str, manual_dir: str | None, split: str) -> Split:
+  """Every example of a split, read once through `tfds.data_source` into host memory."""
+  builder = prepare(name, data_dir, manual_dir)
+  source = tfds.data_source(builder.name, split=split, data_dir=data_dir,
+                            builder_kwargs={"file_format": "array_record"}, download=False)
+  examples = source.__getitems__(range(len(source)))
+  images = np.stack([e["image"] for e in examples]).astype(np.uint8)
+  labels = np.asarray([e["label"] for e in examples], np.int32)
+  return Split(images, labels)
+
+
+def load_split(data_config, split: str) -> Split:
+  if split not in ("train", "test"):
+    raise ConfigError(f"split={split!r} is not allowed; choose one of: train, test.")
+  _check_name(data_config.name)
+  return _load_split(data_config.name, _data_dir(data_config), data_config.get("manual_dir"),
+                     split)
+
+
+def dataset_info(data_config) -> DatasetInfo:
+  """Shape and size facts of a dataset (prepares it on first use)."""
+  train, test = load_split(data_config, "train"), load_split(data_config, "test")
+  num_classes = BUILDERS[data_config.name].NUM_CLASSES
+  return DatasetInfo(data_config.name, tuple(train.images.shape[1:]), num_classes,
+                     len(train.labels), len(test.labels))
+
+
+@functools.lru_cache(maxsize=16)
+def _stats(name: str, data_dir: str, manual_dir: str | None):
+  train = _load_split(name, data_dir, manual_dir, "train")
+  x = train.images.astype(np.float64) / 255.0
+  mean = x.mean(axis=(0, 1, 2))
+  std = x.std(axis=(0, 1, 2))
+  return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def normalisation(data_config) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std [C] of the train split in [0, 1] units: images are fed as
+  (pixel / 255 - mean) / std."""
+  load_split(data_config, "train")
+  return _stats(data_config.name, _data_dir(data_config), data_config.get("manual_dir"))
+
+
+def train_iterator(data_config, batch_size: int, seed: int) -> TrainIterator:
+  """Endless shuffled training batches; see `cnnlab.data.pipeline.TrainIterator`."""
+  train = load_split(data_config, "train")
+  if batch_size > len(train.labels):
+    raise ConfigError(f"config.batch_size={batch_size} is larger than the {len(train.labels)} "
+                      f"training examples of {data_config.name!r}; use at most "
+                      f"{len(train.labels)}.")
+  augment = bool(data_config.get("augment", False))
+  if augment and not data_config.name.startswith("cifar"):
+    import logging
+    logging.warning("config.dataset.augment applies to CIFAR only; ignored for %r.",
+                    data_config.name)
+    augment = False
+  mean, std = normalisation(data_config)
+  return TrainIterator(train.images, train.labels, batch_size, seed, mean, std, augment)
+
+
+def eval_batches(data_config, split: str, batch_size: int):
+  """The whole split in a fixed order, in batches of one shape; padding has mask 0."""
+  data = load_split(data_config, split)
+  mean, std = normalisation(data_config)
+  return eval_batches_from_arrays(data.images, data.labels, batch_size, mean, std)
