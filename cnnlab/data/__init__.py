@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
+import tarfile
 from typing import NamedTuple
-from urllib.parse import urlparse
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -26,7 +25,6 @@ from cnnlab.data.pipeline import TrainIterator, eval_batches_from_arrays
 from cnnlab.errors import ConfigError, DatasetError
 
 DATASET_NAMES = tuple(BUILDERS)
-_PROBE_TIMEOUT_S = 3.0
 
 
 class DatasetInfo(NamedTuple):
@@ -53,42 +51,20 @@ def _check_name(name: str) -> None:
                       f"{', '.join(DATASET_NAMES)}.")
 
 
-def _reachable(url: str) -> bool:
-  host = urlparse(url).hostname
-  port = urlparse(url).port or (443 if url.startswith("https") else 80)
-  try:
-    socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S).close()
-    return True
-  except OSError:
-    return False
-
-
 def prepare(name: str, data_dir: str, manual_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The builder of `data_config.name`, prepared (generated into the data dir) if it is not yet.
+  """The builder of dataset `name`, generated into `data_dir` if it is not there yet.
 
   Raises:
-    DatasetError: the raw files are neither in `manual_dir` nor downloadable (checked within
-      seconds, before TFDS's download manager would retry for minutes), or are malformed.
+    DatasetError: the raw files are neither in `manual_dir` nor downloadable, or malformed.
   """
   _check_name(name)
   builder = BUILDERS[name](data_dir=data_dir, file_format="array_record")
-  if builder.is_prepared():
-    return builder
-  files = builder.FILES
-  have_manual = manual_dir and all(os.path.exists(os.path.join(manual_dir, f)) for f in files)
-  if files and not have_manual and not all(_reachable(u) for u in files.values()):
-    raise DatasetError(
-        f"dataset {name!r} is not prepared in {data_dir} and its raw "
-        f"files cannot be downloaded (no network). Put {', '.join(files)} (the official files, "
-        f"from {', '.join(files.values())}) in a directory and pass "
-        f"--config.dataset.manual_dir=DIR, or run once on a machine with network access and "
-        f"copy {os.path.join(data_dir, builder.name)} here.")
   config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   try:
     builder.download_and_prepare(download_config=config)
-  except (ValueError, OSError, EOFError, KeyError) as e:
-    raise DatasetError(f"preparing dataset {name!r} failed: {e}. Check the raw "
-                       f"files ({', '.join(files) or 'package data'}).") from None
+  except (ValueError, OSError, EOFError, KeyError, tarfile.TarError) as e:
+    raise DatasetError(f"preparing dataset {name!r} from its raw files failed: {e}. Check "
+                       f"them (expected: {', '.join(builder.FILES) or 'package data'}).") from None
   return builder
 
 
@@ -98,7 +74,7 @@ def _load_split(name: str, data_dir: str, manual_dir: str | None, split: str) ->
   builder = prepare(name, data_dir, manual_dir)
   source = tfds.data_source(builder.name, split=split, data_dir=data_dir,
                             builder_kwargs={"file_format": "array_record"}, download=False)
-  examples = source.__getitems__(range(len(source)))
+  examples = [source[i] for i in range(len(source))]
   images = np.stack([e["image"] for e in examples]).astype(np.uint8)
   labels = np.asarray([e["label"] for e in examples], np.int32)
   return Split(images, labels)

@@ -10,7 +10,7 @@ stock builders, which need TensorFlow to prepare.
                    file order are `train`, the last 100 `test` (4,000 / 1,000).
   cnnlab_digits    scikit-learn's 1,797 8x8 digits; pixel values 0..16 are rescaled to 0..255
                    (round(v * 255 / 16)). Split: of each class, the first 80% in file order
-                   (rounded down) train, the rest test (1,434 / 363).
+                   (rounded down) train, the rest test (1,433 / 364).
   cnnlab_mnist, cnnlab_fashion_mnist
                    the official IDX files (train/t10k images and labels, .gz), 60,000 / 10,000.
   cnnlab_cifar10, cnnlab_cifar100
@@ -24,12 +24,28 @@ from __future__ import annotations
 
 import gzip
 import os
+import socket
 import tarfile
+from urllib.parse import urlparse
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cnnlab.errors import DatasetError
+
 VERSION = tfds.core.Version("1.0.0")
+_PROBE_TIMEOUT_S = 3.0
+
+
+def _reachable(url: str) -> bool:
+  """Whether a TCP connection to `url`'s host opens within a few seconds."""
+  parsed = urlparse(url)
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  try:
+    socket.create_connection((parsed.hostname, port), timeout=_PROBE_TIMEOUT_S).close()
+    return True
+  except OSError:
+    return False
 
 
 class _ImageBuilder(tfds.core.GeneratorBasedBuilder):
@@ -39,6 +55,9 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder):
   NUM_CLASSES = 10
   # Raw files: {filename: download URL}; empty for package-shipped data.
   FILES: dict[str, str] = {}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Offline: put the official raw files (the builder's FILES) in a directory and pass "
+      "--config.dataset.manual_dir=DIR.")
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -49,10 +68,25 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "label"))
 
   def _raw_paths(self, dl_manager) -> dict[str, str]:
-    """Local paths of FILES: from the manual dir when they are there, else downloaded."""
-    manual = dl_manager.manual_dir
+    """Local paths of FILES: from the manual dir when they are there, else downloaded.
+
+    Raises:
+      DatasetError: the files are not in the manual dir and their host cannot be reached
+        (checked with a 3 s connect, before the download manager would retry for minutes).
+    """
+    try:
+      manual = os.fspath(dl_manager.manual_dir)
+    except AssertionError:  # No manual dir given, or it is empty.
+      manual = None
     if manual and all(os.path.exists(os.path.join(manual, f)) for f in self.FILES):
       return {f: os.path.join(manual, f) for f in self.FILES}
+    if not all(_reachable(url) for url in self.FILES.values()):
+      raise DatasetError(
+          f"dataset {self.name!r} is not prepared in {self.data_dir} and its raw files cannot "
+          f"be downloaded (no network). Put {', '.join(self.FILES)} (the official files, from "
+          f"{', '.join(self.FILES.values())}) in a directory and pass "
+          f"--config.dataset.manual_dir=DIR, or prepare it once on a machine with network "
+          f"access and copy its TFDS data dir here.")
     return {f: os.fspath(p) for f, p in dl_manager.download(dict(self.FILES)).items()}
 
   def _split_generators(self, dl_manager):

@@ -1,0 +1,182 @@
+"""Data: the offline builders, raw-file parsing, shuffling, resumable iteration, offline errors."""
+
+import gzip
+import io
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from ml_collections import config_dict
+
+from cnnlab import data
+from cnnlab.data import builders
+from cnnlab.errors import ConfigError, DatasetError
+
+
+def _cfg(name, data_dir, **kw):
+  return config_dict.ConfigDict({"name": name, "data_dir": data_dir, "manual_dir": None,
+                                 "augment": False, **kw})
+
+
+@pytest.mark.parametrize("name, shape, n_train, n_test", [
+    ("mnist5k", (28, 28, 1), 4000, 1000), ("digits", (8, 8, 1), 1433, 364)])
+def test_bundled_datasets_are_real_balanced_and_disjoint(data_dir, name, shape, n_train, n_test):
+  cfg = _cfg(name, data_dir)
+  info = data.dataset_info(cfg)
+  assert (info.image_shape, info.num_classes, info.num_train, info.num_test) == (
+      shape, 10, n_train, n_test)
+  train, test = data.load_split(cfg, "train"), data.load_split(cfg, "test")
+  assert train.images.dtype == np.uint8 and train.images.shape == (n_train, *shape)
+  # Stratified: of each class, floor(80%) in train.
+  total = np.bincount(np.concatenate([train.labels, test.labels]), minlength=10)
+  np.testing.assert_array_equal(np.bincount(train.labels, minlength=10), (total * 8) // 10)
+  if name == "mnist5k":
+    assert set(np.bincount(train.labels)) == {400} and set(np.bincount(test.labels)) == {100}
+    # Real handwritten digits: mostly black background, a few bright strokes.
+    assert 20 < train.images.mean() < 50 and train.images.max() == 255
+  train_keys = {img.tobytes() for img in train.images}
+  assert not any(img.tobytes() in train_keys for img in test.images)
+
+
+def test_stratified_split_by_hand():
+  labels = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
+  train, test = builders.stratified_split(labels, 0.8)
+  np.testing.assert_array_equal(train, [0, 1, 2, 3, 4, 5, 6, 7])
+  np.testing.assert_array_equal(test, [8, 9])
+
+
+def test_shuffle_is_fresh_each_epoch_and_seeded(data_dir):
+  cfg = _cfg("digits", data_dir)
+  it = data.train_iterator(cfg, 64, seed=0)
+  p0, p1 = it.permutation(0), it.permutation(1)
+  assert sorted(p0) == list(range(1433)) and not np.array_equal(p0, p1)
+  np.testing.assert_array_equal(p0, data.train_iterator(cfg, 64, seed=0).permutation(0))
+  assert not np.array_equal(p0, data.train_iterator(cfg, 64, seed=1).permutation(0))
+  assert it.steps_per_epoch == 1433 // 64
+  batch = next(it)
+  assert batch["image"].shape == (64, 8, 8, 1) and batch["image"].dtype == np.float32
+  assert batch["label"].dtype == np.int32
+  # Normalised with the train split's statistics: roughly zero mean, unit variance.
+  everything = np.concatenate([next(it)["image"] for _ in range(it.steps_per_epoch - 1)])
+  assert abs(everything.mean()) < 0.1 and 0.8 < everything.std() < 1.2
+
+
+def test_resume_mid_epoch_and_across_epoch_boundary_is_bit_identical(data_dir):
+  cfg = _cfg("digits", data_dir)
+  reference = data.train_iterator(cfg, 100, seed=3)
+  expected = [next(reference) for _ in range(40)]  # 14 steps per epoch: crosses two boundaries.
+  for stop in (5, 14, 20):
+    it = data.train_iterator(cfg, 100, seed=3)
+    for _ in range(stop):
+      next(it)
+    resumed = data.train_iterator(cfg, 100, seed=3)
+    resumed.set_state(it.get_state())
+    for want in expected[stop:]:
+      got = next(resumed)
+      np.testing.assert_array_equal(got["image"], want["image"])
+      np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_eval_batches_cover_each_example_once(data_dir):
+  cfg = _cfg("digits", data_dir)
+  batches = list(data.eval_batches(cfg, "test", 100))
+  assert {b["image"].shape for b in batches} == {(100, 8, 8, 1)}
+  assert sum(b["mask"].sum() for b in batches) == 364
+  labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+  np.testing.assert_array_equal(labels, data.load_split(cfg, "test").labels)
+
+
+def test_unknown_name_and_oversized_batch_are_config_errors(data_dir):
+  with pytest.raises(ConfigError, match="'imagenet'.*mnist5k"):
+    data.dataset_info(_cfg("imagenet", data_dir))
+  with pytest.raises(ConfigError, match="5000.*1433"):
+    data.train_iterator(_cfg("digits", data_dir), 5000, seed=0)
+
+
+def _idx_gz(array: np.ndarray) -> bytes:
+  header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+  return gzip.compress(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_builder_reads_official_idx_files_from_manual_dir(tmp_path):
+  rng = np.random.default_rng(0)
+  images = {s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in
+            (("train", 12), ("t10k", 5))}
+  labels = {s: rng.integers(0, 10, len(images[s]), dtype=np.uint8) for s in images}
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  for s in images:
+    (manual / f"{s}-images-idx3-ubyte.gz").write_bytes(_idx_gz(images[s]))
+    (manual / f"{s}-labels-idx1-ubyte.gz").write_bytes(_idx_gz(labels[s]))
+  cfg = _cfg("mnist", str(tmp_path / "tfds"), manual_dir=str(manual))
+  for split, s in (("train", "train"), ("test", "t10k")):
+    got = data.load_split(cfg, split)
+    order = np.lexsort([got.images.reshape(len(got.images), -1).sum(1), got.labels])
+    want = np.lexsort([images[s].reshape(len(images[s]), -1).sum(1).astype(np.int64),
+                       labels[s]])
+    np.testing.assert_array_equal(got.images[order][..., 0], images[s][want])
+    np.testing.assert_array_equal(got.labels[order], labels[s][want])
+
+
+def _cifar10_archive(path, records):
+  with tarfile.open(path, "w:gz") as tar:
+    for name, blob in records.items():
+      info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+      info.size = len(blob)
+      tar.addfile(info, io.BytesIO(blob))
+
+
+def test_cifar10_builder_reads_the_binary_archive(tmp_path):
+  rng = np.random.default_rng(1)
+  # One record: label byte, then the R, G and B planes of 32x32, row-major.
+  def records(n):
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    planes = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    blob = b"".join(bytes([labels[i]]) + planes[i].tobytes() for i in range(n))
+    return labels, planes.transpose(0, 2, 3, 1), blob
+  parts = {f"data_batch_{i}.bin": records(2) for i in range(1, 6)}
+  parts["test_batch.bin"] = records(3)
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  _cifar10_archive(manual / "cifar-10-binary.tar.gz", {k: v[2] for k, v in parts.items()})
+  cfg = _cfg("cifar10", str(tmp_path / "tfds"), manual_dir=str(manual))
+  info = data.dataset_info(cfg)
+  assert (info.image_shape, info.num_train, info.num_test) == ((32, 32, 3), 10, 3)
+  test = data.load_split(cfg, "test")
+  want_labels, want_images, _ = parts["test_batch.bin"]
+  by_bytes = {img.tobytes(): lab for img, lab in zip(want_images, want_labels)}
+  assert {img.tobytes(): lab for img, lab in zip(test.images, test.labels)} == by_bytes
+  # Pixel (row 0, col 1) of the first record's green plane lands at [0, 1, 1].
+  first = parts["test_batch.bin"][2][1:3073]
+  assert by_bytes and first[1024 + 1] in {img[0, 1, 1] for img in test.images}
+
+
+def test_cifar10_offline_without_files_fails_fast_with_instructions(tmp_path):
+  cfg = _cfg("cifar10", str(tmp_path / "tfds"))
+  start = time.monotonic()
+  with pytest.raises(DatasetError, match="manual_dir") as info:
+    data.dataset_info(cfg)
+  assert time.monotonic() - start < 15
+  assert "cifar-10-binary.tar.gz" in str(info.value)
+
+
+def test_cifar10_loads_through_tfds_mock_data(tmp_path):
+  with tfds.testing.mock_data(num_examples=20):
+    cfg = _cfg("cifar10", str(tmp_path / "mock"), augment=True)
+    info = data.dataset_info(cfg)
+    assert info.image_shape == (32, 32, 3) and info.num_train == 20
+    batch = next(data.train_iterator(cfg, 8, seed=0))
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].shape == (8,)
+  data._load_split.cache_clear()
+  data._stats.cache_clear()
+
+
+def test_augmentation_is_deterministic_and_changes_images():
+  images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+  a = data.pipeline.augment_batch(images, np.random.default_rng(5))
+  b = data.pipeline.augment_batch(images, np.random.default_rng(5))
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == images.shape
+  assert sum(not np.array_equal(x, y) for x, y in zip(a, images)) >= 12
