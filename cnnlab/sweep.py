@@ -101,7 +101,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
   axes = sweep_settings(config).axes
   names = sorted(axes.keys())
   for name in names:
-    if "key" not in axes[name] or "values" not in axes[name] or not axes[name].values:
+    if "key" not in axes[name] or "values" not in axes[name] or not axes[name]["values"]:
       raise ConfigError(f"config.sweep.axes.{name} needs a `key` (dotted config key) and a "
                         f"non-empty tuple of `values`.")
   base = copy.deepcopy(config)
@@ -109,7 +109,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
     with base.unlocked():
       del base["sweep"]
   cells = []
-  for combo in itertools.product(*(tuple(axes[n].values) for n in names)):
+  for combo in itertools.product(*(tuple(axes[n]["values"]) for n in names)):
     cell_config = copy.deepcopy(base)
     for name, value in zip(names, combo):
       _set_dotted(cell_config, axes[name].key, value, name)

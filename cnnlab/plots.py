@@ -1,0 +1,88 @@
+"""The sweep report's figures (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 120
+
+
+def accuracy(path: str, summary: list[dict], rows: list[dict], baseline: str) -> None:
+  """Test accuracy per cell: mean with 95% CI bars, one dot per seed; baseline highlighted."""
+  names = [s["cell"] for s in summary]
+  fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5), constrained_layout=True)
+  for i, s in enumerate(summary):
+    mean, _, lo, hi = (100 * v for v in s["test_accuracy"])
+    color = "tab:red" if s["cell"] == baseline else "tab:blue"
+    err = None if np.isnan(lo) else [[mean - lo], [hi - mean]]
+    ax.errorbar(mean, i, xerr=err, fmt="o", color=color, capsize=4, markersize=7)
+    seeds = [100 * r["test_accuracy"] for r in rows if r["cell"] == s["cell"]]
+    ax.scatter(seeds, [i + 0.18] * len(seeds), s=12, color="gray", alpha=0.7)
+  ax.set_yticks(range(len(names)), [n + (" (baseline)" if n == baseline else "")
+                                     for n in names])
+  ax.invert_yaxis()
+  ax.set_xlabel("test accuracy (%)")
+  ax.set_title("Test accuracy: mean with 95% t-interval; gray dots: seeds")
+  ax.grid(axis="x", alpha=0.3)
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+
+
+def _band(runs: list[list[dict]], split: str, key: str):
+  """(steps, mean, min, max) over seeds of `key` on `split` lines (steps shared by all seeds)."""
+  series = [{m["step"]: m[key] for m in run if m["split"] == split} for run in runs]
+  steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+  values = np.array([[s[t] for t in steps] for s in series])
+  if not steps:
+    return steps, values, values, values
+  return steps, values.mean(0), values.min(0), values.max(0)
+
+
+def curves(path: str, curves_by_cell: dict[str, list[list[dict]]]) -> None:
+  """Train loss and test accuracy vs step, mean line per cell with a min-max band over seeds."""
+  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+  colors = plt.get_cmap("tab10")
+  for i, (cell, runs) in enumerate(curves_by_cell.items()):
+    color = colors(i % 10)
+    for ax, split, key, scale in ((left, "train", "loss", 1.0), (right, "test", "accuracy", 100)):
+      steps, mean, lo, hi = _band(runs, split, key)
+      if steps:
+        ax.plot(steps, scale * mean, color=color, label=cell, lw=1.5, marker="." if split == "test" else None)
+        ax.fill_between(steps, scale * lo, scale * hi, color=color, alpha=0.15, lw=0)
+  left.set(xlabel="training step", ylabel="train loss (nats, mean over log interval)",
+           yscale="log", title="Train loss: mean over seeds, band = min–max")
+  right.set(xlabel="training step", ylabel="test accuracy (%)",
+            title="Test accuracy (end of each epoch): mean, band = min–max")
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+  handles, labels = left.get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+
+
+def variance_shift(path: str, diagnostics: dict[str, list[dict]]) -> None:
+  """Grouped bars: var_train / var_eval per BN layer (x) and cell (colour); line at 1."""
+  cells = [c for c, records in diagnostics.items() if records]
+  fig, ax = plt.subplots(figsize=(10, 4.5), constrained_layout=True)
+  if not cells:
+    ax.text(0.5, 0.5, "no BatchNorm layers in any cell", ha="center", va="center")
+    ax.set_axis_off()
+  else:
+    layers = list(dict.fromkeys(d["layer"] for c in cells for d in diagnostics[c]))
+    width = 0.8 / len(cells)
+    for i, cell in enumerate(cells):
+      ratio = {d["layer"]: d["ratio"] for d in diagnostics[cell]}
+      xs = [j + (i - (len(cells) - 1) / 2) * width for j in range(len(layers))]
+      ax.bar(xs, [ratio.get(l, np.nan) for l in layers], width, label=cell)
+    ax.axhline(1.0, color="black", lw=1, ls="--")
+    ax.set_xticks(range(len(layers)), layers, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="Var[BN input] train / eval (ratio)", xlabel="BatchNorm layer",
+           title="Variance shift per BN layer (1 = no shift; dropout before BN moves it)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
