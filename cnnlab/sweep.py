@@ -226,6 +226,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     work(config, workdir, overrides=overrides, command=command, progress=progress)
     return os.path.join(workdir, "results.json")
 
+  names = [c.name for c in cells]
+  if settings.baseline and settings.baseline not in names:
+    raise ConfigError(f"config.sweep.baseline={settings.baseline!r} names no cell; the cells "
+                      f"are: {'; '.join(names)}.")
   os.makedirs(workdir, exist_ok=True)
   rundir.write_json_atomic(os.path.join(workdir, "sweep.json"), {
       "config": rundir.config_to_dict(config), "overrides": list(overrides),

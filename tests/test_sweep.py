@@ -1,0 +1,176 @@
+"""Sweeps: expansion and naming, vmapped seeds, locks, workers, kill-and-resume, the :quick report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cnnlab import report, sweep, train
+from cnnlab.errors import ConfigError
+from conftest import ROOT, load_config
+
+
+@pytest.fixture
+def quick(data_dir):
+  config = load_config("experiments/ablation.py", "quick")
+  config.dataset.data_dir = data_dir
+  return config
+
+
+def test_expansion_names_and_hashes(quick):
+  cells = sweep.expand(quick)
+  assert len(cells) == 9
+  names = [c.name for c in cells]
+  assert names[0] == "bn=none,dropout=none" and "bn=before_act,dropout=spatial" in names
+  assert len({c.digest for c in cells}) == 9 and all(len(c.digest) == 8 for c in cells)
+  cell = cells[names.index("bn=after_act,dropout=standard")]
+  assert (cell.config.model.bn_placement, cell.config.model.dropout) == ("after_act", "standard")
+  assert cell.seed_config(7).seed == 7 and "sweep" not in cell.config
+  assert cell.dirname.startswith("bn-after_act_dropout-standard-")
+  # The hash covers the whole config: another learning rate is another cell.
+  quick.optimizer.learning_rate = 0.2
+  assert sweep.expand(quick)[0].digest != cells[0].digest
+
+
+def test_bad_axes_fail_before_training(quick):
+  quick.sweep.axes.dropout["values"] = ("none", "gaussian")
+  with pytest.raises(ConfigError, match="'gaussian'"):
+    sweep.expand(quick)
+  quick.sweep.axes.dropout["values"] = ("none",)
+  quick.sweep.axes.dropout.key = "model.dropuot"
+  with pytest.raises(ConfigError, match="model.dropuot"):
+    sweep.expand(quick)
+  quick.sweep.axes.dropout.key = "model.dropout"
+  quick.sweep.baseline = "bn=none,dropout=standard"
+  with pytest.raises(ConfigError, match="baseline.*bn=none,dropout=none"):
+    sweep.run(quick, "/nonexistent/never-written", progress=False)
+
+
+def test_vmapped_seeds_match_sequential_runs(quick, tmp_path):
+  """Tolerance: vmapping turns each conv into a batched conv whose float32 sums run in another
+  order, so results differ from the one-by-one runs at the rounding level (measured ~1e-7
+  relative after 88 steps) and such differences can grow during training; rtol 1e-4 on the
+  metrics and 1e-3 (atol 1e-5) on every parameter is far above that and far below any effect a
+  sweep reports. Data order and dropout masks are each seed's own, so anything else would show."""
+  cell = [c for c in sweep.expand(quick) if c.name == "bn=before_act,dropout=spatial"][0]
+  seeds = (0, 1)
+  seq = [train.train_and_evaluate(cell.seed_config(s), str(tmp_path / f"seq{s}"), progress=False)
+         for s in seeds]
+  vm = train.train_seeds([cell.seed_config(s) for s in seeds],
+                         [str(tmp_path / f"vm{s}") for s in seeds], vmap_seeds=True,
+                         progress=False)
+  assert seq[0]["test_loss"] != seq[1]["test_loss"]  # The seeds really differ.
+  for a, b, s in zip(seq, vm, seeds):
+    assert b["vmapped_seeds"] == 2
+    for key in ("test_accuracy", "test_loss", "train_loss", "train_accuracy"):
+      assert b[key] == pytest.approx(a[key], rel=1e-4)
+    pa = train.load_trained_state(cell.seed_config(s), str(tmp_path / f"seq{s}"))
+    pb = train.load_trained_state(cell.seed_config(s), str(tmp_path / f"vm{s}"))
+    for x, y in zip(jax.tree_util.tree_leaves(pa.params), jax.tree_util.tree_leaves(pb.params)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
+
+
+def test_cell_lock_is_exclusive(tmp_path):
+  first, second = sweep.CellLock(str(tmp_path)), sweep.CellLock(str(tmp_path))
+  assert first.acquire()
+  assert not second.acquire()
+  first.release()
+  assert second.acquire()
+  second.release()
+
+
+def _small_sweep_args(data_dir, workdir, *extra):
+  """A 2-cell x 2-seed slice of ablation.py:quick, via the command line."""
+  return [sys.executable, os.path.join(ROOT, "launch.py"),
+          "--config=experiments/ablation.py:quick", f"--workdir={workdir}", "--noprogress",
+          f"--config.dataset.data_dir={data_dir}",
+          "--config.sweep.axes.bn.values=('none', 'before_act')",
+          "--config.sweep.axes.dropout.values=('spatial',)", "--config.num_epochs=3",
+          "--config.sweep.baseline=bn=none,dropout=spatial", *extra]
+
+
+def _report_text(workdir):
+  with open(os.path.join(workdir, "report.md")) as f:
+    return f.read().replace(workdir, "WORKDIR")
+
+
+def test_kill_mid_sweep_then_rerun_keeps_finished_cells_and_same_report(data_dir, tmp_path):
+  reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+  done = subprocess.run(_small_sweep_args(data_dir, reference), cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+  proc = subprocess.Popen(_small_sweep_args(data_dir, killed), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  cells_dir = os.path.join(killed, "cells")
+  finished = lambda: sorted(
+      os.path.join(root, "results.json") for root, _, files in os.walk(cells_dir)
+      if "results.json" in files) if os.path.isdir(cells_dir) else []
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and len(finished()) < 2:
+    time.sleep(0.05)
+  assert proc.poll() is None, "the sweep ended before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  kept = {p: os.path.getmtime(p) for p in finished()}
+  assert len(kept) >= 2 and not os.path.exists(os.path.join(killed, "report.md"))
+
+  rerun = subprocess.run(_small_sweep_args(data_dir, killed), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert {p: os.path.getmtime(p) for p in kept} == kept  # No finished run was retrained.
+  assert _report_text(killed) == _report_text(reference)
+
+
+def test_two_workers_train_every_run_once(data_dir, tmp_path):
+  workdir = str(tmp_path / "workers")
+  proc = subprocess.run(_small_sweep_args(data_dir, workdir, "--config.sweep.workers=2",
+                                          "--config.num_epochs=1"),
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  assert len(rows) == 4 and {r["threads"] for r in rows} == {1}
+  for root, _, files in os.walk(os.path.join(workdir, "cells")):
+    if "metrics.jsonl" in files:
+      lines = [json.loads(l) for l in open(os.path.join(root, "metrics.jsonl"))]
+      keys = [(l["step"], l["split"]) for l in lines]
+      assert len(keys) == len(set(keys)), f"{root} was trained twice"
+
+
+def test_quick_ablation_end_to_end_report_is_recomputable(data_dir, tmp_path):
+  workdir = str(tmp_path / "quick")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch.py"), "--config=experiments/ablation.py:quick",
+       f"--workdir={workdir}", "--noprogress", f"--config.dataset.data_dir={data_dir}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("report.md", "results.csv", "accuracy.png", "curves.png", "variance_shift.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  assert len(rows) == 18 and len({r["cell"] for r in rows}) == 9
+  text = _report_text(workdir)
+  # Recompute from results.csv with numpy/scipy directly, and find the numbers in the report.
+  from scipy import stats
+  for cell in {r["cell"] for r in rows}:
+    acc = np.array([r["test_accuracy"] for r in rows if r["cell"] == cell])
+    half = stats.t.ppf(0.975, len(acc) - 1) * acc.std(ddof=1) / np.sqrt(len(acc))
+    line = next(l for l in text.splitlines() if l.startswith(f"| `{cell}` | 2 |"))
+    assert (f"{100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f} "
+            f"[{100 * (acc.mean() - half):.2f}, {100 * (acc.mean() + half):.2f}]") in line
+  base = {r["seed"]: r["test_accuracy"] for r in rows if r["cell"] == "bn=none,dropout=none"}
+  for cell in {r["cell"] for r in rows} - {"bn=none,dropout=none"}:
+    acc = {r["seed"]: r["test_accuracy"] for r in rows if r["cell"] == cell}
+    diff = np.array([acc[s] - base[s] for s in sorted(base)])
+    p = stats.ttest_rel([acc[s] for s in sorted(base)], [base[s] for s in sorted(base)]).pvalue
+    line = [l for l in text.splitlines() if l.startswith(f"| `{cell}` | 2 | ")][-1]
+    assert f"{100 * diff.mean():.2f}" in line
+    assert (f"{p:.4f}" if np.isfinite(p) else "n/a") in line
+  # The variance-shift table lists the BN layers of BN cells, and the reproduction section.
+  assert "| `bn=before_act,dropout=spatial` | stage1_conv0/bn |" in text
+  assert "experiments/ablation.py:quick" in text and "jax 0.10" in text
