@@ -15,6 +15,11 @@ def base_config() -> config_dict.ConfigDict:
   config.seed = 0
   # Floating-point dtype of activations ("float32" or "bfloat16"); parameters stay float32.
   config.dtype = "float32"
+  # Deterministic GPU kernels (XLA --xla_gpu_deterministic_ops): bit-identical reruns on GPU
+  # at some speed cost. The CPU is deterministic either way.
+  config.deterministic = True
+  # float32 matmul/conv precision: highest (true float32, as on CPU) | default (TF32 on GPUs).
+  config.matmul_precision = "highest"
 
   config.dataset = config_dict.ConfigDict()
   config.dataset.name = "mnist5k"

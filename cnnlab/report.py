@@ -22,7 +22,8 @@ from scipy import stats
 from cnnlab import plots
 from cnnlab.errors import ConfigError
 
-PROVENANCE = ("threads", "xla_flags", "dtype", "backend")
+# Settings that change the low bits; every row of a report must share them.
+PROVENANCE = ("threads", "xla_flags", "dtype", "backend", "matmul_precision")
 
 
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float, float]:

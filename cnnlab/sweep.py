@@ -34,7 +34,7 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from cnnlab import rundir, train
+from cnnlab import environment, rundir, train
 from cnnlab.errors import ConfigError
 from cnnlab.validation import validate_config
 
@@ -219,6 +219,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
 
   Returns the path of results.json (single run) or of report.md (sweep).
   """
+  # Before JAX starts its backend.
+  environment.apply_numerics(config.deterministic, config.matmul_precision)
   settings = sweep_settings(config)
   cells = expand(config)
   seeds = tuple(settings.seeds)
@@ -257,7 +259,7 @@ def steps_to_target(metrics: list[dict], target: float) -> int | None:
 def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdir: str, *,
                        command: str = "") -> str:
   """Collects every (cell, seed) result into rows, curves and diagnostics; writes the report."""
-  from cnnlab import environment, report  # Post-processing only.
+  from cnnlab import report  # Post-processing only.
   settings = sweep_settings(config)
   rows, curves, diagnostics = [], {}, {}
   for cell in cells:
@@ -272,8 +274,7 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           **{k: res[k] for k in ("test_accuracy", "test_loss", "train_loss", "train_accuracy")},
           "steps_to_target": steps_to_target(metrics, settings.target_accuracy),
           "wall_time_s": res["wall_time_s"], "num_params": res["num_params"],
-          "threads": env["threads"], "xla_flags": env["xla_flags"], "dtype": env["dtype"],
-          "backend": env["backend"], "vmapped_seeds": res["vmapped_seeds"],
+          **{k: env[k] for k in report.PROVENANCE}, "vmapped_seeds": res["vmapped_seeds"],
           "params_sha256": res["params_sha256"]})
       curves[cell.name].append(metrics)
     path = os.path.join(workdir, "cells", cell.dirname, "diagnostics.json")
@@ -281,7 +282,7 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
   baseline = settings.baseline or cells[0].name
   meta = {"command": command, "config": rundir.config_to_dict(config),
           "packages": environment.package_versions(), "git_commit": environment.git_commit(),
-          "environment": {k: rows[0][k] for k in ("threads", "xla_flags", "dtype", "backend")}}
+          "environment": {k: rows[0][k] for k in report.PROVENANCE}}
   return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
                              target_accuracy=settings.target_accuracy, meta=meta)
 

@@ -214,6 +214,7 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str], *
   """
   for config in configs:
     validate_config(config)
+  environment.apply_numerics(configs[0].deterministic, configs[0].matmul_precision)
   if not vmap_seeds and len(configs) != 1:
     raise ValueError("train_seeds without vmap_seeds takes exactly one config")
   seats = [_Seat(c, w, overrides, command) for c, w in zip(configs, workdirs)]

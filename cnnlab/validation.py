@@ -11,7 +11,7 @@ import numbers
 
 import ml_collections
 
-from cnnlab import data, layers, models, optim
+from cnnlab import data, environment, layers, models, optim
 from cnnlab.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -51,6 +51,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid value in `config`."""
   _number("seed", config.seed, low=0, integer=True)
   _choice("dtype", config.dtype, DTYPES)
+  _choice("deterministic", config.deterministic, (True, False))
+  _choice("matmul_precision", config.matmul_precision, environment.MATMUL_PRECISIONS)
   _choice("dataset.name", config.dataset.name, data.DATASET_NAMES)
   validate_model(config.model)
   opt = config.optimizer

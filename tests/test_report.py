@@ -52,7 +52,8 @@ def test_cell_summary_counts_seeds_reaching_the_target():
 
 
 def test_mixed_provenance_is_refused():
-  rows = [dict(r, threads=t, xla_flags="", dtype="float32", backend="cpu")
+  rows = [dict(r, threads=t, xla_flags="", dtype="float32", backend="cpu",
+               matmul_precision="highest")
           for r, t in zip(_rows("c", [0.9, 0.8]), (1, 2))]
   with pytest.raises(ConfigError, match="threads"):
     report.check_provenance(rows)
