@@ -10,7 +10,7 @@ Errors in the user's config, data or workdir print one line and exit with status
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +25,7 @@ flags.mark_flag_as_required("config")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # JAX/orbax INFO lines would bury the progress bar.
   from cnnlab import errors, rundir, sweep  # After flag parsing: keeps `--help` fast.
   config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
