@@ -62,3 +62,61 @@ def base_config() -> config_dict.ConfigDict:
   config.checkpoint_every_steps = 250
   config.checkpoints_to_keep = 2
   return config
+
+
+SWEEP_VARIANTS = ("full", "quick", "cifar10")
+
+
+def sweep_base(name: str, variant: str = "full") -> config_dict.ConfigDict:
+  """The shared setting of cnnlab's sweep experiments (ablation, dropout_rates, bn_placement):
+  a three-stage VGG-style CNN on mnist5k and an empty `config.sweep` for the study to fill.
+
+  Variants: `full`; `quick` (8x8 digits, a smaller net, 2 epochs: a smoke test of ~1 minute);
+  `cifar10` (needs CIFAR-10 prepared; a wider net, augmentation, 30 epochs).
+  """
+  if variant not in SWEEP_VARIANTS:
+    raise ValueError(f"experiments/{name}.py:{variant} is not a variant; choose one of: "
+                     f"{', '.join(SWEEP_VARIANTS)}.")
+  config = base_config()
+  config.name = name if variant == "full" else f"{name}_{variant}"
+  config.model.name = "vgg_cnn"
+  config.model.stages = ((16,), (32,), (64,))
+  config.model.head = "gap"
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.warmup_epochs = 0.5
+  config.batch_size = 64
+  config.num_epochs = 4
+  config.log_every_steps = 25
+  config.checkpoint_every_steps = 100
+
+  config.sweep = config_dict.ConfigDict()
+  # Named axes: axes.<name> = {key: dotted config key, values: tuple}; cells are their product.
+  config.sweep.axes = config_dict.ConfigDict()
+  config.sweep.seeds = (0, 1, 2)
+  # The cell every other is paired with in the report ("" = the first cell).
+  config.sweep.baseline = ""
+  # Train a cell's seeds as one vmapped program: auto (= off on CPU, on on GPU/TPU) | on | off.
+  config.sweep.vmap_seeds = "auto"
+  # Processes training cells in parallel, each pinned to one core and one XLA thread.
+  config.sweep.workers = 1
+  # "Steps to reach" this end-of-epoch test accuracy, per cell.
+  config.sweep.target_accuracy = 0.95
+
+  if variant == "quick":
+    config.dataset.name = "digits"
+    config.model.stages = ((8,), (16,))
+    config.batch_size = 32
+    config.num_epochs = 2
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 20
+    config.sweep.target_accuracy = 0.5
+  elif variant == "cifar10":
+    config.dataset.name = "cifar10"
+    config.dataset.augment = True
+    config.model.stages = ((64, 64), (128, 128), (256, 256))
+    config.batch_size = 128
+    config.num_epochs = 30
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 1000
+    config.sweep.target_accuracy = 0.8
+  return config

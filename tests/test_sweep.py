@@ -174,3 +174,16 @@ def test_quick_ablation_end_to_end_report_is_recomputable(data_dir, tmp_path):
   # The variance-shift table lists the BN layers of BN cells, and the reproduction section.
   assert "| `bn=before_act,dropout=spatial` | stage1_conv0/bn |" in text
   assert "experiments/ablation.py:quick" in text and "jax 0.10" in text
+
+
+@pytest.mark.parametrize("path, cells", [("experiments/ablation.py", 9),
+                                         ("experiments/dropout_rates.py", 10),
+                                         ("experiments/bn_placement.py", 12)])
+@pytest.mark.parametrize("variant", [None, "quick", "cifar10"])
+def test_experiment_files_expand_and_name_their_baseline(path, cells, variant):
+  config = load_config(path, variant)
+  expanded = sweep.expand(config)
+  assert len(expanded) == cells
+  assert config.sweep.baseline in [c.name for c in expanded]
+  with pytest.raises(ValueError, match="not a variant"):
+    load_config(path, "nope")
