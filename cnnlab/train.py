@@ -341,7 +341,8 @@ def _train_group(seats: list[_Seat], vmap_seeds: bool, progress: bool) -> list[d
             f"{config.optimizer.learning_rate}) or add BatchNorm. No results.json was written.")
       seat.run.log({"step": done, "epoch": epoch, "split": "train", **line,
                     "learning_rate": lr, "wall_time_s": wall()})
-    postfix = {"loss": f"{float(means['loss'].mean()) / count_now:.4f}"}
+    postfix = {"loss": f"{float(means['loss'].mean()) / count_now:.4f}",
+               "acc": f"{float(means['accuracy'].mean()) / count_now:.3f}"}
     if end_of_epoch:
       test = eval_split(state, "test")
       for i, seat in enumerate(seats):
