@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -100,10 +101,20 @@ class RunDir:
             f"{previous.get('fingerprint')}, this config {self.fingerprint}; differing keys: "
             f"{', '.join(changed) or 'unknown'}). Use another --workdir, or delete "
             f"{self.workdir} to start over.")
+    if self.finished():
+      return  # Keep the config and environment that produced the results.
     write_json_atomic(self.config_path, {
         "fingerprint": self.fingerprint, "config": config_to_dict(config),
         "overrides": list(overrides), "command": command})
-    write_json_atomic(self.environment_path, environment.describe(config.dtype))
+    now = environment.describe(config.dtype)
+    if self.has_progress() and os.path.exists(self.environment_path):
+      before = read_json(self.environment_path)
+      changed = [k for k in environment.BIT_DETERMINING_KEYS if before.get(k) != now.get(k)]
+      if changed:
+        logging.warning("resuming %s under different settings (%s): its results will not be "
+                        "bit-identical to an uninterrupted run's.", self.workdir,
+                        ", ".join(changed))
+    write_json_atomic(self.environment_path, now)
 
   def has_progress(self) -> bool:
     """Whether the workdir holds checkpoints or results (something a different config must not
