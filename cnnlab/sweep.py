@@ -243,6 +243,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     work(config, workdir, overrides=overrides, command=command, progress=progress,
          on_seed_done=bar.update)
   else:
+    # Prepare every dataset here first, so the workers do not race to generate it.
+    from cnnlab import data
+    for cell in cells:
+      data.dataset_info(cell.config.dataset)
     _run_workers(workdir, settings.workers, bar, done)
   bar.close()
   return write_sweep_report(config, cells, seeds, workdir, command=command)
