@@ -31,16 +31,34 @@ def base_config() -> config_dict.ConfigDict:
   config.dataset.augment = False
 
   config.model = config_dict.ConfigDict()
+  # One of cnnlab.models.MODEL_NAMES: linear, mlp, lenet5, lenet5_fcn, alexnet, vgg_cnn,
+  # vgg11/13/16/19, resnet20/32/44/56/110 (CIFAR), resnet18/34/50 (ImageNet), nin, googlenet.
   config.model.name = "lenet5"
-  config.model.bn_placement = "none"      # none | before_act | after_act
+  # Options every block shares (cnnlab.layers.BlockOptions).
+  config.model.bn_placement = "none"      # none | before_act | after_act (ResNets: no after_act)
   config.model.bn_convention = "pytorch"  # pytorch | flax
-  config.model.dropout = "none"           # none | standard | spatial
+  config.model.dropout = "none"           # none | standard | spatial | dropblock
   config.model.dropout_rate = 0.0
-  config.model.activation = "relu"        # relu | tanh (LeNet-5 in 1998 used tanh)
-  # VGG-style CNN only: conv widths per stage (a 2x2 max-pool follows each stage).
+  config.model.dropblock_size = 3         # dropblock only: side of the dropped squares
+  config.model.activation = "relu"        # relu | tanh (LeNet-5 in 1998 used tanh) | ...
+  # Conv biases: None = only where no BN directly follows; True/False force them.
+  config.model.conv_bias = config_dict.placeholder(bool)
+  # lenet5, vgg*, alexnet: max | avg | blur (anti-aliased max pool, Zhang 2019).
+  config.model.pool = "max"
+  # alexnet, resnet18/34/50, googlenet: auto (ImageNet stem for inputs >= 64 px) | imagenet | small.
+  config.model.stem = "auto"
+  # resnet*: where BN and the activation sit around the addition (He et al. 2016b):
+  # original | bn_after_add | relu_before_add | relu_only_preact | full_preact.
+  config.model.unit = "original"
+  # googlenet: auxiliary classifiers, their loss weight, and 5 (paper) or 3 (torchvision) for
+  # the kernels of the "5x5" branches.
+  config.model.aux_classifiers = True
+  config.model.aux_loss_weight = 0.3
+  config.model.c5_kernel = 5
+  # vgg_cnn only: conv widths per stage (a 2x2 max-pool follows each stage) and the head.
   config.model.stages = ((32, 32), (64, 64))
-  config.model.head = "gap"               # gap (global average pool) | flatten
-  # MLP only: hidden layer widths.
+  config.model.head = "gap"               # gap (global average pool) | flatten | classifier
+  # mlp only: hidden layer widths.
   config.model.hidden = (256, 256)
 
   config.optimizer = config_dict.ConfigDict()

@@ -11,7 +11,7 @@ import numbers
 
 import ml_collections
 
-from cnnlab import data, environment, layers, models, optim
+from cnnlab import data, environment, models, optim
 from cnnlab.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -38,13 +38,10 @@ def _number(key: str, value, *, low=None, high=None, low_open=False, high_open=F
 
 
 def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> None:
-  """Checks the model fields shared by every architecture."""
+  """Checks the model name and the options every architecture shares."""
   _choice(f"{prefix}.name", model.name, models.MODEL_NAMES)
-  _choice(f"{prefix}.bn_placement", model.bn_placement, layers.BN_PLACEMENTS)
-  _choice(f"{prefix}.bn_convention", model.bn_convention, layers.BN_CONVENTIONS)
-  _choice(f"{prefix}.dropout", model.dropout, layers.DROPOUT_KINDS)
-  _number(f"{prefix}.dropout_rate", model.dropout_rate, low=0, high=1, high_open=True)
-  _choice(f"{prefix}.activation", model.activation, tuple(layers.ACTIVATIONS))
+  models.block_options(model, prefix=f"config.{prefix}.")
+  _number(f"{prefix}.aux_loss_weight", model.get("aux_loss_weight", 0.3), low=0)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -14,51 +14,7 @@ import pytest
 
 from cnnlab import layers
 from cnnlab.errors import ConfigError
-
-
-def rng(seed: int) -> jax.Array:
-  """Keys for tests: `unsafe_rbg` compiles in a fraction of threefry's time here."""
-  return jax.random.key(seed, impl="unsafe_rbg")
-
-
-KEY = rng(0)
-NP = np.random.default_rng(0)
-
-
-def normal(*shape):
-  """Test data from numpy: no JAX random program to compile."""
-  return jnp.asarray(NP.standard_normal(shape), jnp.float32)
-
-
-def init_np(module, *args, **kwargs):
-  """Variables of `module` without running its initialisers (slow to compile on this CPU):
-  shapes from `jax.eval_shape`, BN at its initial state, other weights N(0, 0.5^2) from numpy."""
-  shapes = jax.eval_shape(lambda: module.init(KEY, *args, **kwargs))
-
-  def fill(path, s):
-    name = path[-1].key
-    if name in ("scale", "var"):
-      return np.ones(s.shape, np.float32)
-    if name in ("bias", "mean"):
-      return np.zeros(s.shape, np.float32)
-    return (0.5 * NP.standard_normal(s.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _train_apply(module, variables, x, rngs):
-  return module.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
-
-
-def train_apply(module, variables, x, rngs=None):
-  """Train-mode apply, jitted once per (module, shapes): (y, {"batch_stats": ...})."""
-  return _train_apply(module, variables, x, rngs or {})
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def eval_apply(module, variables, x):
-  """Eval-mode apply, jitted once per (module, shapes)."""
-  return module.apply(variables, x, train=False)
+from jax_helpers import KEY, NP, conv_block, eval_apply, init_np, normal, rng, train_apply
 
 
 def _positive(shape):
@@ -228,7 +184,7 @@ def _shapes(tree):
 def test_conv_block_param_tree_per_placement():
   x = jnp.ones((2, 6, 6, 3))
   tree = lambda p: _shapes(jax.eval_shape(
-      lambda: layers.ConvBlock(4, bn_placement=p).init(KEY, x, train=False)))
+      lambda: conv_block(4, bn_placement=p).init(KEY, x, train=False)))
   assert tree("none") == {"params": {"conv": {"kernel": (3, 3, 3, 4), "bias": (4,)}}}
   assert tree("before_act") == {"params": {"conv": {"kernel": (3, 3, 3, 4)},
                                            "bn": {"scale": (4,), "bias": (4,)}},
@@ -240,7 +196,7 @@ def test_conv_block_param_tree_per_placement():
 def test_conv_block_bn_order_functional():
   x = normal(8, 6, 6, 3)
   for placement in ("before_act", "after_act"):
-    block = layers.ConvBlock(4, bn_placement=placement)
+    block = conv_block(4, bn_placement=placement)
     variables = init_np(block, x, train=False)
     variables["params"]["bn"]["bias"] = np.full((4,), 0.7, np.float32)
     y, _ = train_apply(block, variables, x)
@@ -256,7 +212,7 @@ def test_conv_block_bn_order_functional():
 
 def test_conv_block_applies_dropout_last():
   x = jnp.ones((4, 5, 5, 2))
-  block = layers.ConvBlock(8, dropout="spatial", dropout_rate=0.5, activation="identity")
+  block = conv_block(8, dropout="spatial", dropout_rate=0.5, activation="identity")
   variables = init_np(block, x, train=False)
   y, _ = train_apply(block, variables, x, {"channel_dropout": KEY})
   y, y_eval = np.asarray(y), np.asarray(eval_apply(block, variables, x))
@@ -271,7 +227,7 @@ def test_conv_block_applies_dropout_last():
                                           ("padding", -1), ("kernel_size", 0)])
 def test_conv_block_bad_values(field, value):
   with pytest.raises(ConfigError, match=field) as err:
-    layers.ConvBlock(4, **{field: value}).init(KEY, jnp.ones((1, 4, 4, 1)), train=False)
+    conv_block(4, **{field: value}).init(KEY, jnp.ones((1, 4, 4, 1)), train=False)
   assert repr(value) in str(err.value) or str(value) in str(err.value)
 
 
@@ -281,7 +237,7 @@ X_SEED = np.arange(1., 13., dtype=np.float32).reshape(1, 3, 4, 1)  # [[1..4], [5
 
 def test_seed_002_convolution_stride_1_2():
   a, b, c, d = 1., 0.5, -1., 2.
-  block = layers.ConvBlock(1, kernel_size=2, strides=(1, 2), padding=0, activation="identity")
+  block = conv_block(1, kernel_size=2, strides=(1, 2), padding=0, activation="identity")
   params = {"conv": {"kernel": jnp.array([[a, b], [c, d]]).reshape(2, 2, 1, 1),
                      "bias": jnp.zeros((1,))}}
   assert _shapes(init_np(block, X_SEED, train=False)["params"]) == _shapes(params)
@@ -313,7 +269,7 @@ def test_seed_002_pooling_stride_1_2():
 ])
 def test_conv_block_padding_shapes(kernel, strides, padding, expected_hw):
   x = jnp.ones((1, 7, 9, 2))
-  block = layers.ConvBlock(3, kernel_size=kernel, strides=strides, padding=padding)
+  block = conv_block(3, kernel_size=kernel, strides=strides, padding=padding)
   y = jax.eval_shape(lambda: block.init_with_output(KEY, x, train=False)[0])
   assert y.shape == (1, *expected_hw, 3)
 
@@ -323,7 +279,7 @@ def test_table_conv_reads_only_its_connections():
   # 10**i over connections[j], so the digits spell out the table.
   table = ((0, 2), (1,), (0, 1, 2), (2, 1))
   x = jnp.broadcast_to(jnp.array([1., 10., 100.]), (1, 2, 2, 3))
-  block = layers.ConvBlock(4, kernel_size=1, connections=table, activation="identity")
+  block = conv_block(4, kernel_size=1, connections=table, activation="identity")
   variables = init_np(block, x, train=False)
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: np.zeros_like(p) if path[-1].key == "bias" else np.ones_like(p),

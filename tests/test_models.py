@@ -16,13 +16,16 @@ import pytest
 from cnnlab import layers, models
 from cnnlab.errors import ConfigError
 from experiments.default import get_config
+from jax_helpers import eval_apply, init_np
 
 KEY = jax.random.key(0, impl="unsafe_rbg")  # Compiles much faster than threefry on this CPU.
 RNGS = {"params": KEY, "dropout": KEY, "channel_dropout": KEY}
-INPUTS = ((8, 8, 1), (28, 28, 1), (32, 32, 3))
-# Every BN placement and every dropout kind, paired up (the 3 x 3 grid would triple the time;
-# the pairs exercise each code path, and the placements and kinds are independent).
-OPTIONS = tuple(zip(layers.BN_PLACEMENTS, layers.DROPOUT_KINDS))
+# Each model runs on every bundled input size; the sizes cycle through every BN placement and
+# dropout kind (a full grid would multiply the time; the options' code paths are independent of
+# the model and tested in test_layers.py). ResNets have no `after_act` (tested below).
+GRID = (((8, 8, 1), "none", "standard"), ((28, 28, 1), "before_act", "dropblock"),
+        ((32, 32, 3), "after_act", "spatial"))
+RESNETS = tuple(n for n in models.MODEL_NAMES if n.startswith("resnet"))
 
 
 def model_config(name="lenet5", **overrides) -> ml_collections.ConfigDict:
@@ -55,14 +58,16 @@ def test_registry_names():
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_logits_shape_for_every_input_and_option(name):
-  for shape, (bn, dropout) in itertools.product(INPUTS, OPTIONS):
+  for shape, bn, dropout in GRID:
+    if name in RESNETS and bn == "after_act":
+      bn = "before_act"
     model = models.get_model(model_config(name, bn_placement=bn, dropout=dropout), 10)
     variables, logits_eval, logits_train, updates = abstract_run(model, shape)
     for logits in (logits_eval, logits_train):
       assert logits.shape == (2, 10) and logits.dtype == jnp.float32, (name, shape, bn, dropout)
-    has_bn = bn != "none"
+    has_bn = bn != "none" and name != "linear"
     assert ("batch_stats" in variables) == has_bn
-    assert (len(jax.tree_util.tree_leaves(updates)) > 0) == has_bn
+    assert (len(jax.tree_util.tree_leaves(updates["batch_stats"] if has_bn else {})) > 0) == has_bn
 
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
@@ -203,3 +208,117 @@ def test_bad_model_specific_option(name, field, value):
   model = models.get_model(model_config(name, **{field: value}), 10)
   with pytest.raises(ConfigError, match=field):
     abstract_run(model, (8, 8, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model zoo: parameter counts against published ones.
+
+def _count(name, shape=(224, 224, 3), num_classes=1000, **fields):
+  model = models.get_model(ml_collections.ConfigDict(dict(name=name, **fields)), num_classes)
+  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+  return num_params(jax.eval_shape(lambda x: model.init({"params": KEY}, x, train=False),
+                                   x)["params"])
+
+
+TORCHVISION = {  # torchvision.models' documented parameter counts (1000 classes, 224x224).
+    "resnet18": (11_689_512, dict(bn_placement="before_act")),
+    "resnet34": (21_797_672, dict(bn_placement="before_act")),
+    "resnet50": (25_557_032, dict(bn_placement="before_act")),
+    "vgg11": (132_863_336, {}),
+    "vgg13": (133_047_848, {}),
+    "vgg16": (138_357_544, {}),
+    "vgg19": (143_667_240, {}),
+    "vgg11_bn": (132_868_840, dict(bn_placement="before_act", conv_bias=True)),
+    "vgg16_bn": (138_365_992, dict(bn_placement="before_act", conv_bias=True)),
+    "vgg19_bn": (143_678_248, dict(bn_placement="before_act", conv_bias=True)),
+    "alexnet": (61_100_840, {}),
+    "googlenet": (6_624_904, dict(bn_placement="before_act", c5_kernel=3,
+                                  aux_classifiers=False)),
+}
+
+
+@pytest.mark.parametrize("torchvision_name", sorted(TORCHVISION))
+def test_parameter_counts_match_torchvision(torchvision_name):
+  expected, fields = TORCHVISION[torchvision_name]
+  name = torchvision_name.removesuffix("_bn")
+  assert _count(name, **fields) == expected
+
+
+def test_cifar_resnet_parameter_counts():
+  # He 2016a, Table 6: ResNet-20 0.27M, 32 0.46M, 44 0.66M, 56 0.85M, 110 1.7M. ResNet-20 by
+  # hand: stem 432 + 32 (BN); stage 1: 6 convs 16->16 = 6 * 2304 + 6 * 32; stage 2: 4608 +
+  # 5 * 9216 + 6 * 64; stage 3: 18432 + 5 * 36864 + 6 * 128; head 64 * 10 + 10 = 269,722.
+  published = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6}
+  assert _count("resnet20", (32, 32, 3), 10, bn_placement="before_act") == 269_722
+  for depth, count in published.items():
+    got = _count(f"resnet{depth}", (32, 32, 3), 10, bn_placement="before_act")
+    assert abs(got - count) / count < 0.02, (depth, got)
+
+
+def test_googlenet_aux_heads_only_in_training():
+  config = model_config("googlenet", bn_placement="before_act")
+  model = models.get_model(config, 10)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init({"params": KEY}, x, train=False), x)
+  assert {"aux1", "aux2"} <= set(variables["params"])
+  _, state = jax.eval_shape(lambda v, x: model.apply(
+      v, x, train=True, rngs=RNGS, mutable=["batch_stats", "aux_logits"]), variables, x)
+  aux = state["aux_logits"]
+  assert set(aux) == {"after_4a", "after_4d"} and aux["after_4a"][0].shape == (2, 10)
+  _, state = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, mutable=["aux_logits"]),
+                            variables, x)
+  assert not state.get("aux_logits")
+  no_aux = models.get_model(model_config("googlenet", aux_classifiers=False), 10)
+  assert "aux1" not in jax.eval_shape(lambda x: no_aux.init({"params": KEY}, x, train=False),
+                                      x)["params"]
+
+
+def test_resnets_reject_after_act():
+  model = models.get_model(model_config("resnet20", bn_placement="after_act"), 10)
+  with pytest.raises(ConfigError, match="after_act"):
+    abstract_run(model, (8, 8, 1))
+
+
+def test_imagenet_stems_follow_the_input_size():
+  def first_kernel(name, shape, **fields):
+    model = models.get_model(model_config(name, **fields), 10)
+    params = abstract_run(model, shape, batch=1)[0]["params"]
+    first = params.get("stem_conv") or params["conv1"]["conv"]
+    return first["kernel"].shape[:2]
+  assert first_kernel("resnet18", (224, 224, 3), bn_placement="before_act") == (7, 7)
+  assert first_kernel("resnet18", (32, 32, 3), bn_placement="before_act") == (3, 3)
+  assert first_kernel("resnet18", (32, 32, 3), bn_placement="before_act",
+                      stem="imagenet") == (7, 7)
+  assert first_kernel("alexnet", (224, 224, 3)) == (11, 11)
+  assert first_kernel("alexnet", (28, 28, 1)) == (3, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fully convolutional LeNet-5 (seed 001: a conv with kernel = input size is a dense layer).
+
+def _as_fcn_params(params):
+  """lenet5's params in lenet5_fcn's layout: F6/output Dense kernels [C, F] -> [1, 1, C, F]."""
+  fcn = dict(params)
+  fcn["F6"] = {"conv": {"kernel": params["F6"]["dense"]["kernel"][None, None],
+                        "bias": params["F6"]["dense"]["bias"]}}
+  fcn["output"] = {"kernel": params["output"]["kernel"][None, None],
+                   "bias": params["output"]["bias"]}
+  return fcn
+
+
+def test_lenet5_fcn_equals_lenet5_and_slides_over_larger_images():
+  dense = models.get_model(model_config("lenet5"), 10)
+  fcn = models.get_model(model_config("lenet5_fcn"), 10)
+  x = np.random.default_rng(0).standard_normal((2, 40, 40, 1)).astype(np.float32)
+  variables = init_np(dense, x[:, :32, :32], train=False)
+  fcn_variables = {"params": _as_fcn_params(variables["params"])}
+  assert num_params(variables) == num_params(fcn_variables)
+  # 32x32: the same function.
+  np.testing.assert_allclose(eval_apply(fcn, fcn_variables, x[:, :32, :32]),
+                             eval_apply(dense, variables, x[:, :32, :32]), rtol=1e-4, atol=1e-4)
+  # 40x40: C5's map is 3x3 (stride 4); the FCN's logits are the mean of LeNet-5 on the nine
+  # 32x32 windows at offsets 0, 4, 8.
+  windows = [eval_apply(dense, variables, x[:, i:i + 32, j:j + 32])
+             for i in (0, 4, 8) for j in (0, 4, 8)]
+  np.testing.assert_allclose(eval_apply(fcn, fcn_variables, x), np.mean(windows, axis=0),
+                             rtol=1e-4, atol=1e-4)

@@ -88,6 +88,12 @@ def load_split(data_config, split: str) -> Split:
                      split)
 
 
+def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
+  """(image shape (H, W, C), number of classes) of dataset `name`, without preparing it."""
+  _check_name(name)
+  return tuple(BUILDERS[name].IMAGE_SHAPE), BUILDERS[name].NUM_CLASSES
+
+
 def dataset_info(data_config) -> DatasetInfo:
   """Shape and size facts of a dataset (prepares it on first use)."""
   train, test = load_split(data_config, "train"), load_split(data_config, "test")
