@@ -133,6 +133,24 @@ def _p(p: float) -> str:
   return "n/a" if math.isnan(p) else f"{p:.4f}"
 
 
+def _cost_section(rows, meta) -> list[str]:
+  """Parameters and compute per cell (from `cnnlab.summary`), when the rows carry them."""
+  if not all(r.get("train_step_flops") not in (None, "") for r in rows):
+    return []
+  batch = meta["config"].get("batch_size", "?")
+  lines = ["", "## Cost per cell", "",
+           "Trainable parameters, forward multiply-adds per example (convs and dense layers) and "
+           f"XLA's FLOP count of one training step at batch {batch} (forward, backward, update); "
+           "`python launch.py --mode=summary` shows them layer by layer.", "",
+           "| cell | parameters | multiply-adds / example | training-step GFLOPs |",
+           "|---|---|---|---|"]
+  for cell, group in _by_cell(rows).items():
+    r = group[0]
+    lines.append(f"| `{cell}` | {int(r['num_params']):,} | {int(r['forward_macs']):,} | "
+                 f"{float(r['train_step_flops']) / 1e9:.3f} |")
+  return lines
+
+
 def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta) -> str:
   summary = cell_summary(rows)
   paired = paired_comparison(rows, baseline)
@@ -150,6 +168,7 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta) -> st
                  f"{_ci(s['test_loss'], 4, 1.0)} | {_f(s['train_loss'][0])} ± "
                  f"{_f(s['train_loss'][1])} | {_f(s['steps_to_target'], 1)} "
                  f"({s['reached']}/{s['n']}) |")
+  lines += _cost_section(rows, meta)
   lines += ["", f"## Paired against `{baseline}`", "",
             "Cell minus baseline over matched seeds: mean difference [95% t-interval], "
             "two-sided paired t-test p (n/a: fewer than 2 pairs or identical differences).", "",

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from cnnlab import data, layers, models, optim, train
+from cnnlab.validation import validate_config
 
 GLOBAL = None   # The geometry of values that depend on every input pixel.
 Geometry = tuple[tuple[float, ...], tuple[float, ...]] | None   # (rf, jump) per spatial axis.
@@ -270,7 +271,6 @@ def summarize(config: ml_collections.ConfigDict, input_shape: tuple[int, ...] | 
               num_classes: int | None = None, *, step_flops: bool = True) -> Summary:
   """The summary of `config.model` on `config.dataset`'s input shape and classes (no data is
   read), or on `input_shape` (H, W, C) / `num_classes` when given (e.g. 224x224x3, 1000)."""
-  from cnnlab.validation import validate_config
   validate_config(config)
   shape, classes = data.dataset_shape(config.dataset.name)
   shape = tuple(input_shape or shape)

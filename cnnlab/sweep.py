@@ -263,11 +263,12 @@ def steps_to_target(metrics: list[dict], target: float) -> int | None:
 def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdir: str, *,
                        command: str = "") -> str:
   """Collects every (cell, seed) result into rows, curves and diagnostics; writes the report."""
-  from cnnlab import report  # Post-processing only.
+  from cnnlab import report, summary  # Post-processing only.
   settings = sweep_settings(config)
   rows, curves, diagnostics = [], {}, {}
   for cell in cells:
     curves[cell.name] = []
+    cost = summary.summarize(cell.seed_config(seeds[0]))
     for seed in seeds:
       run = rundir.RunDir(seed_workdir(workdir, cell, seed, False))
       res, metrics = run.read_results(), run.read_metrics()
@@ -278,6 +279,7 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           **{k: res[k] for k in ("test_accuracy", "test_loss", "train_loss", "train_accuracy")},
           "steps_to_target": steps_to_target(metrics, settings.target_accuracy),
           "wall_time_s": res["wall_time_s"], "num_params": res["num_params"],
+          "forward_macs": cost.total_macs, "train_step_flops": cost.train_step_flops,
           **{k: env[k] for k in report.PROVENANCE}, "vmapped_seeds": res["vmapped_seeds"],
           "params_sha256": res["params_sha256"]})
       curves[cell.name].append(metrics)

@@ -109,6 +109,8 @@ def test_every_model_summarises_at_every_bundled_input_size(name):
     # Every parameter belongs to exactly one row.
     assert sum(r.params for r in s.rows) == s.total_params
     assert s.total_macs > 0 and "total parameters" in s.table()
+  s = _summary(name, (224, 224, 3), 1000, bn_placement=bn)   # ImageNet-sized inputs too.
+  assert s.rows[-1].output_shape == (1000,) and sum(r.params for r in s.rows) == s.total_params
 
 
 def test_training_step_flops_are_about_six_times_the_forward_multiply_adds():

@@ -194,3 +194,37 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_config, tmp_path):
   assert numbers_of(got) == numbers_of(expected)
   strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]
   assert strip(RunDir(killed).read_metrics()) == strip(RunDir(reference).read_metrics())
+
+
+def test_train_step_adds_sown_aux_losses_with_their_weight():
+  """GoogLeNet-style auxiliary heads: their cross-entropy x aux_loss_weight joins the loss (so
+  plain SGD moves the aux head by exactly weight x its own gradient); the reported loss is the
+  main head's."""
+  import flax.linen as nn
+
+  class Toy(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = x.reshape(x.shape[0], -1)
+      if train or self.is_initializing():
+        aux = nn.Dense(3, name="aux")(x)
+        if train:
+          self.sow("aux_logits", "a", aux)
+      return nn.Dense(3, name="main")(x)
+
+  state = train.create_train_state(Toy(), optax.sgd(1.0), train.split_seed(0), (2, 2, 1))
+  batch = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((4, 2, 2, 1)),
+                                jnp.float32), "label": jnp.array([0, 1, 2, 1])}
+  delta = {}
+  for weight in (0.0, 0.3, 0.6):
+    new, metrics = train.train_step(state, batch, weight)
+    delta[weight] = jax.tree_util.tree_map(lambda a, b: np.asarray(a - b), new.params,
+                                           state.params)
+    main_only = train.cross_entropy(state.apply_fn({"params": state.params}, batch["image"],
+                                                   train=False), batch["label"]).mean()
+    np.testing.assert_allclose(metrics["loss"], main_only, rtol=1e-6)
+  assert not np.any(delta[0.0]["aux"]["kernel"])
+  assert np.abs(delta[0.3]["aux"]["kernel"]).max() > 1e-4
+  np.testing.assert_allclose(delta[0.6]["aux"]["kernel"], 2 * delta[0.3]["aux"]["kernel"],
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(delta[0.0]["main"]["kernel"], delta[0.6]["main"]["kernel"])

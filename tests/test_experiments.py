@@ -1,0 +1,58 @@
+"""The issue's two study files run end to end in their `:quick` variants: He 2016b's residual
+unit orderings, and MLP vs LeNet-5 vs VGG vs ResNet vs NiN with their costs in the report."""
+
+import os
+import re
+
+import pytest
+
+from cnnlab import report, summary, sweep
+from conftest import load_config, run_launch
+
+
+def _run_quick(path, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = run_launch(f"--config={path}:quick", f"--workdir={workdir}", "--noprogress",
+                    f"--config.dataset.data_dir={data_dir}", timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  with open(os.path.join(workdir, "report.md")) as f:
+    return rows, f.read()
+
+
+def _cost_rows(text):
+  """{cell: (params, multiply-adds)} from report.md's cost table."""
+  section = text.split("## Cost per cell")[1].split("## ")[0]
+  return {m[1]: (int(m[2].replace(",", "")), int(m[3].replace(",", "")))
+          for m in re.finditer(r"\| `([^`]+)` \| ([\d,]+) \| ([\d,]+) \| [\d.]+ \|", section)}
+
+
+def test_resnet_units_quick(data_dir, tmp_path):
+  rows, text = _run_quick("experiments/resnet_units.py", data_dir, tmp_path)
+  units = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
+  assert {r["cell"] for r in rows} == {f"unit={u}" for u in units} and len(rows) == 10
+  assert all(0.3 < r["test_accuracy"] <= 1 for r in rows)
+  # ResNet-20 on 8x8x1 digits, 10 classes: 269,722 - 2 * 144 (the stem reads 1 channel, not 3).
+  assert {p for p, _ in _cost_rows(text).values()} == {269_434}
+  assert "Paired against `unit=original`" in text
+
+
+def test_architectures_quick_reports_params_and_flops(data_dir, tmp_path):
+  rows, text = _run_quick("experiments/architectures.py", data_dir, tmp_path)
+  config = load_config("experiments/architectures.py", "quick")
+  costs = _cost_rows(text)
+  assert set(costs) == {f"model={m}" for m in ("mlp", "lenet5", "vgg_cnn", "resnet20", "nin")}
+  for cell in sweep.expand(config):
+    expected = summary.summarize(cell.seed_config(0), step_flops=False)
+    assert costs[cell.name] == (expected.total_params, expected.total_macs), cell.name
+    assert {r["num_params"] for r in rows if r["cell"] == cell.name} == {expected.total_params}
+  assert len(rows) == 10 and all(0.3 < r["test_accuracy"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("path, cells", [("experiments/resnet_units.py", 5),
+                                         ("experiments/architectures.py", 5)])
+@pytest.mark.parametrize("variant", [None, "quick", "cifar10"])
+def test_study_files_expand(path, cells, variant):
+  config = load_config(path, variant)
+  assert len(sweep.expand(config)) == cells
+  assert config.sweep.baseline in {c.name for c in sweep.expand(config)}
