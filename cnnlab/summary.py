@@ -159,7 +159,8 @@ class _Tracer:
     self.known: dict[int, Geometry] = {id(input_value): start}
     self.frames: list[list[tuple[Any, Geometry]]] = [[(_spatial(input_value), start)]]
     self.keep = [input_value]
-    self.calls: list[tuple[nn.Module, Any, Any, Geometry]] = []
+    # (module, output, layer description, multiply-adds, output geometry) per leaf call.
+    self.calls: list[tuple[nn.Module, Any, str, int, Geometry]] = []
     self.depth_in_leaf = 0
 
   def _geometry_of(self, x) -> Geometry:
@@ -191,8 +192,8 @@ class _Tracer:
         y = next_fun(*args, **kwargs)
       finally:
         self.depth_in_leaf -= 1
-      _, _, out_geometry = _leaf(module, x, y, geometry)
-      self.calls.append((module, x, y, geometry))
+      layer, macs, out_geometry = _leaf(module, x, y, geometry)
+      self.calls.append((module, y, layer, macs, out_geometry))
       self._note(y, out_geometry)
       return y
     self.frames.append([(_spatial(x), geometry)])
@@ -240,10 +241,9 @@ def summarize_model(model: nn.Module, input_shape: tuple[int, ...], *,
   jax.eval_shape(traced, variables, x)
   tracer = holder["tracer"]
   rows = []
-  for module, xin, y, geometry in tracer.calls:
+  for module, y, layer, macs, out_geometry in tracer.calls:
     if isinstance(module, layers.Dropout) and (module.kind == "none" or module.rate == 0):
       continue   # Inactive: nothing to show.
-    layer, macs, out_geometry = _leaf(module, xin, y, geometry)
     path = tuple(module.scope.path)
     rows.append(Row("/".join(path), layer, tuple(y.shape[1:]),
                     _count(_subtree(variables["params"], path)), macs, out_geometry))

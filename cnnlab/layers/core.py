@@ -106,9 +106,9 @@ def spatial_dims(x: jax.Array, what: str, allowed=(1, 2, 3)) -> int:
 
 def channels_last_dims(n: int) -> tuple[str, str, str]:
   """lax.conv dimension numbers for `n` spatial axes, channels last: 2 -> NHWC, HWIO, NHWC."""
-  spatial = "DHW"[3 - n:] if n <= 3 else None
-  if spatial is None or n < 1:
+  if n not in (1, 2, 3):
     raise ConfigError(f"convolutions take 1, 2 or 3 spatial axes; got {n}.")
+  spatial = "DHW"[3 - n:]
   return f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"
 
 
