@@ -30,6 +30,11 @@ _INPUT_SHAPE = flags.DEFINE_list(
     "input_shape", None, "summary only: H,W,C instead of the dataset's (e.g. 224,224,3).")
 _NUM_CLASSES = flags.DEFINE_integer(
     "num_classes", None, "summary only: classes instead of the dataset's (e.g. 1000).")
+# Multi-host: the arguments of jax.distributed.initialize (none: one process, or SLURM's).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "multi-host: host:port of process 0, e.g. 10.0.0.1:1234.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index.")
 flags.mark_flag_as_required("config")
 
 
@@ -50,6 +55,13 @@ def main(argv):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     return
+  from cnnlab import environment, mesh
+  try:  # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
+    environment.apply_numerics(_CONFIG.value.deterministic, _CONFIG.value.matmul_precision)
+    mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except errors.CnnlabError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   workdir = _WORKDIR.value or rundir.default_workdir(config_arg)
@@ -59,7 +71,7 @@ def main(argv):
         command=" ".join(sys.argv), progress=_PROGRESS.value)
   except errors.CnnlabError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(getattr(e, "exit_code", 2))
   print(f"wrote {written}")
 
 

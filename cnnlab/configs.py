@@ -85,6 +85,23 @@ def base_config() -> config_dict.ConfigDict:
 SWEEP_VARIANTS = ("full", "quick", "cifar10")
 
 
+def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
+  """Every field of `config.sweep`, with its default (the one place they are stated)."""
+  sweep = config_dict.ConfigDict()
+  # Named axes: axes.<name> = {key: dotted config key, values: tuple}; cells are their product.
+  sweep.axes = config_dict.ConfigDict()
+  sweep.seeds = (seed,)
+  # The cell every other is paired with in the report ("" = the first cell).
+  sweep.baseline = ""
+  # Train a cell's seeds as one vmapped program: auto (= off on CPU, on on GPU/TPU) | on | off.
+  sweep.vmap_seeds = "auto"
+  # Processes training cells in parallel, each pinned to one core and one XLA thread.
+  sweep.workers = 1
+  # "Steps to reach" this end-of-epoch accuracy, per cell.
+  sweep.target_accuracy = 0.9
+  return sweep
+
+
 def sweep_base(name: str, variant: str = "full") -> config_dict.ConfigDict:
   """The shared setting of cnnlab's sweep experiments (ablation, dropout_rates, bn_placement):
   a three-stage VGG-style CNN on mnist5k and an empty `config.sweep` for the study to fill.
@@ -107,17 +124,8 @@ def sweep_base(name: str, variant: str = "full") -> config_dict.ConfigDict:
   config.log_every_steps = 25
   config.checkpoint_every_steps = 100
 
-  config.sweep = config_dict.ConfigDict()
-  # Named axes: axes.<name> = {key: dotted config key, values: tuple}; cells are their product.
-  config.sweep.axes = config_dict.ConfigDict()
+  config.sweep = sweep_defaults()
   config.sweep.seeds = (0, 1, 2)
-  # The cell every other is paired with in the report ("" = the first cell).
-  config.sweep.baseline = ""
-  # Train a cell's seeds as one vmapped program: auto (= off on CPU, on on GPU/TPU) | on | off.
-  config.sweep.vmap_seeds = "auto"
-  # Processes training cells in parallel, each pinned to one core and one XLA thread.
-  config.sweep.workers = 1
-  # "Steps to reach" this end-of-epoch test accuracy, per cell.
   config.sweep.target_accuracy = 0.95
 
   if variant == "quick":

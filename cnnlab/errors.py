@@ -23,3 +23,8 @@ class CheckpointError(CnnlabError):
 
 class TrainingDivergedError(CnnlabError):
   """The loss became NaN or infinite; the message names the step."""
+
+
+class Interrupted(CnnlabError):
+  """SIGTERM or SIGINT stopped training at a step boundary after saving a checkpoint."""
+  exit_code = 130

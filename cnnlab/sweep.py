@@ -34,8 +34,8 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from cnnlab import environment, rundir, train
-from cnnlab.errors import ConfigError
+from cnnlab import configs, environment, rundir, seeds as seeds_lib, train
+from cnnlab.errors import ConfigError, TrainingDivergedError
 from cnnlab.validation import validate_config
 
 VMAP_CHOICES = ("auto", "on", "off")
@@ -65,8 +65,7 @@ class Cell:
 
 def sweep_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.sweep` with defaults filled in; a config without one is a single run."""
-  s = config_dict.ConfigDict({"axes": {}, "seeds": (config.seed,), "baseline": "",
-                              "vmap_seeds": "auto", "workers": 1, "target_accuracy": 0.9})
+  s = configs.sweep_defaults(config.seed)
   if "sweep" in config:
     s.update(config.sweep)
   if s.vmap_seeds not in VMAP_CHOICES:
@@ -193,9 +192,12 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
         todo = [(c, d) for c, d in zip(configs, dirs) if not _finished(d, c)]
         groups = [todo] if vmapped else [[t] for t in todo]
         for group in filter(None, groups):
-          train.train_seeds([c for c, _ in group], [d for _, d in group],
-                            vmap_seeds=vmapped, overrides=overrides, command=command,
-                            progress=progress)
+          if len(group) == 1:
+            train.train_and_evaluate(group[0][0], group[0][1], overrides=overrides,
+                                     command=command, progress=progress)
+          else:
+            seeds_lib.train_seeds([c for c, _ in group], [d for _, d in group],
+                                  overrides=overrides, command=command, progress=progress)
           if on_seed_done:
             on_seed_done(len(group))
         if diag_path and not os.path.exists(diag_path):
@@ -219,13 +221,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
 
   Returns the path of results.json (single run) or of report.md (sweep).
   """
-  # Before JAX starts its backend.
-  environment.apply_numerics(config.deterministic, config.matmul_precision)
   settings = sweep_settings(config)
   cells = expand(config)
   seeds = tuple(settings.seeds)
-  if len(cells) == 1 and len(seeds) == 1 and not settings.axes:
+  single = len(cells) == 1 and len(seeds) == 1 and not settings.axes
+  if jax.process_count() > 1:  # A multi-host run: every process takes part in the one run.
+    if not single:
+      raise ConfigError("a multi-process launch (--num_processes > 1) trains one config; run "
+                        "sweeps with config.sweep.workers or on SLURM (config.sweep.launcher).")
+    results = train.train_and_evaluate(config, workdir, overrides=overrides, command=command,
+                                       progress=progress and jax.process_index() == 0)
+  elif single:
     work(config, workdir, overrides=overrides, command=command, progress=progress)
+    results = rundir.RunDir(workdir).read_results()
+  if single:
+    if results.get("status") == "diverged":
+      raise TrainingDivergedError(f"{results['diverged_reason']}. Its results.json says so; "
+                                  f"lower the learning rate or add BatchNorm, and use a fresh "
+                                  f"--workdir.")
     return os.path.join(workdir, "results.json")
 
   names = [c.name for c in cells]
@@ -320,12 +333,14 @@ def _run_workers(workdir: str, workers: int, bar, done) -> None:
 SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def _worker_main(workdir: str) -> None:
-  """Entry point of a worker process: trains cells of the sweep recorded in `workdir`."""
+def worker_main(workdir: str) -> None:
+  """Entry point of a worker process: trains cells of the sweep recorded in `workdir` until every
+  cell is finished (cells other workers hold are waited for)."""
   saved = rundir.read_json(os.path.join(workdir, "sweep.json"))
   config = ml_collections.ConfigDict(saved["config"])
+  environment.apply_numerics(config.deterministic, config.matmul_precision)
   work(config, workdir, overrides=saved["overrides"], command=saved["command"], progress=False)
 
 
 if __name__ == "__main__":
-  _worker_main(sys.argv[1])
+  worker_main(sys.argv[1])

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from cnnlab import seeds as seeds_lib
 from cnnlab import report, sweep, train
 from cnnlab.errors import ConfigError
 from conftest import ROOT, load_config
@@ -62,9 +63,8 @@ def test_vmapped_seeds_match_sequential_runs(quick, tmp_path):
   seeds = (0, 1)
   seq = [train.train_and_evaluate(cell.seed_config(s), str(tmp_path / f"seq{s}"), progress=False)
          for s in seeds]
-  vm = train.train_seeds([cell.seed_config(s) for s in seeds],
-                         [str(tmp_path / f"vm{s}") for s in seeds], vmap_seeds=True,
-                         progress=False)
+  vm = seeds_lib.train_seeds([cell.seed_config(s) for s in seeds],
+                             [str(tmp_path / f"vm{s}") for s in seeds], progress=False)
   assert seq[0]["test_loss"] != seq[1]["test_loss"]  # The seeds really differ.
   for a, b, s in zip(seq, vm, seeds):
     assert b["vmapped_seeds"] == 2

@@ -109,7 +109,7 @@ def test_train_step_threads_batch_stats_and_eval_uses_them(tiny_config):
   before = jax.tree_util.tree_map(np.asarray, state.batch_stats)
   eval_batch = dict(batch, mask=jnp.ones(batch["label"].shape, jnp.float32))
   eval_before = train.eval_step(state, eval_batch)
-  new_state, metrics = jax.jit(train.train_step)(state, batch)
+  new_state, metrics = jax.jit(train.train_step, static_argnums=2)(state, batch, 0.3)
   assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
   changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, np.asarray(b)), before,
                                    new_state.batch_stats)

@@ -118,8 +118,10 @@ def normalisation(data_config) -> tuple[np.ndarray, np.ndarray]:
   return _stats(data_config.name, _data_dir(data_config), data_config.get("manual_dir"))
 
 
-def train_iterator(data_config, batch_size: int, seed: int) -> TrainIterator:
-  """Endless shuffled training batches; see `cnnlab.data.pipeline.TrainIterator`."""
+def train_iterator(data_config, batch_size: int, seed: int,
+                   rows: slice = slice(None)) -> TrainIterator:
+  """Endless shuffled global batches of `batch_size`, of which this process reads `rows`;
+  see `cnnlab.data.pipeline.TrainIterator`."""
   train = load_split(data_config, "train")
   if batch_size > len(train.labels):
     raise ConfigError(f"config.batch_size={batch_size} is larger than the {len(train.labels)} "
@@ -132,11 +134,14 @@ def train_iterator(data_config, batch_size: int, seed: int) -> TrainIterator:
                     data_config.name)
     augment = False
   mean, std = normalisation(data_config)
-  return TrainIterator(train.images, train.labels, batch_size, seed, mean, std, augment)
+  return TrainIterator(train.images, train.labels, batch_size, seed, mean, std, augment, rows)
 
 
-def eval_batches(data_config, split: str, batch_size: int):
-  """The whole split in a fixed order, in batches of one shape; padding has mask 0."""
+def eval_batches(data_config, split: str, batch_size: int, multiple_of: int = 1,
+                 rows: slice = slice(None)):
+  """The whole split in a fixed order, in batches of one shape padded to a multiple of
+  `multiple_of` (padding has mask 0); this process reads `rows` of each."""
   data = load_split(data_config, split)
   mean, std = normalisation(data_config)
-  return eval_batches_from_arrays(data.images, data.labels, batch_size, mean, std)
+  return eval_batches_from_arrays(data.images, data.labels, batch_size, mean, std, multiple_of,
+                                  rows)
