@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from cnnlab import report
+from cnnlab import report, stats
 from cnnlab.errors import CnnlabError, ConfigError
 
 
@@ -104,6 +104,21 @@ def test_adjusted_p_values_and_verdict_by_hand():
   assert "Significant after correction: `big` (+5.00 points, adjusted p 0.0007)" in verdict
   # mid's raw p is below 0.05 but Holm's is not: the report says so rather than call it a win.
   assert "not significant after correction: `mid` (p 0.0131, adjusted 0.0523)" in verdict
+
+
+def test_large_family_is_judged_by_benjamini_hochberg():
+  # HOLM_MAX_FAMILY + 1 cells, each with p = 0.0130725 (see above). Holm multiplies the
+  # smallest by the family size (> 0.05: nothing significant); BH's adjusted p of m equal
+  # p-values is p itself (m/m), so every one is significant, and the verdict follows BH.
+  size = stats.HOLM_MAX_FAMILY + 1
+  rows = _by_differences({f"c{i}": [0.02, 0.03, 0.025] for i in range(size)})
+  family = [c for c in report.paired_comparison(rows, "base") if c["metric"] == "test_accuracy"]
+  assert {c["correction"] for c in family} == {"fdr_bh"} and all(c["significant"] for c in family)
+  assert [c["p_bh"] for c in family] == pytest.approx([0.0130725] * size, abs=1e-6)
+  assert [c["p_holm"] for c in family] == pytest.approx([0.0130725 * size] * size, abs=1e-6)
+  text = report.render_markdown(rows, {}, baseline="base", target_accuracy=0.9, meta=META)
+  assert f"the {size} comparisons against `base` on test accuracy that have a p-value; judged " \
+         "by Benjamini-Hochberg-adjusted p < 0.05. Significant after correction: `c0`" in text
 
 
 def test_power_columns_and_table():
