@@ -12,21 +12,27 @@ DPI = 120
 
 
 def accuracy(path: str, summary: list[dict], rows: list[dict], baseline: str) -> None:
-  """Test accuracy per cell: mean with 95% CI bars, one dot per seed; baseline highlighted."""
-  names = [s["cell"] for s in summary]
-  fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5), constrained_layout=True)
+  """Test accuracy per cell: mean with 95% CI bars, one dot per seed of `rows` (the finished
+  runs); baseline highlighted; a cell without finished runs (all diverged) is labelled so."""
+  fig, ax = plt.subplots(figsize=(8, 0.45 * len(summary) + 1.5), constrained_layout=True)
   for i, s in enumerate(summary):
+    if not s["n"]:
+      ax.annotate("all seeds diverged", (0, i), xycoords=("axes fraction", "data"),
+                  xytext=(4, 0), textcoords="offset points", va="center", color="tab:gray")
+      continue
     mean, _, lo, hi = (100 * v for v in s["test_accuracy"])
     color = "tab:red" if s["cell"] == baseline else "tab:blue"
     err = None if np.isnan(lo) else [[mean - lo], [hi - mean]]
     ax.errorbar(mean, i, xerr=err, fmt="o", color=color, capsize=4, markersize=7)
     seeds = [100 * r["test_accuracy"] for r in rows if r["cell"] == s["cell"]]
     ax.scatter(seeds, [i + 0.18] * len(seeds), s=12, color="gray", alpha=0.7)
-  ax.set_yticks(range(len(names)), [n + (" (baseline)" if n == baseline else "")
-                                     for n in names])
+  ax.set_yticks(range(len(summary)), [
+      s["cell"] + (" (baseline)" if s["cell"] == baseline else "")
+      + (f" ({len(s['diverged'])} of {s['runs']} diverged)" if s["diverged"] else "")
+      for s in summary])
   ax.invert_yaxis()
   ax.set_xlabel("test accuracy (%)")
-  ax.set_title("Test accuracy: mean with 95% t-interval; gray dots: seeds")
+  ax.set_title("Test accuracy: mean with 95% t-interval; gray dots: finished seeds")
   ax.grid(axis="x", alpha=0.3)
   fig.savefig(path, dpi=DPI)
   plt.close(fig)

@@ -1,11 +1,12 @@
 """Report statistics against hand-computed numbers; tables and errors on synthetic rows."""
 
 import math
+import warnings
 
 import pytest
 
-from cnnlab import report
-from cnnlab.errors import ConfigError
+from cnnlab import report, stats
+from cnnlab.errors import CnnlabError, ConfigError
 
 
 def test_mean_ci_by_hand():
@@ -19,31 +20,121 @@ def test_mean_ci_by_hand():
   assert mean == 0.7 and math.isnan(std) and math.isnan(lo)
 
 
+META = {"config": {"name": "synthetic"}, "command": "python launch.py", "git_commit": "abc",
+        "environment": {}, "packages": {}}
+
+
 def _rows(cell, values, losses=None):
   return [{"cell": cell, "seed": s, "test_accuracy": v, "test_loss": (losses or values)[s],
            "train_loss": 0.1, "steps_to_target": 10 * (s + 1) if v > 0.905 else None}
           for s, v in enumerate(values)]
 
 
+def _paired(rows, baseline="base", **kwargs):
+  """{(cell, metric): comparison} from report.paired_comparison."""
+  return {(c["cell"], c["metric"]): c
+          for c in report.paired_comparison(rows, baseline, **kwargs)}
+
+
 def test_paired_comparison_by_hand():
   rows = _rows("base", [0.90, 0.92, 0.91]) + _rows("cell", [0.93, 0.94, 0.92])
-  (c,) = report.paired_comparison(rows, "base")
-  mean, lo, hi, p = c["test_accuracy"]
+  c = _paired(rows)["cell", "test_accuracy"]
   # Differences 0.03, 0.02, 0.01: mean 0.02, sd 0.01, t = 0.02 / (0.01 / sqrt 3) = 3.4641016.
   # With 2 df, P(T > t) = 1/2 - t / (2 sqrt(2 + t^2)) = 0.0370900; two-sided p = 0.0741799.
   # t_{0.975, 2} = 4.3026527: half-width 4.3026527 * 0.01 / sqrt 3 = 0.0248414.
-  assert c["n"] == 3
-  assert mean == pytest.approx(0.02, abs=1e-12)
-  assert p == pytest.approx(0.0741799, abs=1e-6)
-  assert (lo, hi) == (pytest.approx(-0.0048414, abs=1e-6), pytest.approx(0.0448414, abs=1e-6))
+  assert c["pairs"] == 3
+  assert c["mean_diff"] == pytest.approx(0.02, abs=1e-12)
+  assert c["std_diff"] == pytest.approx(0.01, abs=1e-12)
+  assert c["t_statistic"] == pytest.approx(3.4641016, abs=1e-6)
+  assert c["p_value"] == pytest.approx(0.0741799, abs=1e-6)
+  assert (c["ci_low"], c["ci_high"]) == (pytest.approx(-0.0048414, abs=1e-6),
+                                         pytest.approx(0.0448414, abs=1e-6))
 
 
 def test_paired_comparison_matches_seeds_and_survives_degenerate_input():
   rows = _rows("base", [0.9, 0.9]) + _rows("same", [0.9, 0.9])
-  (c,) = report.paired_comparison(rows, "base")
-  assert c["test_accuracy"][0] == 0 and math.isnan(c["test_accuracy"][3])  # sd 0: no p.
+  c = _paired(rows)["same", "test_accuracy"]
+  assert c["mean_diff"] == 0 and math.isnan(c["p_value"])  # sd 0: no p.
+  assert c["significant"] is None and c["family_size"] == 0 and "identical" in c["power_note"]
   with pytest.raises(ConfigError, match="'nope'.*base"):
     report.paired_comparison(rows, "nope")
+
+
+def test_differences_equal_up_to_rounding_get_no_p_value_and_no_warning():
+  # 0.3 - 0.1 and 0.9 - 0.7 differ in the last bits only: no test, not a spurious p ~ 1e-16.
+  rows = _rows("base", [0.1, 0.7]) + _rows("cell", [0.3, 0.9])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    c = _paired(rows)["cell", "test_accuracy"]
+  assert math.isnan(c["p_value"]) and c["significant"] is None
+
+
+def _by_differences(differences: dict[str, list[float]]):
+  base = [0.90, 0.92, 0.91]
+  rows = _rows("base", base)
+  for cell, diffs in differences.items():
+    rows += _rows(cell, [b + d for b, d in zip(base, diffs)])
+  return rows
+
+
+def test_adjusted_p_values_and_verdict_by_hand():
+  # 3 pairs, 2 df: two-sided p = 1 - sqrt(t^2 / (2 + t^2)).
+  rows = _by_differences({
+      "big": [0.05, 0.051, 0.049],  # t = 50 sqrt 3: p = 1 - sqrt(7500/7502) = 0.000133307
+      "mid": [0.02, 0.03, 0.025],   # t = 5 sqrt 3:  p = 1 - sqrt(75/77) = 0.0130725
+      "a": [0.03, 0.02, 0.01],      # t = 2 sqrt 3:  p = 1 - sqrt(12/14) = 0.0741799
+      "c": [0.06, 0.04, 0.02],      # the same t and p as "a"
+      "b": [0.01, -0.01, 0.0]})     # t = 0: p = 1
+  paired = _paired(rows)
+  p = {cell: paired[cell, "test_accuracy"] for cell in ("big", "mid", "a", "c", "b")}
+  assert [p[c]["p_value"] for c in p] == pytest.approx(
+      [0.000133307, 0.0130725, 0.0741799, 0.0741799, 1.0], abs=1e-6)
+  # Holm over the 5: 5 * 0.000133307, 4 * 0.0130725, 3 * 0.0741799 (twice), 1.
+  assert [p[c]["p_holm"] for c in p] == pytest.approx(
+      [0.000666533, 0.0522898, 0.2225397, 0.2225397, 1.0], abs=1e-6)
+  # BH: 5/1 * 0.000133307, 5/2 * 0.0130725, min(5/3, 5/4) * 0.0741799 (twice), 1.
+  assert [p[c]["p_bh"] for c in p] == pytest.approx(
+      [0.000666533, 0.0326811, 0.0927249, 0.0927249, 1.0], abs=1e-6)
+  assert {c: p[c]["significant"] for c in p} == {"big": True, "mid": False, "a": False,
+                                                 "c": False, "b": False}
+  assert {p[c]["family_size"] for c in p} == {5} and {p[c]["correction"] for c in p} == {"holm"}
+  text = report.render_markdown(rows, {}, baseline="base", target_accuracy=0.9, meta=META)
+  verdict = next(l for l in text.splitlines() if l.startswith("**Test accuracy**"))
+  assert "the 5 comparisons against `base` on test accuracy" in verdict
+  assert "Significant after correction: `big` (+5.00 points, adjusted p 0.0007)" in verdict
+  # mid's raw p is below 0.05 but Holm's is not: the report says so rather than call it a win.
+  assert "not significant after correction: `mid` (p 0.0131, adjusted 0.0523)" in verdict
+
+
+def test_large_family_is_judged_by_benjamini_hochberg():
+  # HOLM_MAX_FAMILY + 1 cells, each with p = 0.0130725 (see above). Holm multiplies the
+  # smallest by the family size (> 0.05: nothing significant); BH's adjusted p of m equal
+  # p-values is p itself (m/m), so every one is significant, and the verdict follows BH.
+  size = stats.HOLM_MAX_FAMILY + 1
+  rows = _by_differences({f"c{i}": [0.02, 0.03, 0.025] for i in range(size)})
+  family = [c for c in report.paired_comparison(rows, "base") if c["metric"] == "test_accuracy"]
+  assert {c["correction"] for c in family} == {"fdr_bh"} and all(c["significant"] for c in family)
+  assert [c["p_bh"] for c in family] == pytest.approx([0.0130725] * size, abs=1e-6)
+  assert [c["p_holm"] for c in family] == pytest.approx([0.0130725 * size] * size, abs=1e-6)
+  text = report.render_markdown(rows, {}, baseline="base", target_accuracy=0.9, meta=META)
+  assert f"the {size} comparisons against `base` on test accuracy that have a p-value; judged " \
+         "by Benjamini-Hochberg-adjusted p < 0.05. Significant after correction: `c0`" in text
+
+
+def test_power_columns_and_table():
+  rows = _by_differences({"cell": [0.01, 0.03, 0.02], "one": [0.01, 0.01, 0.01]})
+  paired = _paired(rows, min_effect=0.01)
+  c = paired["cell", "test_accuracy"]
+  # sd 0.01 over 3 pairs: 3.2640435 sd detectable (see test_stats); 1 point = 1 sd: 10 pairs.
+  assert c["min_detectable_diff"] == pytest.approx(0.032640435, abs=1e-8)
+  assert c["seeds_needed"] == 10 and c["min_effect"] == 0.01
+  assert paired["cell", "test_loss"]["seeds_needed"] is None  # min_effect is in accuracy.
+  text = report.render_markdown(rows, {}, baseline="base", target_accuracy=0.9, meta=META,
+                                min_effect=0.01)
+  assert "| `cell` | 1.00 | 3 | 3.26 | 10 |" in text
+  assert "| `one` | 0.00 | 3 | n/a: identical differences" in text
+  with pytest.raises(ConfigError, match="min_effect=0"):
+    report.check_min_effect(0)
 
 
 def test_cell_summary_counts_seeds_reaching_the_target():
@@ -57,3 +148,77 @@ def test_mixed_provenance_is_refused():
           for r, t in zip(_rows("c", [0.9, 0.8]), (1, 2))]
   with pytest.raises(ConfigError, match="threads"):
     report.check_provenance(rows)
+
+
+def _diverge(row, step=40):
+  return dict(row, status="diverged", diverged_step=step, diverged_reason="loss is nan",
+              test_accuracy=None, test_loss=None, train_loss=None, steps_to_target=None)
+
+
+def _with_divergences():
+  """base: seed 2 diverged; cell: seed 0 diverged; dead: every seed diverged. The finished
+  rows of `cell` have no status (older results), those of `base` say "finished"."""
+  rows = _by_differences({"cell": [0.03, 0.02, 0.01], "dead": [0, 0, 0]})
+  return [_diverge(r) if (r["cell"], r["seed"]) in {("base", 2), ("cell", 0)}
+          or r["cell"] == "dead" else dict(r, status="finished") if r["cell"] == "base" else r
+          for r in rows]
+
+
+def test_diverged_runs_are_counted_and_left_out_of_the_statistics():
+  rows = _with_divergences()
+  summary = {s["cell"]: s for s in report.cell_summary(rows)}
+  assert (summary["base"]["n"], summary["base"]["runs"]) == (2, 3)
+  assert summary["base"]["test_accuracy"][0] == pytest.approx(0.91)  # Seeds 0, 1 only.
+  assert summary["base"]["diverged"] == [(2, 40, "loss is nan")]
+  assert summary["dead"]["n"] == 0 and math.isnan(summary["dead"]["test_accuracy"][0])
+  paired = _paired(rows)
+  # Only seed 1 finished in both cell and base: one pair, so no p-value and no power statement.
+  c = paired["cell", "test_accuracy"]
+  assert c["pairs"] == 1 and c["seeds_dropped_diverged"] == "0 2"
+  assert c["mean_diff"] == pytest.approx(0.02) and math.isnan(c["p_value"])
+  assert "1 paired seed" in c["power_note"]
+  assert paired["dead", "test_accuracy"]["pairs"] == 0
+  text = report.render_markdown(rows, {}, baseline="base", target_accuracy=0.9, meta=META)
+  assert "| `base` | 2 | 1 of 3 | 91.00 ± 1.41" in text
+  assert "| `dead` | 0 | 3 of 3 | all seeds diverged |" in text
+  assert "- `base` seed 2: step 40, loss is nan" in text
+  assert "5 of 9 runs diverged" in text and "`cell`: seeds 0 2" in text
+
+
+def test_report_recomputed_from_results_csv_is_the_report(tmp_path, monkeypatch):
+  rows = [dict(r, **{k: "x" for k in report.PROVENANCE}) for r in _with_divergences()]
+  curves = {}
+  for r in rows:
+    curves.setdefault(r["cell"], []).append([{"step": 1, "split": "train", "loss": r["seed"]}])
+  plotted = {}
+  monkeypatch.setattr(report.plots, "curves", lambda path, c: plotted.update(curves=c))
+  monkeypatch.setattr(report.plots, "accuracy",
+                      lambda path, summary, finished, baseline: plotted.update(rows=finished))
+  path = report.write_report(str(tmp_path), rows, curves, {}, baseline="base",
+                             target_accuracy=0.9, meta=META, min_effect=0.01)
+  back = report.read_results_csv(str(tmp_path / "results.csv"))
+  assert [r["status"] for r in back] == [r.get("status", "finished") for r in rows]
+  assert back[2]["diverged_reason"] == "loss is nan" and back[2]["diverged_step"] == 40
+  with open(path) as f:
+    assert report.render_markdown(back, {}, baseline="base", target_accuracy=0.9, meta=META,
+                                  min_effect=0.01) == f.read()
+  # The plots get the finished runs only.
+  assert all(r["status"] == "finished" for r in plotted["rows"]) and len(plotted["rows"]) == 4
+  assert plotted["curves"] == {"base": [curves["base"][0], curves["base"][1]],
+                               "cell": [curves["cell"][1], curves["cell"][2]], "dead": []}
+  comparisons = report.read_results_csv(str(tmp_path / "comparisons.csv"))
+  assert {"cell", "baseline", "metric", "pairs", "seeds_dropped_diverged", "mean_diff",
+          "ci_low", "ci_high", "std_diff", "p_value", "p_holm", "p_bh", "family_size",
+          "correction", "significant", "alpha", "power", "min_detectable_diff", "min_effect",
+          "seeds_needed", "power_note"} <= set(comparisons[0])
+  cells = report.read_results_csv(str(tmp_path / "cells.csv"))
+  assert [(c["cell"], c["finished"], c["diverged"]) for c in cells] == [
+      ("base", 2, 1), ("cell", 2, 1), ("dead", 0, 3)]
+
+
+def test_bad_status_or_missing_numbers_are_refused():
+  (row,) = _rows("c", [0.9])
+  with pytest.raises(CnnlabError, match="status='crashed'; allowed: finished, diverged"):
+    report.with_status([dict(row, status="crashed")])
+  with pytest.raises(CnnlabError, match="finished but has no test_accuracy"):
+    report.with_status([dict(row, test_accuracy=None)])

@@ -1,0 +1,202 @@
+"""Launchers for sweep workers: local processes, or a SLURM job array through submitit.
+
+Every worker runs the same loop (`cnnlab.sweep.worker_main(workdir)`): it trains the cells of the
+sweep recorded in `<workdir>/sweep.json` whose `CellLock` it gets and returns when all are done.
+The launchers start workers, call `on_progress()` about every `poll_s` seconds while they run (the
+caller refreshes its progress bar), and raise a `WorkerError` naming the logs of failed workers.
+
+Worker output goes to log files, never to pipes: a pipe that is read only after the worker exits
+fills up at 64 KB (one orbax disk-full error is longer) and both processes then wait forever.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import submitit
+
+from cnnlab.errors import CnnlabError, ConfigError
+
+# Pins XLA's CPU backend to one intra-op thread (recorded as threads=1 in every result).
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+LOG_TAIL_BYTES = 65536  # Of a log, only its end is read for the error message...
+QUOTED_LINE_CHARS = 500  # ...and of the line it quotes, at most this much.
+CLUSTERS = ("slurm", "local")
+# `config.sweep.slurm` settings and their defaults; "" and 0 leave the cluster's default.
+SLURM_DEFAULTS = {"cluster": "slurm", "partition": "", "account": "", "qos": "",
+                  "array_size": 4, "gpus_per_job": 1, "cpus_per_job": 4, "mem_gb": 0,
+                  "time_limit_min": 240, "max_requeues": 3}
+
+
+class WorkerError(CnnlabError):
+  """Sweep workers failed; the message names their logs and what they said last."""
+
+
+def last_meaningful_line(log_path: str) -> str:
+  """The line of a log that says what went wrong: its last cnnlab `error: ...` line, else the
+  exception line of its last Python traceback, else its last non-blank line."""
+  try:
+    with open(log_path, "rb") as f:
+      f.seek(max(0, os.fstat(f.fileno()).st_size - LOG_TAIL_BYTES))
+      text = f.read().decode("utf-8", "replace")
+  except OSError as e:
+    return f"(log unreadable: {e.strerror})"
+  # Progress bars redraw with carriage returns: keep what each line showed last.
+  lines = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
+  lines = [line for line in lines if line.strip()]
+  errors = [line for line in lines if line.startswith("error: ")]
+  if errors:
+    return errors[-1]
+  tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+  if tracebacks:
+    after = [line for line in lines[tracebacks[-1] + 1:] if not line[0].isspace()]
+    if after:
+      return after[0]
+  return lines[-1] if lines else "(log is empty)"
+
+
+def _failure(log_path: str, what: str) -> str:
+  return f"{what}; {log_path} ends: {last_meaningful_line(log_path)[:QUOTED_LINE_CHARS]}"
+
+
+def _exit_status(returncode: int) -> str:
+  if returncode < 0:
+    try:
+      return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+      return f"was killed by signal {-returncode}"
+  return f"exited with status {returncode}"
+
+
+def _job_outcome(job, exception: Exception) -> str:
+  """"failed" for an exception in the worker; else how the job ended (timeout, memory, ...)."""
+  if isinstance(exception, submitit.core.utils.FailedJobError):
+    return "failed"
+  return f"did not finish (state {job.state})"
+
+
+def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None] | None = None,
+                      *, command: Sequence[str] | None = None, poll_s: float = 1.0) -> None:
+  """Runs `workers` processes of `command` (default `python -m cnnlab.sweep WORKDIR`), each
+  pinned to one core and one XLA thread, with its output in `<workdir>/logs/worker_<i>.log`;
+  returns when all have exited and raises WorkerError (one line) if any failed."""
+  command = list(command or [sys.executable, "-m", "cnnlab.sweep", workdir])
+  log_dir = os.path.join(workdir, "logs")
+  os.makedirs(log_dir, exist_ok=True)
+  cpus = sorted(os.sched_getaffinity(0))
+  flags = os.environ.get("XLA_FLAGS", "")
+  env = dict(os.environ, XLA_FLAGS=f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip(),
+             PYTHONUNBUFFERED="1")
+  procs, logs = [], []
+  try:
+    for i in range(workers):
+      cpu = cpus[i % len(cpus)]
+      logs.append(os.path.join(log_dir, f"worker_{i}.log"))
+      with open(logs[-1], "wb") as log:  # The child keeps its own descriptor.
+        procs.append(subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu})))
+    while any(p.poll() is None for p in procs):
+      if on_progress:
+        on_progress()
+      time.sleep(poll_s)
+  finally:  # Interrupted (Ctrl-C) or failed to start one: stop the others.
+    for p in procs:
+      if p.poll() is None:
+        p.terminate()
+    for p in procs:
+      p.wait()
+  if on_progress:
+    on_progress()
+  failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+  if failed:
+    first = failed[0]
+    raise WorkerError(_failure(
+        logs[first], f"{len(failed)} of {workers} sweep workers failed (worker {first} "
+        f"{_exit_status(procs[first].returncode)})"))
+
+
+def slurm_settings(slurm: Mapping[str, Any]) -> dict[str, Any]:
+  """`slurm` (e.g. `config.sweep.slurm`) over SLURM_DEFAULTS, checked; ConfigError names the
+  first bad key."""
+  unknown = sorted(set(slurm) - set(SLURM_DEFAULTS))
+  if unknown:
+    raise ConfigError(f"config.sweep.slurm.{unknown[0]} is not a setting; the settings are: "
+                      f"{', '.join(SLURM_DEFAULTS)}.")
+  settings = {**SLURM_DEFAULTS, **slurm}
+  if settings["cluster"] not in CLUSTERS:
+    raise ConfigError(f"config.sweep.slurm.cluster={settings['cluster']!r} is not allowed; "
+                      f"choose one of: {', '.join(CLUSTERS)}.")
+  for key, default in SLURM_DEFAULTS.items():
+    value, least = settings[key], 1 if key in ("array_size", "time_limit_min") else 0
+    if isinstance(default, str) and not isinstance(value, str):
+      raise ConfigError(f"config.sweep.slurm.{key}={value!r} must be a string.")
+    if isinstance(default, int) and (type(value) is not int or value < least):
+      raise ConfigError(f"config.sweep.slurm.{key}={value!r} must be an integer >= {least}.")
+  return settings
+
+
+def make_executor(folder: str, settings: Mapping[str, Any]):
+  """A submitit executor for `slurm_settings(...)`: a SLURM array, or local processes."""
+  executor = submitit.AutoExecutor(folder=folder, cluster=settings["cluster"],
+                                   slurm_max_num_timeout=settings["max_requeues"])
+  optional = {"slurm_partition": settings["partition"], "slurm_account": settings["account"],
+              "slurm_qos": settings["qos"], "mem_gb": settings["mem_gb"]}
+  executor.update_parameters(
+      name="cnnlab-sweep", timeout_min=settings["time_limit_min"],
+      gpus_per_node=settings["gpus_per_job"], cpus_per_task=settings["cpus_per_job"],
+      tasks_per_node=1, nodes=1, slurm_array_parallelism=settings["array_size"],
+      **{k: v for k, v in optional.items() if v})
+  return executor
+
+
+def _sweep_worker_main(workdir: str) -> None:
+  from cnnlab import sweep  # In the job: the launcher itself need not import the trainer.
+  sweep.worker_main(workdir)
+
+
+class SweepWorker(submitit.helpers.Checkpointable):
+  """`worker_fn(workdir)` as a requeueable submitit job: one that reaches its time limit or is
+  preempted is requeued with the same argument and resumes (cells are locked, runs restore their
+  checkpoints)."""
+
+  def __init__(self, worker_fn: Callable[[str], None]):
+    self.worker_fn = worker_fn
+
+  def __call__(self, workdir: str) -> None:
+    self.worker_fn(workdir)
+
+
+def run_slurm_workers(workdir: str, slurm: Mapping[str, Any],
+                      on_progress: Callable[[], None] | None = None, *,
+                      worker_fn: Callable[[str], None] = _sweep_worker_main,
+                      poll_s: float = 10.0) -> None:
+  """Submits a job array of `array_size` jobs, each calling `worker_fn(workdir)`, with logs in
+  `<workdir>/slurm/`; waits for all of them and raises WorkerError with one line per failed job
+  (its id, state and log). `slurm["cluster"] = "local"` runs the same jobs on this machine."""
+  settings = slurm_settings(slurm)
+  executor = make_executor(os.path.join(workdir, "slurm"), settings)
+  jobs = executor.map_array(SweepWorker(worker_fn), [workdir] * settings["array_size"])
+  try:
+    while not all(job.done() for job in jobs):
+      if on_progress:
+        on_progress()
+      time.sleep(poll_s)
+  except BaseException:  # Ctrl-C: the sweep stops; running it again resumes it.
+    for job in jobs:
+      job.cancel(check=False)
+    raise
+  if on_progress:
+    on_progress()
+  failed = [(job, job.exception()) for job in jobs]
+  failed = [(job, e) for job, e in failed if e is not None]
+  if failed:
+    lines = [_failure(str(job.paths.stderr), f"job {job.job_id} {_job_outcome(job, e)}")
+             for job, e in failed]
+    raise WorkerError(f"{len(failed)} of {len(jobs)} sweep jobs failed:\n" + "\n".join(lines))
