@@ -99,6 +99,17 @@ def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
   sweep.workers = 1
   # "Steps to reach" this end-of-epoch accuracy, per cell.
   sweep.target_accuracy = 0.9
+  # The smallest test-accuracy difference worth detecting (0.01 = 1 point): the report says how
+  # many seeds a paired t-test would need to detect it with 80% power.
+  sweep.min_effect = 0.01
+  # Where workers run: local (`workers` processes on this machine) | slurm (a job array).
+  sweep.launcher = "local"
+  # launcher=slurm: a submitit job array; each job trains cells until none is left.
+  sweep.slurm = config_dict.ConfigDict(dict(
+      cluster="slurm",      # slurm | local (the same job array run on this machine, for a test)
+      partition="", account="", qos="",   # "" = the cluster's default
+      array_size=4, gpus_per_job=1, cpus_per_job=4, mem_gb=0, time_limit_min=240,
+      max_requeues=3))
   return sweep
 
 

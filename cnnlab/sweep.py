@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fcntl
 import itertools
 import json
 import os
@@ -34,8 +33,9 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from cnnlab import configs, environment, rundir, seeds as seeds_lib, train
-from cnnlab.errors import ConfigError, TrainingDivergedError
+from cnnlab import configs, environment, launchers, rundir, seeds as seeds_lib, train
+from cnnlab.locks import CellLock
+from cnnlab.errors import CnnlabError, ConfigError, TrainingDivergedError
 from cnnlab.validation import validate_config
 
 VMAP_CHOICES = ("auto", "on", "off")
@@ -71,10 +71,18 @@ def sweep_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if s.vmap_seeds not in VMAP_CHOICES:
     raise ConfigError(f"config.sweep.vmap_seeds={s.vmap_seeds!r} is not allowed; choose one of: "
                       f"{', '.join(VMAP_CHOICES)}.")
+  if s.launcher not in launchers.LAUNCHERS:
+    raise ConfigError(f"config.sweep.launcher={s.launcher!r} is not allowed; choose one of: "
+                      f"{', '.join(launchers.LAUNCHERS)}.")
+  if s.launcher == "slurm":
+    launchers.slurm_settings(s.slurm.to_dict())  # Raises ConfigError for a bad value.
   if not isinstance(s.workers, int) or s.workers < 1:
     raise ConfigError(f"config.sweep.workers={s.workers!r} must be an integer >= 1.")
-  if not s.seeds or len(set(s.seeds)) != len(s.seeds):
-    raise ConfigError(f"config.sweep.seeds={tuple(s.seeds)!r} must be non-empty and distinct.")
+  seeds = tuple(s.seeds) if isinstance(s.seeds, (tuple, list)) else (s.seeds,)
+  if (not seeds or len(set(seeds)) != len(seeds)
+      or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds)):
+    raise ConfigError(f"config.sweep.seeds={seeds!r} must be a non-empty tuple of distinct "
+                      f"integers >= 0, e.g. (0, 1, 2).")
   return s
 
 
@@ -127,28 +135,6 @@ def use_vmap(setting: str, num_seeds: int) -> bool:
   if num_seeds < 2 or setting == "off":
     return False
   return setting == "on" or VMAP_AUTO.get(jax.default_backend(), False)
-
-
-class CellLock:
-  """An exclusive, non-blocking flock on `<cell dir>/.lock`; the OS frees it if we die."""
-
-  def __init__(self, cell_dir: str):
-    os.makedirs(cell_dir, exist_ok=True)
-    self._file = open(os.path.join(cell_dir, ".lock"), "a")
-
-  def acquire(self) -> bool:
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      return True
-    except BlockingIOError:
-      return False
-
-  def release(self) -> None:
-    fcntl.flock(self._file, fcntl.LOCK_UN)
-    self.close()
-
-  def close(self) -> None:
-    self._file.close()
 
 
 def _finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> bool:
@@ -252,7 +238,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   total = len(cells) * len(seeds)
   done = lambda: sum(_finished(seed_workdir(workdir, c, s, False)) for c in cells for s in seeds)
   bar = rundir.progress_bar(total, done(), enabled=progress, desc="sweep runs", unit="run")
-  if settings.workers == 1:
+  advance = lambda: bar.update(done() - bar.n)
+  if settings.launcher == "local" and settings.workers == 1:
     work(config, workdir, overrides=overrides, command=command, progress=progress,
          on_seed_done=bar.update)
   else:
@@ -260,7 +247,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     from cnnlab import data
     for cell in cells:
       data.dataset_info(cell.config.dataset)
-    _run_workers(workdir, settings.workers, bar, done)
+    if settings.launcher == "slurm":
+      launchers.run_slurm_workers(workdir, settings.slurm.to_dict(), advance)
+    else:
+      launchers.run_local_workers(workdir, settings.workers, advance)
   bar.close()
   return write_sweep_report(config, cells, seeds, workdir, command=command)
 
@@ -294,7 +284,9 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           "wall_time_s": res["wall_time_s"], "num_params": res["num_params"],
           "forward_macs": cost.total_macs, "train_step_flops": cost.train_step_flops,
           **{k: env[k] for k in report.PROVENANCE}, "vmapped_seeds": res["vmapped_seeds"],
-          "params_sha256": res["params_sha256"]})
+          "params_sha256": res.get("params_sha256"), "status": res.get("status", "finished"),
+          "diverged_step": res.get("diverged_step"),
+          "diverged_reason": res.get("diverged_reason")})
       curves[cell.name].append(metrics)
     path = os.path.join(workdir, "cells", cell.dirname, "diagnostics.json")
     diagnostics[cell.name] = rundir.read_json(path) if os.path.exists(path) else []
@@ -303,34 +295,8 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           "packages": environment.package_versions(), "git_commit": environment.git_commit(),
           "environment": {k: rows[0][k] for k in report.PROVENANCE}}
   return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
-                             target_accuracy=settings.target_accuracy, meta=meta)
-
-
-def _run_workers(workdir: str, workers: int, bar, done) -> None:
-  """Starts `workers` processes of `python -m cnnlab.sweep WORKDIR`, each pinned to one core
-  and one XLA thread, and waits for them, advancing `bar` as runs finish."""
-  cpus = sorted(os.sched_getaffinity(0))
-  flags = os.environ.get("XLA_FLAGS", "")
-  env = dict(os.environ, XLA_FLAGS=f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip())
-  procs = []
-  for i in range(workers):
-    cpu = cpus[i % len(cpus)]
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "cnnlab.sweep", workdir], env=env,
-        preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu}),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-  while any(p.poll() is None for p in procs):
-    bar.update(done() - bar.n)
-    time.sleep(1.0)
-  bar.update(done() - bar.n)
-  failed = [p for p in procs if p.returncode != 0]
-  if failed:
-    tail = failed[0].stderr.read()[-2000:]
-    raise RuntimeError(f"{len(failed)} sweep worker(s) failed; the first one said:\n{tail}")
-
-
-# Pins XLA's CPU backend to one intra-op thread (recorded as threads=1 in every result).
-SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+                             target_accuracy=settings.target_accuracy, meta=meta,
+                             min_effect=settings.min_effect)
 
 
 def worker_main(workdir: str) -> None:
@@ -339,7 +305,12 @@ def worker_main(workdir: str) -> None:
   saved = rundir.read_json(os.path.join(workdir, "sweep.json"))
   config = ml_collections.ConfigDict(saved["config"])
   environment.apply_numerics(config.deterministic, config.matmul_precision)
-  work(config, workdir, overrides=saved["overrides"], command=saved["command"], progress=False)
+  try:
+    work(config, workdir, overrides=saved["overrides"], command=saved["command"],
+         progress=False)
+  except CnnlabError as e:  # The one line the launcher quotes from this worker's log.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(getattr(e, "exit_code", 2))
 
 
 if __name__ == "__main__":
