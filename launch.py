@@ -14,7 +14,9 @@ Errors in the user's config, data or workdir print one line and exit with status
 """
 
 import sys
+from typing import NoReturn
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -38,42 +40,127 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process
 flags.mark_flag_as_required("config")
 
 
+def _fail(message: str, status: int = 2) -> NoReturn:
+  """The one way launch.py reports a problem in the user's input: one line, exit status 2
+  (130 for an interrupted run, which saved a checkpoint)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a bad flag, `--config.*` override or config file ends in one
+  `error:` line and exit 2 (absl would exit 1; ml_collections lets the config file's own
+  exceptions escape as tracebacks and defers a missing file's error to the first use)."""
+  try:
+    rest = flags.FLAGS(argv)
+    if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+      _CONFIG.value.keys()  # A file that failed to load (e.g. missing) raises its error here.
+      raise TypeError(f"get_config() returned a {type(_CONFIG.value).__name__}, not a ConfigDict")
+    return rest
+  except Exception as e:  # flags.Error, or raised by the user's config file or an override.
+    _fail(_flag_error_line(e, argv))
+
+
+def _flag_error_line(error: Exception, argv: list[str]) -> str:
+  """One line for a flag parsing failure, naming the flag and what it allows: an override of a
+  config field that does not exist lists the fields there; a value of the wrong type says the
+  type; a config file's own exception is its last line (absl shows a whole traceback)."""
+  from cnnlab import errors, validation  # The error path only: keeps `--help` fast.
+  spec = _config_spec(argv)
+  config = _load_config(spec) if spec else None
+  for arg in [a for a in argv[1:] if a.startswith("--config.")] if config is not None else ():
+    key, _, _ = arg[len("--config."):].partition("=")
+    try:
+      validation.check_key(config, key)
+    except errors.ConfigError as e:
+      return f"{arg}: {e}"
+  text = str(error).strip()
+  last = text.splitlines()[-1].strip() if text else type(error).__name__
+  if not isinstance(error, flags.Error):
+    return f"--config={spec}: {type(error).__name__}: {last}"
+  # absl: "flag --name=value: what is wrong", or a config file's traceback after such a line.
+  flag_and_value, _, reason = text.splitlines()[0].removeprefix("flag ").partition(": ")
+  reason = last if "\n" in text else reason
+  if not reason:  # E.g. "Unknown command line flag 'x'".
+    return flag_and_value
+  name = flag_and_value.lstrip("-").partition("=")[0]
+  if name.startswith("config.") and config is not None:
+    field = config
+    for part in name.split(".")[1:]:
+      field = field[part]
+    kind = type(field).__name__
+    return f"{flag_and_value}: {reason}; config.{name[7:]} takes {_KINDS.get(kind, kind)}."
+  if name in flags.FLAGS and flags.FLAGS[name].flag_type() in _KINDS:
+    return f"{flag_and_value}: {reason}; --{name} takes {_KINDS[flags.FLAGS[name].flag_type()]}."
+  return f"{flag_and_value}: {reason}"
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of `--config` in `argv` (`--config=x.py:v` or `--config x.py:v`)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.partition("=")[2]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(spec: str) -> ml_collections.ConfigDict | None:
+  """The config file's config without overrides (None if the file itself fails to load): when
+  an override fails, ml_collections leaves the `--config` flag without a value."""
+  probe, argv = flags.FlagValues(), ["launch.py", f"--config={spec}"]
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=probe, sys_argv=argv)
+  try:
+    probe(argv)
+    return holder.value if isinstance(holder.value, ml_collections.ConfigDict) else None
+  except Exception:  # The file's own error; reported as such by the caller.
+    return None
+
+
+# Python or absl flag type -> what a value of it looks like.
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+          "tuple": "a tuple, e.g. (1, 2)", "list": "a comma-separated list"}
+
+
+def _input_shape() -> tuple[int, ...] | None:
+  try:
+    return tuple(int(v) for v in _INPUT_SHAPE.value) if _INPUT_SHAPE.value is not None else None
+  except ValueError:
+    _fail(f"--input_shape={','.join(_INPUT_SHAPE.value)} must be 3 positive integers H,W,C, "
+          "e.g. 224,224,3.")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
   logging.set_verbosity(logging.WARNING)  # JAX/orbax INFO lines would bury the progress bar.
-  from cnnlab import errors, rundir, summary, sweep  # After flag parsing: keeps `--help` fast.
-  if _MODE.value == "summary":
-    try:
-      shape = tuple(int(v) for v in _INPUT_SHAPE.value) if _INPUT_SHAPE.value else None
-    except ValueError:
-      raise app.UsageError(f"--input_shape={','.join(_INPUT_SHAPE.value)} must be integers "
-                           "H,W,C, e.g. 224,224,3.") from None
-    try:
-      print(summary.summarize(_CONFIG.value, shape, _NUM_CLASSES.value).table())
-    except errors.CnnlabError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    return
-  from cnnlab import environment, mesh
-  try:  # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
+  from cnnlab import environment, errors, mesh, rundir, summary, sweep, validation
+  if _MODE.value != "summary":
+    for flag in (_INPUT_SHAPE, _NUM_CLASSES):
+      if flag.present:
+        _fail(f"--{flag.name} applies to --mode=summary only; training uses the dataset's input "
+              f"shape and classes.")
+  try:
+    if _MODE.value == "summary":
+      print(summary.summarize(_CONFIG.value, _input_shape(), _NUM_CLASSES.value).table())
+      return
+    config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    workdir = _WORKDIR.value or rundir.default_workdir(config_arg)
+    # Checked here, before sweep.run sets process-wide numerics and writes into the workdir.
+    validation.validate_workdir(workdir)
+    validation.validate_config(_CONFIG.value)
+    validation.validate_sweep(sweep.sweep_settings(_CONFIG.value))
+    # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
     environment.apply_numerics(_CONFIG.value.deterministic, _CONFIG.value.matmul_precision)
     mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except errors.CnnlabError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
-  overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  workdir = _WORKDIR.value or rundir.default_workdir(config_arg)
-  try:
     written = sweep.run(
         _CONFIG.value, workdir, overrides=[f"{k}={v!r}" for k, v in sorted(overrides.items())],
         command=" ".join(sys.argv), progress=_PROGRESS.value)
   except errors.CnnlabError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(getattr(e, "exit_code", 2))
+    _fail(str(e), getattr(e, "exit_code", 2))
   print(f"wrote {written}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

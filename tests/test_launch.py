@@ -87,3 +87,49 @@ def test_default_workdir_from_config_name():
   assert rundir.default_workdir("experiments/default.py") == os.path.join("runs", "default")
   assert rundir.default_workdir("experiments/ablation.py:quick") == os.path.join(
       "runs", "ablation_quick")
+
+
+def _bad_config_files(tmp_path):
+  (tmp_path / "syntax.py").write_text("def get_config(:\n  pass\n")
+  (tmp_path / "no_get_config.py").write_text("def other():\n  return None\n")
+  return tmp_path
+
+
+_TRAIN = ("--config=experiments/default.py",)
+_QUICK_SWEEP = ("--config=experiments/ablation.py:quick",)
+_SUMMARY = ("--config=experiments/default.py", "--mode=summary")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    ((*_TRAIN, "--config.model.nonexistent=1"),
+     ("--config.model.nonexistent=1", "config.model has no 'nonexistent'", "dropout_rate")),
+    (("--config=experiments/missing.py",), ("--config=experiments/missing.py", "No such file")),
+    (("--config={tmp}/syntax.py",), ("syntax.py", "SyntaxError")),
+    (("--config={tmp}/no_get_config.py",), ("no_get_config.py", "no attribute 'get_config'")),
+    (("--config=experiments/ablation.py:bogus",), ("ablation.py:bogus is not a variant",
+                                                  "full, quick, cifar10")),
+    ((*_TRAIN, "--config.matmul_precision=bogus"), ("matmul_precision='bogus'", "highest")),
+    ((*_TRAIN, "--workdir={tmp}/syntax.py"), ("syntax.py' is an existing file",)),
+    ((*_QUICK_SWEEP, "--config.sweep.seeds=(0, 1.5)"), ("seeds=(0, 1.5)", "non-negative integers")),
+    ((*_QUICK_SWEEP, "--config.sweep.seeds=(-1, 0)"), ("seeds=(-1, 0)", "non-negative integers")),
+    ((*_TRAIN, "--config.optimizer.momentum=nan"), ("momentum=nan", "finite number in [0, 1)")),
+    ((*_TRAIN, "--config.checkpoint_every_steps=120"), ("checkpoint_every_steps=120", "multiple")),
+    ((*_TRAIN, "--config.batch_size=abc"), ("--config.batch_size=abc", "takes an integer")),
+    ((*_TRAIN, "--progress=maybe"), ("--progress=maybe", "true or false")),
+    ((*_TRAIN, "--input_shape=8,8,1"), ("--input_shape", "--mode=summary only")),
+    ((*_SUMMARY, "--input_shape=0,0,3"), ("input_shape=(0, 0, 3)", "3 positive integers")),
+    ((*_SUMMARY, "--input_shape=a,8,1"), ("--input_shape=a,8,1", "3 positive integers")),
+    ((*_SUMMARY, "--num_classes=0"), ("num_classes=0", "positive")),
+], ids=["unknown_key", "missing_file", "syntax_error", "no_get_config", "bad_variant",
+        "matmul_precision", "workdir_is_file", "fractional_seed", "negative_seed", "nan_momentum",
+        "checkpoint_not_multiple", "int_flag_type", "bool_flag_type", "input_shape_in_train",
+        "zero_input_shape", "non_int_input_shape", "zero_num_classes"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragments):
+  tmp = _bad_config_files(tmp_path)
+  args = [a.format(tmp=tmp) for a in args]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp_path / 'run'}")
+  proc = run_launch(*args, "--noprogress", f"--config.dataset.data_dir={tmp_path / 'tfds'}")
+  _assert_clean_failure(proc, *fragments)
+  # Nothing written: no workdir, no prepared dataset.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["no_get_config.py", "syntax.py"]
