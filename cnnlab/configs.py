@@ -29,6 +29,11 @@ def base_config() -> config_dict.ConfigDict:
   config.dataset.manual_dir = config_dict.placeholder(str)
   # Random flips and 4-pixel-padded crops (CIFAR only; ignored with a warning elsewhere).
   config.dataset.augment = False
+  # Share of each class of the train split held out for validation (0 = none). With one,
+  # learning curves, steps-to-target and any selection use it, and the test split is evaluated
+  # once, at the end. Drawn with validation_seed, the same for every run seed.
+  config.dataset.validation_fraction = 0.0
+  config.dataset.validation_seed = 0
 
   config.model = config_dict.ConfigDict()
   # One of cnnlab.models.MODEL_NAMES: linear, mlp, lenet5, lenet5_fcn, alexnet, vgg_cnn,
@@ -125,6 +130,7 @@ def sweep_base(name: str, variant: str = "full") -> config_dict.ConfigDict:
                      f"{', '.join(SWEEP_VARIANTS)}.")
   config = base_config()
   config.name = name if variant == "full" else f"{name}_{variant}"
+  config.dataset.validation_fraction = 0.1
   config.model.name = "vgg_cnn"
   config.model.stages = ((16,), (32,), (64,))
   config.model.head = "gap"

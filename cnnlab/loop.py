@@ -224,6 +224,9 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
   state = placement.combine(states)
   train_fn, eval_fn = placement.steps(float(config.model.aux_loss_weight))
 
+  # Learning curves on the validation split when there is one; the test split is then read once,
+  # at the end.
+  curve_split = "validation" if info.num_validation else "test"
   eval_multiple = mesh_lib.data_size(mesh)
   eval_padded = -(-config.eval_batch_size // eval_multiple) * eval_multiple
   eval_rows = mesh_lib.process_slice(eval_padded)
@@ -294,18 +297,19 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
         break
       postfix = {"loss": f"{np.mean([means[i]['loss'] / count_now for i in alive]):.4f}"}
       if end_of_epoch:
-        test = evaluate(state, "test")
-        for run, t in zip(runs, test):
+        held_out = evaluate(state, curve_split)
+        for run, t in zip(runs, held_out):
           if run.diverged is None:
-            run.log({"step": done, "epoch": epoch, "split": "test", **t})
-        postfix["test_acc"] = f"{np.mean([test[i]['accuracy'] for i in alive]):.4f}"
+            run.log({"step": done, "epoch": epoch, "split": curve_split, **t})
+        postfix[f"{curve_split[:3]}_acc"] = (
+            f"{np.mean([held_out[i]['accuracy'] for i in alive]):.4f}")
       bar.set_postfix(postfix)
       if end_of_epoch or done % ckpt_every == 0 or interrupt["signal"]:
         save_all(done, state)
       if interrupt["signal"]:
         _interrupted(runs, interrupt["signal"], done, bar)
   bar.close()
-  return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh)
+  return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, info)
 
 
 def _interrupted(runs: list[Run], signame: str, done: int, bar) -> None:
@@ -316,12 +320,14 @@ def _interrupted(runs: list[Run], signame: str, done: int, bar) -> None:
                     f"the same command to resume.")
 
 
-def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh) -> list[dict]:
+def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh,
+            info) -> list[dict]:
   """Final evaluation and every run's results.json (diverged runs record how they ended)."""
   config = runs[0].config
   alive = any(run.diverged is None for run in runs)
   test = evaluate(state, "test") if alive else None
   train_eval = evaluate(state, "train") if alive else None
+  validation = evaluate(state, "validation") if alive and info.num_validation else None
   env = {k: v for k, v in environment.describe(config.dtype).items()
          if k in environment.BIT_DETERMINING_KEYS + ("git_commit",)}
   out = []
@@ -343,6 +349,9 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh) ->
                       "train_loss": train_eval[i]["loss"],
                       "train_accuracy": train_eval[i]["accuracy"],
                       "params_sha256": train.state_digest(run_state)})
+      if validation is not None:
+        results.update({"validation_accuracy": validation[i]["accuracy"],
+                        "validation_loss": validation[i]["loss"]})
     run.close()
     out.append(run.finish(results))
   return out

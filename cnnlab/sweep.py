@@ -255,10 +255,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   return write_sweep_report(config, cells, seeds, workdir, command=command)
 
 
+def curve_split(metrics: list[dict]) -> str:
+  """The split a run's learning curve was measured on: validation if it had one, else test."""
+  return "validation" if any(m["split"] == "validation" for m in metrics) else "test"
+
+
 def steps_to_target(metrics: list[dict], target: float) -> int | None:
-  """The first step whose end-of-epoch test accuracy reached `target` (None if none did)."""
+  """The first step whose end-of-epoch accuracy on the curve split (validation, or test for a
+  run without one) reached `target` (None if none did)."""
+  split = curve_split(metrics)
   for m in metrics:
-    if m["split"] == "test" and m["accuracy"] >= target:
+    if m["split"] == split and m["accuracy"] >= target:
       return m["step"]
   return None
 
@@ -281,6 +288,7 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           **{axis: str(value) for axis, value in cell.values.items()},
           **{k: res[k] for k in ("test_accuracy", "test_loss", "train_loss", "train_accuracy")},
           "steps_to_target": steps_to_target(metrics, settings.target_accuracy),
+          "curve_split": curve_split(metrics),
           "wall_time_s": res["wall_time_s"], "num_params": res["num_params"],
           "forward_macs": cost.total_macs, "train_step_flops": cost.train_step_flops,
           **{k: env[k] for k in report.PROVENANCE}, "vmapped_seeds": res["vmapped_seeds"],

@@ -60,6 +60,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice("deterministic", config.deterministic, (True, False))
   _choice("matmul_precision", config.matmul_precision, environment.MATMUL_PRECISIONS)
   _choice("dataset.name", config.dataset.name, data.DATASET_NAMES)
+  _number("dataset.validation_fraction", config.dataset.get("validation_fraction", 0.0),
+          low=0, high=0.5)
+  _number("dataset.validation_seed", config.dataset.get("validation_seed", 0), low=0,
+          integer=True)
   validate_model(config.model)
   opt = config.optimizer
   _choice("optimizer.name", opt.name, optim.OPTIMIZERS)

@@ -264,3 +264,27 @@ def test_two_processes_preparing_one_dataset_at_once_both_succeed(tmp_path):
   with open(generations) as f:
     assert f.read().splitlines() == ["generated"]   # Prepared once; the other process waited.
   assert data.dataset_info(_cfg("digits", data_dir)).num_train == 1433   # And it verifies.
+
+
+def test_validation_split_is_seeded_stratified_and_disjoint(tiny_config):
+  ds = tiny_config.dataset
+  ds.validation_fraction = 0.2
+  full = data.load_split(_without_validation(ds), "train")
+  train, val = data.load_split(ds, "train"), data.load_split(ds, "validation")
+  assert len(train.labels) + len(val.labels) == len(full.labels)
+  counts = np.bincount(full.labels, minlength=10)
+  np.testing.assert_array_equal(np.bincount(val.labels, minlength=10), np.round(0.2 * counts))
+  keys = lambda split: {img.tobytes() + bytes([lab]) for img, lab in zip(split.images,
+                                                                         split.labels)}
+  assert not keys(train) & keys(val)
+  info = data.dataset_info(ds)
+  assert (info.num_train, info.num_validation) == (len(train.labels), len(val.labels))
+  ds.validation_seed = 1
+  other = data.load_split(ds, "validation")
+  assert keys(other) != keys(val) and len(other.labels) == len(val.labels)
+
+
+def _without_validation(data_config):
+  data_config = data_config.copy_and_resolve_references()
+  data_config.validation_fraction = 0.0
+  return data_config

@@ -37,6 +37,7 @@ class DatasetInfo(NamedTuple):
   num_classes: int
   num_train: int
   num_test: int
+  num_validation: int = 0   # held out of the train split (config.dataset.validation_fraction)
 
 
 class Split(NamedTuple):
@@ -151,12 +152,45 @@ def _load_split(name: str, data_dir: str, manual_dir: str | None, split: str) ->
   return Split(images, labels)
 
 
+SPLITS = ("train", "validation", "test")
+
+
+def validation_fraction(data_config) -> float:
+  """The share of each class of the train split held out as the validation split (0: none)."""
+  return float(data_config.get("validation_fraction", 0.0) or 0.0)
+
+
 def load_split(data_config, split: str) -> Split:
-  if split not in ("train", "test"):
-    raise ConfigError(f"split={split!r} is not allowed; choose one of: train, test.")
+  """`train` (less the validation examples), `validation` (a seeded, class-stratified
+  `config.dataset.validation_fraction` of the train split) or `test`."""
+  if split not in SPLITS:
+    raise ConfigError(f"split={split!r} is not allowed; choose one of: {', '.join(SPLITS)}.")
   _check_name(data_config.name)
-  return _load_split(data_config.name, _data_dir(data_config), data_config.get("manual_dir"),
-                     split)
+  where = (data_config.name, _data_dir(data_config), data_config.get("manual_dir"))
+  if split == "test":
+    return _load_split(*where, "test")
+  fraction = validation_fraction(data_config)
+  if split == "validation" and fraction == 0:
+    raise ConfigError("config.dataset.validation_fraction=0: there is no validation split; set "
+                      "it in (0, 0.5], e.g. 0.1.")
+  train, validation = _carve(*where, fraction, int(data_config.get("validation_seed", 0)))
+  return train if split == "train" else validation
+
+
+@functools.lru_cache(maxsize=16)
+def _carve(name: str, data_dir: str, manual_dir: str | None, fraction: float,
+           seed: int) -> tuple[Split, Split]:
+  """(train, validation): round(fraction x n_c) examples of each class c, drawn with `seed`, go to
+  validation; both keep the train split's order. The same for every run seed, so the cells and
+  seeds of a sweep are compared on one validation split."""
+  full = _load_split(name, data_dir, manual_dir, "train")
+  held = np.zeros(len(full.labels), bool)
+  rng = np.random.default_rng(seed)
+  for c in np.unique(full.labels):
+    members = np.flatnonzero(full.labels == c)
+    held[rng.permutation(members)[:int(round(fraction * len(members)))]] = True
+  return (Split(full.images[~held], full.labels[~held]),
+          Split(full.images[held], full.labels[held]))
 
 
 def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
@@ -168,14 +202,16 @@ def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
 def dataset_info(data_config) -> DatasetInfo:
   """Shape and size facts of a dataset (prepares it on first use)."""
   train, test = load_split(data_config, "train"), load_split(data_config, "test")
+  num_validation = (len(load_split(data_config, "validation").labels)
+                    if validation_fraction(data_config) else 0)
   num_classes = BUILDERS[data_config.name].NUM_CLASSES
   return DatasetInfo(data_config.name, tuple(train.images.shape[1:]), num_classes,
-                     len(train.labels), len(test.labels))
+                     len(train.labels), len(test.labels), num_validation)
 
 
 @functools.lru_cache(maxsize=16)
-def _stats(name: str, data_dir: str, manual_dir: str | None):
-  train = _load_split(name, data_dir, manual_dir, "train")
+def _stats(name: str, data_dir: str, manual_dir: str | None, fraction: float, seed: int):
+  train, _ = _carve(name, data_dir, manual_dir, fraction, seed)
   x = train.images.astype(np.float64) / 255.0
   mean = x.mean(axis=(0, 1, 2))
   std = x.std(axis=(0, 1, 2))
@@ -183,10 +219,11 @@ def _stats(name: str, data_dir: str, manual_dir: str | None):
 
 
 def normalisation(data_config) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and std [C] of the train split in [0, 1] units: images are fed as
-  (pixel / 255 - mean) / std."""
+  """Per-channel mean and std [C] of the train split (without its validation examples) in [0, 1]
+  units: images are fed as (pixel / 255 - mean) / std."""
   load_split(data_config, "train")
-  return _stats(data_config.name, _data_dir(data_config), data_config.get("manual_dir"))
+  return _stats(data_config.name, _data_dir(data_config), data_config.get("manual_dir"),
+                validation_fraction(data_config), int(data_config.get("validation_seed", 0)))
 
 
 def train_iterator(data_config, batch_size: int, seed: int,
