@@ -10,6 +10,7 @@
 A config with a `sweep` section trains every cell of its grid and writes a report.
 `--mode=summary` prints the model's per-layer table (shapes, parameters, multiply-adds, receptive
 fields) and the FLOPs of one training step, without reading data or training.
+`--mode=visualize --workdir=W` (no --config) writes pictures of the run in W to W/pictures/.
 Errors in the user's config, data or workdir print one line and exit with status 2.
 """
 
@@ -24,19 +25,23 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for this run's outputs; default runs/<config name>[_<variant>].")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary"],
-                          "train: train (every cell of a sweep); summary: print the model summary.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary", "visualize"],
+                          "train: train (every cell of a sweep); summary: print the model summary; "
+                          "visualize: write pictures of the run in --workdir (no --config).")
 _INPUT_SHAPE = flags.DEFINE_list(
     "input_shape", None, "summary only: H,W,C instead of the dataset's (e.g. 224,224,3).")
 _NUM_CLASSES = flags.DEFINE_integer(
     "num_classes", None, "summary only: classes instead of the dataset's (e.g. 1000).")
-flags.mark_flag_as_required("config")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # JAX/orbax INFO lines would bury the progress bar.
+  if _MODE.value == "visualize":
+    return _visualize()
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required (all modes but --mode=visualize).")
   from cnnlab import errors, rundir, summary, sweep  # After flag parsing: keeps `--help` fast.
   if _MODE.value == "summary":
     try:
@@ -61,6 +66,19 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"wrote {written}")
+
+
+def _visualize():
+  """--mode=visualize: pictures of a trained run; its config comes from --workdir/config.json."""
+  if _WORKDIR.value is None or _CONFIG.value is not None:
+    raise app.UsageError("--mode=visualize takes --workdir (a trained or checkpointed run) and no "
+                         "--config: the config is read from the workdir.")
+  from cnnlab import errors, visualize
+  try:
+    print(f"wrote {visualize.write_pictures(_WORKDIR.value)}")
+  except errors.CnnlabError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
