@@ -36,9 +36,9 @@ def write_running_stats(batch_stats: dict, path: str) -> None:
     ax.set_ylabel(f"{label} (per channel)")
     ax.grid(axis="y", alpha=0.3)
   bottom.set_yscale("log")
-  bottom.yaxis.set_major_formatter(ticker.LogFormatter())  # 0.4, not 4x10^-1.
-  bottom.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False,
-                                                       minor_thresholds=(2, 0.5)))
+  bottom.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+  bottom.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 0.5, not 5e-01
+  bottom.yaxis.set_minor_formatter(ticker.NullFormatter())
   bottom.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
   bottom.set_xlabel("BatchNorm layer")
   top.set_title("BatchNorm running statistics\n(box: quartiles over each layer's channels; "

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 import numpy as np
 
 from cnnlab.visualize.common import grid_shape, panel_grid, save, show_image, side_colorbar
@@ -84,7 +85,8 @@ def write_confusion_matrix(counts: np.ndarray, path: str) -> None:
   fig, ax = plt.subplots(figsize=(size + 1, size), constrained_layout=True)
   im = ax.imshow(np.where(counts > 0, counts, np.nan), cmap="Blues",
                  norm=mcolors.LogNorm(vmin=1, vmax=max(int(counts.max()), 2)))
-  fig.colorbar(im, ax=ax, label="test images (log scale)", shrink=0.8)
+  fig.colorbar(im, ax=ax, label="test images (log scale)", shrink=0.8,
+               ticks=ticker.LogLocator(subs=(1.0, 2.0, 5.0)), format="%g")
   if k <= ANNOTATE_MAX_CLASSES:
     threshold = np.sqrt(max(int(counts.max()), 1))
     for (i, j), v in np.ndenumerate(counts):
@@ -108,7 +110,7 @@ def write_mistakes(raw: np.ndarray, probs: np.ndarray, labels: np.ndarray, index
   """The test images `index` (uint8 `raw` [N, H, W, C]) captioned with test index, predicted
   class and probability, and true class."""
   rows, cols = grid_shape(max(len(index), 1), MISTAKE_COLUMNS)
-  fig, axes = panel_grid(rows, cols, panel=(1.8, 2.1), top=0.5, hspace=0.45)
+  fig, axes = panel_grid(rows, cols, panel=(1.8, 2.1), top=0.8, hspace=0.45)
   for ax in axes.flat:
     ax.set_axis_off()
   for ax, i in zip(axes.flat, index):
@@ -127,7 +129,7 @@ def write_saliency(raw: np.ndarray, grads: np.ndarray, probs: np.ndarray, labels
   maps = np.abs(grads).max(axis=-1)
   maps = maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
   rows, cols = grid_shape(len(index), MISTAKE_COLUMNS)
-  fig, axes = panel_grid(rows, 2 * cols, panel=(1.7, 2.1), top=0.5, right=1.0, hspace=0.45)
+  fig, axes = panel_grid(rows, 2 * cols, panel=(1.7, 2.1), top=0.8, right=1.0, hspace=0.45)
   for ax in axes.flat:
     ax.set_axis_off()
   im = None
