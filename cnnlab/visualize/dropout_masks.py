@@ -59,9 +59,8 @@ def write_dropout_masks(model, variables: dict, image: np.ndarray, rngs: dict,
     axes[i, 0].set_ylabel(f"{kind}\n{100 * dropped.mean():.0f}% dropped\n{whole} whole ch",
                           fontsize=8)
   side_colorbar(fig, im, axes[0, -1])
-  fig.suptitle(f"Dropout keep masks (white = kept, black = dropped) at rate "
-               f"{layer.module.rate:g} on the input of {layer.path} ({shape[1]}x{shape[2]}x"
-               f"{shape[3]}; the model uses {layer.module.kind}); first {channels} channels",
-               fontsize=10)
+  fig.suptitle(f"Dropout keep masks (white = kept, black = dropped) at rate {layer.module.rate:g}"
+               f"\non the input of {layer.path} ({shape[1]}x{shape[2]}x{shape[3]}; the model uses "
+               f"{layer.module.kind}), first {channels} channels", fontsize=10)
   save(fig, path)
   return layer.path
