@@ -10,6 +10,7 @@
 A config with a `sweep` section trains every cell of its grid and writes a report.
 `--mode=summary` prints the model's per-layer table (shapes, parameters, multiply-adds, receptive
 fields) and the FLOPs of one training step, without reading data or training.
+`--mode=visualize --workdir=W` (no --config) writes pictures of the run in W to W/pictures/.
 Errors in the user's config, data or workdir print one line and exit with status 2.
 """
 
@@ -26,8 +27,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for this run's outputs; default runs/<config name>[_<variant>].")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary"],
-                          "train: train (every cell of a sweep); summary: print the model summary.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary", "visualize"],
+                          "train: train (every cell of a sweep); summary: print the model summary; "
+                          "visualize: write pictures of the run in --workdir (no --config).")
 _INPUT_SHAPE = flags.DEFINE_list(
     "input_shape", None, "summary only: H,W,C instead of the dataset's (e.g. 224,224,3).")
 _NUM_CLASSES = flags.DEFINE_integer(
@@ -37,7 +39,6 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "multi-host: host:port of process 0, e.g. 10.0.0.1:1234.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index.")
-flags.mark_flag_as_required("config")
 
 
 def _fail(message: str, status: int = 2) -> NoReturn:
@@ -53,7 +54,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   exceptions escape as tracebacks and defers a missing file's error to the first use)."""
   try:
     rest = flags.FLAGS(argv)
-    if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+    if _CONFIG.present and not isinstance(_CONFIG.value, ml_collections.ConfigDict):
       _CONFIG.value.keys()  # A file that failed to load (e.g. missing) raises its error here.
       raise TypeError(f"get_config() returned a {type(_CONFIG.value).__name__}, not a ConfigDict")
     return rest
@@ -134,6 +135,11 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
   logging.set_verbosity(logging.WARNING)  # JAX/orbax INFO lines would bury the progress bar.
+  if _MODE.value == "visualize":
+    return _visualize()
+  if _CONFIG.value is None:
+    _fail("--config is required (all modes but --mode=visualize), e.g. "
+          "--config=experiments/default.py.")
   from cnnlab import environment, errors, mesh, rundir, summary, sweep, validation
   if _MODE.value != "summary":
     for flag in (_INPUT_SHAPE, _NUM_CLASSES):
@@ -160,6 +166,18 @@ def main(argv):
   except errors.CnnlabError as e:
     _fail(str(e), getattr(e, "exit_code", 2))
   print(f"wrote {written}")
+
+
+def _visualize():
+  """--mode=visualize: pictures of a trained run; its config comes from --workdir/config.json."""
+  if _WORKDIR.value is None or _CONFIG.value is not None:
+    _fail("--mode=visualize takes --workdir (a trained or checkpointed run) and no --config: "
+          "the config is read from the workdir.")
+  from cnnlab import errors, visualize
+  try:
+    print(f"wrote {visualize.write_pictures(_WORKDIR.value)}")
+  except errors.CnnlabError as e:
+    _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from cnnlab import environment, rundir, train
 from cnnlab import mesh as mesh_lib
 from cnnlab.checkpoint import Checkpointer
 from cnnlab.errors import Interrupted
+from cnnlab.writers import MetricWriter
 
 RESULT_METRICS = ("test_accuracy", "test_loss", "train_loss", "train_accuracy")
 
@@ -58,6 +59,7 @@ class Run:
     self.results = self.dir.read_results() if self.dir.finished() else None
     self.streams = train.split_seed(config.seed)
     self.diverged: dict | None = None
+    self.writer: MetricWriter | None = None
 
   def open(self, rows: slice) -> None:
     """Builds the data iterator over this process's `rows` of each global batch (may raise a
@@ -67,9 +69,18 @@ class Run:
     self.checkpointer = Checkpointer(self.dir.checkpoint_dir,
                                      keep=max(2, self.config.checkpoints_to_keep))
 
-  def log(self, record: dict[str, Any]) -> None:
-    if self.primary:
-      self.dir.log(record)
+  def start_metrics(self, resume_step: int) -> None:
+    """Opens the metric sink (metrics.jsonl + TensorBoard), dropping what was logged after
+    `resume_step` (it is logged again), on process 0."""
+    self.writer = MetricWriter(self.dir, resume_step) if self.primary else None
+
+  def log(self, step: int, split: str, scalars: dict[str, float]) -> None:
+    if self.writer is not None:
+      self.writer.write_scalars(step, split, scalars)
+
+  def log_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+    if self.writer is not None:
+      self.writer.write_images(step, images)
 
   def save(self, step: int, state: train.TrainState, progress: dict[str, Any]) -> None:
     self.checkpointer.save(step, train.checkpointed(state), {
@@ -85,6 +96,9 @@ class Run:
   def close(self) -> None:
     if hasattr(self, "checkpointer"):
       self.checkpointer.close()
+    if getattr(self, "writer", None) is not None:
+      self.writer.close()
+      self.writer = None
 
 
 def put(tree: Any, sharding) -> Any:
@@ -219,8 +233,7 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
   fresh = [train.create_train_state(model, tx, run.streams, info.image_shape) for run in runs]
   states, first_step, saved = _restore(runs, fresh, placement, total_steps)
   for run in runs:
-    if run.primary:
-      run.dir.truncate_metrics(after_step=first_step)
+    run.start_metrics(first_step)
   state = placement.combine(states)
   train_fn, eval_fn = placement.steps(float(config.model.aux_loss_weight))
 
@@ -289,9 +302,8 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
           run.diverged = _divergence(run, done, count_now, health, epoch, lr)
           print(f"error: {run.diverged['diverged_reason']}; recorded in {run.dir.results_path}")
           continue
-        run.log({"step": done, "epoch": epoch, "split": "train", "learning_rate": lr,
-                 "wall_time_s": wall(),
-                 **{k: float(m[k]) / count_now for k in ("loss", "accuracy")}})
+        run.log(done, "train", {"epoch": epoch, "learning_rate": lr, "wall_time_s": wall(),
+                                **{k: float(m[k]) / count_now for k in ("loss", "accuracy")}})
       alive = [i for i, run in enumerate(runs) if run.diverged is None]
       if not alive:
         break
@@ -300,7 +312,7 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
         held_out = evaluate(state, curve_split)
         for run, t in zip(runs, held_out):
           if run.diverged is None:
-            run.log({"step": done, "epoch": epoch, "split": curve_split, **t})
+            run.log(done, curve_split, {"epoch": epoch, **t})
         postfix[f"{curve_split[:3]}_acc"] = (
             f"{np.mean([held_out[i]['accuracy'] for i in alive]):.4f}")
       bar.set_postfix(postfix)
@@ -352,20 +364,38 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh,
       if validation is not None:
         results.update({"validation_accuracy": validation[i]["accuracy"],
                         "validation_loss": validation[i]["loss"]})
+      _log_filters(run, total_steps, run_state)
     run.close()
     out.append(run.finish(results))
   return out
 
 
+def _log_filters(run: Run, step: int, state: train.TrainState) -> None:
+  """The first conv layer's filters as a TensorBoard image (models without one have none)."""
+  from cnnlab.visualize import filters  # Matplotlib: only once a run has trained.
+  try:
+    image = filters.filter_grid_image(mesh_lib.to_host(state.params))
+  except ValueError:  # No 2-D conv kernel (an MLP).
+    return
+  run.log_images(step, {"first_conv_filters": image})
+
+
 def load_latest_state(config: ml_collections.ConfigDict, workdir: str) -> train.TrainState:
-  """The state of the latest checkpoint in `workdir`, replicated over this process's mesh."""
+  """The state of the latest checkpoint in `workdir`, on this process's devices (replicated).
+
+  Restores into an abstract state (`jax.eval_shape`): nothing is initialised or compiled only to
+  be overwritten."""
   s = train.setup(config)
-  state = train.create_train_state(s.model, s.tx, train.split_seed(config.seed),
-                                   s.info.image_shape)
+  streams = train.split_seed(config.seed)
+  abstract = jax.eval_shape(
+      lambda: train.create_train_state(s.model, s.tx, streams, s.info.image_shape))
+  sharding = mesh_lib.replicated(mesh_lib.make_mesh(1))
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      train.checkpointed(abstract))
   checkpointer = Checkpointer(rundir.RunDir(workdir).checkpoint_dir)
   try:
-    target = train.checkpointed(Replicated(mesh_lib.make_mesh(1)).combine([state]))
     restored, _ = checkpointer.restore(checkpointer.latest_step(), target)
   finally:
     checkpointer.close()
-  return state.replace(**restored)
+  return abstract.replace(rngs={n: streams[n] for n in train.DROPOUT_STREAMS}, **restored)

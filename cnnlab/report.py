@@ -356,8 +356,10 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
       lines.append(f"| `{cell}` | {d['layer']} | {_f(d['var_train'])} | {_f(d['var_eval'])} | "
                    f"{_f(d['ratio'], 3)} | {_f(d['running_var'])} |")
   lines += ["", "## Figures", "", "![test accuracy](accuracy.png)", "",
-            "![learning curves](curves.png)", "", "![variance shift](variance_shift.png)", "",
-            "## Reproduce", "", "```", meta["command"], "```", "",
+            "![learning curves](curves.png)", "", "![variance shift](variance_shift.png)", ""]
+  lines += [f"![first-layer filters of `{cell}`, seed {seed}]({path})\n"
+            for cell, (seed, path) in meta.get("filter_grids", {}).items()]
+  lines += ["## Reproduce", "", "```", meta["command"], "```", "",
             f"git commit `{meta['git_commit']}`; environment: "
             + ", ".join(f"{k}={meta['environment'][k]!r}" for k in sorted(meta["environment"])),
             "", "Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(meta["packages"].items())),

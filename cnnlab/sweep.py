@@ -298,13 +298,39 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
       curves[cell.name].append(metrics)
     path = os.path.join(workdir, "cells", cell.dirname, "diagnostics.json")
     diagnostics[cell.name] = rundir.read_json(path) if os.path.exists(path) else []
+  filter_grids = _filter_grids(cells, seeds, workdir)
   baseline = settings.baseline or cells[0].name
   meta = {"command": command, "config": rundir.config_to_dict(config),
           "packages": environment.package_versions(), "git_commit": environment.git_commit(),
-          "environment": {k: rows[0][k] for k in report.PROVENANCE}}
+          "environment": {k: rows[0][k] for k in report.PROVENANCE},
+          "filter_grids": filter_grids}
   return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
                              target_accuracy=settings.target_accuracy, meta=meta,
                              min_effect=settings.min_effect)
+
+
+def _filter_grids(cells: list[Cell], seeds, workdir: str) -> dict[str, tuple[int, str]]:
+  """{cell name: (seed, path relative to workdir)} of a picture of the first conv layer's
+  filters of each cell's first finished seed (cells whose model has no conv layer have none)."""
+  from cnnlab import visualize  # Matplotlib: post-processing only.
+  grids = {}
+  for cell in cells:
+    for seed in seeds:
+      run_dir = seed_workdir(workdir, cell, seed, False)
+      results = rundir.RunDir(run_dir).read_results()
+      if results.get("status", "finished") != "finished":
+        continue
+      path = os.path.join("cells", cell.dirname, "filters.png")
+      if not os.path.exists(os.path.join(workdir, path)):
+        state = train.load_trained_state(cell.seed_config(seed), run_dir)
+        try:
+          visualize.write_filter_grid(state, os.path.join(workdir, path),
+                                      title=f"{cell.name}, seed {seed}: first conv layer")
+        except ValueError:  # No 2-D conv kernel.
+          break
+      grids[cell.name] = (seed, path)
+      break
+  return grids
 
 
 def worker_main(workdir: str) -> None:
