@@ -188,7 +188,10 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
             on_seed_done(len(group))
         if diag_path and not os.path.exists(diag_path):
           from cnnlab import diagnostics  # Only sweeps need it.
-          diagnostics.write_variance_shift(cell, seeds, dirs, diag_path)
+          trained = [(s, d) for s, d in zip(seeds, dirs)  # Diverged runs have no weights.
+                     if rundir.RunDir(d).read_results().get("status", "finished") == "finished"]
+          diagnostics.write_variance_shift(cell, [s for s, _ in trained], [d for _, d in trained],
+                                           diag_path)
       finally:
         lock.release()
     if not waiting:
