@@ -36,7 +36,7 @@ from ml_collections import config_dict
 from cnnlab import configs, environment, launchers, rundir, seeds as seeds_lib, train
 from cnnlab.locks import CellLock
 from cnnlab.errors import CnnlabError, ConfigError, TrainingDivergedError
-from cnnlab.validation import validate_config
+from cnnlab.validation import validate_config, validate_sweep
 
 VMAP_CHOICES = ("auto", "on", "off")
 # Measured (see README, "Performance"): on this 2-core CPU vmapped seeds ran slower than one
@@ -68,21 +68,7 @@ def sweep_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   s = configs.sweep_defaults(config.seed)
   if "sweep" in config:
     s.update(config.sweep)
-  if s.vmap_seeds not in VMAP_CHOICES:
-    raise ConfigError(f"config.sweep.vmap_seeds={s.vmap_seeds!r} is not allowed; choose one of: "
-                      f"{', '.join(VMAP_CHOICES)}.")
-  if s.launcher not in launchers.LAUNCHERS:
-    raise ConfigError(f"config.sweep.launcher={s.launcher!r} is not allowed; choose one of: "
-                      f"{', '.join(launchers.LAUNCHERS)}.")
-  if s.launcher == "slurm":
-    launchers.slurm_settings(s.slurm.to_dict())  # Raises ConfigError for a bad value.
-  if not isinstance(s.workers, int) or s.workers < 1:
-    raise ConfigError(f"config.sweep.workers={s.workers!r} must be an integer >= 1.")
-  seeds = tuple(s.seeds) if isinstance(s.seeds, (tuple, list)) else (s.seeds,)
-  if (not seeds or len(set(seeds)) != len(seeds)
-      or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds)):
-    raise ConfigError(f"config.sweep.seeds={seeds!r} must be a non-empty tuple of distinct "
-                      f"integers >= 0, e.g. (0, 1, 2).")
+  validate_sweep(s)
   return s
 
 

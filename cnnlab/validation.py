@@ -101,6 +101,12 @@ def validate_sweep(settings: ml_collections.ConfigDict) -> None:
   _number("sweep.workers", settings.workers, low=1, integer=True)
   _choice("sweep.vmap_seeds", settings.vmap_seeds, VMAP_CHOICES)
   _number("sweep.target_accuracy", settings.target_accuracy, low=0, high=1, low_open=True)
+  if settings.get("min_effect") is not None:
+    _number("sweep.min_effect", settings.min_effect, low=0, high=1, low_open=True)
+  from cnnlab import launchers  # Imports submitit: only when a sweep is checked.
+  _choice("sweep.launcher", settings.get("launcher", "local"), launchers.LAUNCHERS)
+  if settings.get("launcher") == "slurm":
+    launchers.slurm_settings(settings.slurm.to_dict())
   if not isinstance(settings.baseline, str):
     raise ConfigError(f"config.sweep.baseline={settings.baseline!r} must be a cell name (a "
                       f"string; \"\" = the first cell).")
