@@ -6,19 +6,21 @@
     <workdir>/metrics.jsonl    one JSON object per line: step, epoch, split, loss, accuracy
                                (+ learning_rate, wall_time_s on train lines)
     <workdir>/checkpoints/     orbax checkpoints (cnnlab.checkpoint)
+    <workdir>/results.sha256   SHA-256 of results.json's bytes (`sha256sum -c` reads it)
     <workdir>/results.json     written last, atomically: its presence means the run finished
 
 A workdir belongs to one config: the fingerprint (a hash of the resolved config) is stored in
 config.json, in every checkpoint and in results.json, and a run with a different config refuses
-to use it. results.json also carries the seed and the SHA-256 of its own content, so a finished
-run proves it is this config's even when config.json is lost, and a garbled or swapped
-results.json is refused rather than reported. Every write that fails (disk full, read-only)
+to use it. results.json also carries the seed, and results.sha256 its digest, so a finished run
+proves it is this config's even when config.json is lost, and a garbled or swapped results.json
+is refused rather than reported. Every write that fails (disk full, read-only)
 raises one WorkdirError line and leaves what was already saved intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +35,6 @@ from cnnlab.errors import CheckpointError, WorkdirError
 
 # Config fields that only change how a run is observed, never its numbers.
 _NOT_FINGERPRINTED = ("log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep")
-RESULTS_DIGEST_KEY = "results_sha256"  # in results.json: json_sha256 of the rest of the file
 
 
 def default_workdir(config_arg: str, root: str = "runs") -> str:
@@ -124,15 +125,16 @@ class RunDir:
     self.environment_path = os.path.join(workdir, "environment.json")
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     self.results_path = os.path.join(workdir, "results.json")
+    self.results_digest_path = os.path.join(workdir, "results.sha256")
     self.checkpoint_dir = os.path.join(workdir, "checkpoints")
     self.fingerprint: str | None = None
 
   def claim(self, config: ml_collections.ConfigDict, overrides=(), command: str = "") -> None:
     """Takes the workdir for `config`; refuses one holding progress of a different config.
 
-    Ownership is proven by every record the workdir still has: results.json (fingerprint, seed
-    and its own digest), config.json, and the newest readable checkpoint's progress record; a
-    deleted or garbled config.json is rewritten once the others agree.
+    Ownership is proven by every record the workdir still has: config.json, the newest readable
+    checkpoint's progress record, and results.json (fingerprint and seed, checked against
+    results.sha256); a deleted or garbled config.json is rewritten once the others agree.
 
     Raises:
       CheckpointError: a record belongs to another config or seed, or results.json is garbled.
@@ -144,12 +146,12 @@ class RunDir:
     except OSError as e:
       raise _write_error(self.workdir, e, None) from e
     previous = _read_json_or_none(self.config_path)
+    if self.has_progress():
+      self._check_owner(config, previous)
     if self.finished_result(config) is not None:
       if not isinstance(previous, dict):  # Lost: results.json proved the run is this config's.
         self._write_config(config, overrides, command)
       return  # Keep the config and environment that produced the results.
-    if self.has_progress():
-      self._check_owner(config, previous)
     self._write_config(config, overrides, command)
     now = environment.describe(config.dtype)
     before = _read_json_or_none(self.environment_path)
@@ -224,34 +226,39 @@ class RunDir:
     got = (results.get("config_fingerprint"), results.get("seed"))
     if got != want:
       raise CheckpointError(
-          f"{self.results_path} belongs to another run (config fingerprint {got[0]}, seed "
-          f"{got[1]}; this config {want[0]}, seed {want[1]}). Use another --workdir, or delete "
-          f"that file to re-evaluate this workdir's own final checkpoint.")
+          f"{self.results_path} belongs to a run of a different config or seed (fingerprint "
+          f"{got[0]}, seed {got[1]}; this config {want[0]}, seed {want[1]}). Use another "
+          f"--workdir, or delete that file to re-evaluate this workdir's own final checkpoint.")
     return results
 
   def read_results(self) -> dict[str, Any]:
-    """results.json's dict, after checking its content digest.
+    """results.json's dict, after checking it against results.sha256.
 
     Raises:
       CheckpointError: results.json is unreadable or does not match its digest.
     """
-    fix = (f"delete it and rerun the same command to re-evaluate the run's final checkpoint, or "
-           f"use another --workdir")
+    fix = ("delete it and rerun the same command to re-evaluate the run's final checkpoint, or "
+           "use another --workdir")
     try:
-      results = read_json(self.results_path)
+      with open(self.results_path, "rb") as f:
+        blob = f.read()
+      results = json.loads(blob)
     except (OSError, ValueError) as e:
       raise CheckpointError(f"{self.results_path} cannot be read ({e}); {fix}.") from None
-    if not isinstance(results, dict) or results.get(RESULTS_DIGEST_KEY) != digests.json_sha256(
-        {k: v for k, v in results.items() if k != RESULTS_DIGEST_KEY}):
+    saved = (_read_text_or_none(self.results_digest_path) or "").split()
+    if not isinstance(results, dict) or saved[:1] != [hashlib.sha256(blob).hexdigest()]:
       raise CheckpointError(
-          f"{self.results_path} does not match its {RESULTS_DIGEST_KEY} (garbled, edited, or "
+          f"{self.results_path} does not match {self.results_digest_path} (garbled, edited, or "
           f"written before cnnlab signed results); {fix}.")
-    return {k: v for k, v in results.items() if k != RESULTS_DIGEST_KEY}
+    return results
 
   def write_results(self, results: dict[str, Any]) -> None:
-    """Writes results.json with the digest of its content (`read_results` checks it)."""
-    write_json_atomic(self.results_path, {
-        **results, RESULTS_DIGEST_KEY: digests.json_sha256(results)}, self.resume_step())
+    """Writes results.sha256, then results.json (whose presence marks the run finished)."""
+    text = json.dumps(results, indent=2, sort_keys=True) + "\n"
+    step = self.resume_step()
+    write_text_atomic(self.results_digest_path,
+                      f"{hashlib.sha256(text.encode()).hexdigest()}  results.json\n", step)
+    write_text_atomic(self.results_path, text, step)
 
   def log(self, record: dict[str, Any]) -> None:
     """Appends one metrics line in one write; a write that fails leaves no partial line.
@@ -293,6 +300,14 @@ def _read_json_or_none(path: str) -> Any:
   """The parsed JSON at `path`, or None if it is missing or unreadable."""
   try:
     return read_json(path)
+  except (OSError, ValueError):
+    return None
+
+
+def _read_text_or_none(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read()
   except (OSError, ValueError):
     return None
 

@@ -43,16 +43,24 @@ def other(config, **changes):
   return config
 
 
-@pytest.mark.parametrize("damage", ["delete", "garble"])
-def test_another_configs_results_are_refused_when_config_json_is_lost(trained, damage):
+@pytest.mark.parametrize("damage, proof", [
+    ("delete config.json", r"different config \(fingerprint \w+ in its checkpoint \d+"),
+    ("garble config.json", r"different config \(fingerprint \w+ in its checkpoint \d+"),
+    ("keep only results.json", r"results.json belongs to a run of a different config or seed"),
+])
+def test_another_configs_results_are_refused_when_config_json_is_lost(trained, damage, proof):
+  """Issue 13.1: a run of the default config in a workdir holding a finished dropout run whose
+  config.json is lost or garbled got the dropout run's results, with exit status 0."""
   config, workdir, results = trained
   run = RunDir(workdir)
-  if damage == "delete":
-    os.remove(run.config_path)
-  else:
+  if damage == "garble config.json":
     with open(run.config_path, "w") as f:
       f.write('{"fingerprint": ')
-  with pytest.raises(errors.CheckpointError, match="results.json belongs to another run"):
+  else:
+    os.remove(run.config_path)
+  if damage == "keep only results.json":
+    shutil.rmtree(run.checkpoint_dir)
+  with pytest.raises(errors.CheckpointError, match=proof):
     train.train_and_evaluate(other(config, model__dropout="none"), workdir, progress=False)
   # The run's own config still gets its results, and config.json is written again.
   assert train.train_and_evaluate(config, workdir, progress=False) == results
@@ -70,14 +78,14 @@ def test_results_json_must_carry_this_configs_fingerprint_seed_and_digest(tiny_c
   seed_1 = other(tiny_config, seed=1)
   for swapped in ({**mine, "seed": 1}, {**mine, "config_fingerprint": rundir.fingerprint(seed_1)}):
     run.write_results(swapped)  # Self-consistent, but another run's.
-    with pytest.raises(errors.CheckpointError, match="belongs to another run"):
+    with pytest.raises(errors.CheckpointError, match="results.json belongs to a run of a"):
       run.finished_result(tiny_config)
 
   run.write_results(mine)
   edited = rundir.read_json(run.results_path)
   edited["test_accuracy"] = 0.9
   rundir.write_json_atomic(run.results_path, edited)
-  with pytest.raises(errors.CheckpointError, match="does not match its results_sha256"):
+  with pytest.raises(errors.CheckpointError, match="results.json does not match .*results.sha256"):
     run.finished_result(tiny_config)
   with open(run.results_path, "w") as f:
     f.write('{"test_accuracy": 0.')
@@ -120,7 +128,7 @@ def test_a_full_disk_is_one_line_and_leaves_files_as_they_were(tmp_path, monkeyp
     {"log": lambda: run.log({"step": 2, "loss": 0.5}),
      "truncate_metrics": lambda: run.truncate_metrics(after_step=0),
      "write_results": lambda: run.write_results({"seed": 1})}[write]()
-  path = run.results_path if write == "write_results" else run.metrics_path
+  path = run.results_digest_path if write == "write_results" else run.metrics_path
   assert str(info.value) == (
       f"cannot write {path} (No space left on device); free space on the disk holding {path} "
       f"or use another --workdir; then rerun the same command to resume from step 0.")
