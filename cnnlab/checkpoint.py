@@ -15,10 +15,13 @@ the record itself; a restore recomputes and compares them, so a flipped bit is r
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
 import shutil
+import sys
+import traceback
 from typing import Any, NamedTuple
 
 import jax
@@ -45,10 +48,10 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 2, read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.LatestN(max(1, keep)),
-        enable_async_checkpointing=False, create=not read_only, read_only=read_only)
-    with _writing(self.directory, self.directory), _quiet_orbax():
+    with _writing(self.directory, self.directory):
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=checkpoint_managers.LatestN(max(1, keep)),
+          enable_async_checkpointing=False, create=not read_only, read_only=read_only)
       if not read_only:
         _remove_incomplete(self.directory)
       self._manager = ocp.CheckpointManager(
@@ -72,7 +75,7 @@ class Checkpointer:
     """
     record = {**progress, STATE_DIGEST_KEY: digests.tree_sha256(state)}
     record[RECORD_DIGEST_KEY] = digests.json_sha256(record)
-    with _writing(os.path.join(self.directory, str(step)), self.directory), _quiet_orbax():
+    with _writing(os.path.join(self.directory, str(step)), self.directory):
       self._manager.save(
           step, args=ocp.args.Composite(
               state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(record)),
@@ -206,51 +209,70 @@ _TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
 def os_failure(error: BaseException) -> OsFailure | None:
   """The operating-system error behind `error`, searched through its causes: an OSError, or
   tensorstore's `... [os_error_code='28']` inside orbax's ValueErrors; None if there is none."""
-  seen, stack = set(), [error]
-  while stack:
-    e = stack.pop()
-    if e is None or id(e) in seen:
-      continue
-    seen.add(id(e))
+  for e in _causes(error):
     if isinstance(e, OSError) and e.errno is not None:
       return OsFailure(e.errno, e.strerror or os.strerror(e.errno))
     match = _TENSORSTORE_ERRNO.search(str(e))
     if match:
       return OsFailure(int(match.group(1)), os.strerror(int(match.group(1))))
-    stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
   return None
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+  """`error` and every exception in its chain (causes, contexts, exception groups' members)."""
+  seen, stack = {}, [error]
+  while stack:
+    e = stack.pop()
+    if e is not None and id(e) not in seen:
+      seen[id(e)] = e
+      stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return list(seen.values())
 
 
 @contextlib.contextmanager
 def _writing(path: str, directory: str):
-  """Turns a failed write of `path` (found anywhere in the exception's causes) into one
-  WorkdirError line, after removing any half-written checkpoint from `directory`."""
-  try:
-    yield
-  except Exception as e:  # noqa: BLE001 -- re-raised unless an OS error is behind it.
-    failure = os_failure(e)
-    if failure is None:
-      raise
-    with contextlib.suppress(OSError):
-      _remove_incomplete(directory)
-    raise WorkdirError.from_os_error(path, failure.errno, failure.reason,
-                                     max(saved_steps(directory), default=0)) from e
+  """Runs orbax quietly; turns a failed write of `path` (an OS error anywhere in the exception's
+  causes) into one WorkdirError line, after removing any half-written checkpoint from
+  `directory` and releasing orbax's failed futures, which would log each failure again."""
+  with _quiet_orbax():
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 -- re-raised unless an OS error is behind it.
+      failure = os_failure(e)
+      if failure is None:
+        raise
+      with contextlib.suppress(OSError):
+        _remove_incomplete(directory)
+      for each in _causes(e):
+        traceback.clear_frames(each.__traceback__)
+      gc.collect()  # "Future exception was never retrieved", once per array, now and quietly.
+      raise WorkdirError.from_os_error(path, failure.errno, failure.reason,
+                                       max(saved_steps(directory), default=0)) from None
 
 
 def _not_from_orbax(record: logging.LogRecord) -> bool:
-  return f"{os.sep}orbax{os.sep}" not in record.pathname
+  return f"{os.sep}orbax{os.sep}" not in record.pathname and record.name != "asyncio"
 
 
 @contextlib.contextmanager
 def _quiet_orbax():
-  """Drops the log records orbax emits (through absl's logger and the root logger), which repeat
-  a failed read or write in up to hundreds of lines; cnnlab reports it in one line itself."""
-  loggers = (logging.getLogger("absl"), logging.getLogger())
+  """Drops the log records orbax emits (through absl's logger, the root logger, and asyncio's for
+  its futures) and the "Event loop is closed" errors its I/O threads hit after a failure, which
+  repeat a failed read or write in up to hundreds of lines; cnnlab reports it in one line."""
+  loggers = (logging.getLogger("absl"), logging.getLogger("asyncio"), logging.getLogger())
   for each in loggers:
     each.addFilter(_not_from_orbax)
+  report_unraisable = sys.unraisablehook
+
+  def unraisable(info):
+    if not (info.exc_type is RuntimeError and "Event loop is closed" in str(info.exc_value)):
+      report_unraisable(info)
+
+  sys.unraisablehook = unraisable
   try:
     yield
   finally:
+    sys.unraisablehook = report_unraisable
     for each in loggers:
       each.removeFilter(_not_from_orbax)
 

@@ -35,13 +35,12 @@ class WorkdirError(CnnlabError):
   def from_os_error(cls, path: str, errno_code: int | None, reason: str,
                     resume_step: int | None) -> "WorkdirError":
     """The one-line error for a failed write of `path`: the OS reason, what to do, and the step a
-    rerun of the same command resumes from (`resume_step`, None when nothing is saved yet)."""
+    rerun of the same command resumes from (`resume_step`; None when that is not a run's)."""
     if errno_code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
       fix = f"free space on the disk holding {path} or use another --workdir"
     elif errno_code in (errno.EROFS, errno.EACCES, errno.EPERM):
       fix = f"make {os.path.dirname(path) or path} writable or use another --workdir"
     else:
       fix = f"fix {path} or use another --workdir"
-    resume = (f"resume from step {resume_step}" if resume_step is not None
-              else "start from step 0")
-    return cls(f"cannot write {path} ({reason}); {fix}; then rerun the same command to {resume}.")
+    resume = f" to resume from step {resume_step}" if resume_step is not None else ""
+    return cls(f"cannot write {path} ({reason}); {fix}; then rerun the same command{resume}.")

@@ -174,11 +174,13 @@ class RunDir:
     owners = []
     if isinstance(previous, dict):
       owners.append(("config.json", previous.get("fingerprint")))
-    checkpointer = checkpoint.Checkpointer(self.checkpoint_dir, read_only=True)
-    try:
-      newest = checkpointer.newest_progress()
-    finally:
-      checkpointer.close()
+    newest = None
+    if checkpoint.saved_steps(self.checkpoint_dir):
+      checkpointer = checkpoint.Checkpointer(self.checkpoint_dir, read_only=True)
+      try:
+        newest = checkpointer.newest_progress()
+      finally:
+        checkpointer.close()
     if newest is not None:
       owners.append((f"checkpoint {newest[0]}", newest[1].get("config_fingerprint")))
     for source, saved in owners:

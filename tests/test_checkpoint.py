@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -99,6 +100,21 @@ def test_every_checkpoint_garbage_is_one_error_and_orbax_logs_nothing(tmp_path, 
   assert f"no checkpoint in {directory} can be restored (steps 2, 1" in str(info.value)
   assert "\n" not in str(info.value)
   assert [r.getMessage() for r in caplog.records if f"{os.sep}orbax{os.sep}" in r.pathname] == []
+
+
+def test_quiet_orbax_drops_only_the_noise_of_orbax_failures(monkeypatch, caplog):
+  """A real full disk (tmpfs) made orbax's I/O threads report "Event loop is closed" and asyncio
+  log "Future exception was never retrieved" once per array; nothing else is dropped."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  with caplog.at_level(logging.INFO), checkpoint._quiet_orbax():
+    for error in (RuntimeError("Event loop is closed"), KeyError("a real bug")):
+      sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error))
+    logging.getLogger("asyncio").error("Future exception was never retrieved")
+    logging.getLogger("cnnlab").warning("kept")
+  assert [type(u.exc_value) for u in seen] == [KeyError]
+  assert [r.getMessage() for r in caplog.records] == ["kept"]
+  assert sys.unraisablehook == seen.append
 
 
 def test_no_checkpoint_restores_none(tmp_path):
