@@ -4,6 +4,7 @@ checkpoint, failed writes are one WorkdirError line, orbax stays quiet."""
 import errno
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -203,3 +204,48 @@ def test_restore_into_sharded_arrays_verifies_digests(tmp_path):
                         timeout=120, env=env, cwd=ROOT)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "refused:" in done.stdout and "1 array(s) differ" in done.stdout
+
+
+TWO_PROCESSES = textwrap.dedent("""
+    import sys
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    pid = int(sys.argv[1])
+    jax.distributed.initialize(sys.argv[2], 2, pid)
+    from cnnlab import digests
+    from cnnlab.checkpoint import Checkpointer
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    full = np.arange(24, dtype=np.float32).reshape(8, 3)
+    state = {"split": jax.make_array_from_process_local_data(
+                 NamedSharding(mesh, P("data")), full[pid * 4:pid * 4 + 4], full.shape),
+             "replicated": jax.make_array_from_process_local_data(
+                 NamedSharding(mesh, P()), full, full.shape)}
+    assert not any(x.is_fully_addressable for x in state.values())
+    assert digests.tree_sha256(state) == digests.tree_sha256({"split": full, "replicated": full})
+    ckpt = Checkpointer(sys.argv[3])
+    ckpt.save(1, state, {})
+    step, restored, _ = ckpt.restore_latest(
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in state.items()})
+    ckpt.close()
+    print("ok", step, np.asarray(restored["split"].addressable_data(0))[0].tolist())
+""")
+
+
+def test_digests_of_arrays_spread_over_two_processes(tmp_path):
+  """Arrays no process holds whole (sharded, or replicated across processes) digest like the
+  same values on one host, and a checkpoint of them restores on both processes."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(pid), address,
+                             str(tmp_path / "ck")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+           for pid in range(2)]
+  outs = [p.communicate(timeout=180) for p in procs]
+  for proc, (out, err) in zip(procs, outs):
+    assert proc.returncode == 0, err[-3000:]
+  assert [out.strip().splitlines()[-1] for out, _ in outs] == [
+      "ok 1 [0.0, 1.0, 2.0]", "ok 1 [12.0, 13.0, 14.0]"]
