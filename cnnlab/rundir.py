@@ -94,14 +94,16 @@ def append_bytes(path: str, data: bytes, resume_step: int | None = None) -> None
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   except OSError as e:
     raise _write_error(path, e, resume_step) from e
+  start = None
   try:
     start = os.lseek(fd, 0, os.SEEK_END)
     view = memoryview(data)
     while view:
       view = view[os.write(fd, view):]
   except OSError as e:
-    with contextlib.suppress(OSError):
-      os.ftruncate(fd, start)
+    if start is not None:
+      with contextlib.suppress(OSError):
+        os.ftruncate(fd, start)
     raise _write_error(path, e, resume_step) from e
   finally:
     os.close(fd)
