@@ -46,6 +46,8 @@ def base_config() -> config_dict.ConfigDict:
   config.model.dropout_rate = 0.0
   config.model.dropblock_size = 3         # dropblock only: side of the dropped squares
   config.model.activation = "relu"        # relu | tanh (LeNet-5 in 1998 used tanh) | ...
+  # BatchNorm epsilon; None = the model's default (1e-5; googlenet 1e-3, as torchvision's).
+  config.model.bn_epsilon = config_dict.placeholder(float)
   # Conv biases: None = only where no BN directly follows; True/False force them.
   config.model.conv_bias = config_dict.placeholder(bool)
   # lenet5, vgg*, alexnet: max | avg | blur (anti-aliased max pool, Zhang 2019).
@@ -60,6 +62,8 @@ def base_config() -> config_dict.ConfigDict:
   config.model.aux_classifiers = True
   config.model.aux_loss_weight = 0.3
   config.model.c5_kernel = 5
+  # googlenet: the max pool between inception 4e and 5a: 3 (paper) or 2 (torchvision).
+  config.model.pool4_window = 3
   # vgg_cnn only: conv widths per stage (a 2x2 max-pool follows each stage) and the head.
   config.model.stages = ((32, 32), (64, 64))
   config.model.head = "gap"               # gap (global average pool) | flatten | classifier

@@ -56,7 +56,7 @@ class Run:
       self.dir.claim(config, overrides=overrides, command=command)
     else:
       self.dir.fingerprint = rundir.fingerprint(config)
-    self.results = self.dir.read_results() if self.dir.finished() else None
+    self.results = self.dir.finished_result(config)  # Proves it is this config's, or raises.
     self.streams = train.split_seed(config.seed)
     self.diverged: dict | None = None
     self.writer: MetricWriter | None = None
@@ -166,26 +166,20 @@ def interrupt_guard():
       signal.signal(s, h)
 
 
-def _common_latest_step(runs: list[Run]) -> int | None:
-  """The newest checkpoint step every run holds (None if some run has none)."""
-  common = None
-  for run in runs:
-    steps = set(run.checkpointer.all_steps())
-    common = steps if common is None else common & steps
-  return max(common) if common else None
-
-
 def _restore(runs, fresh_states, placement, total_steps):
-  """Restores every run from the newest checkpoint they all hold, into `placement`'s mesh
-  (any topology can resume any other's checkpoint); returns (states, step, progress)."""
-  latest = _common_latest_step(runs)
-  if latest is None:
-    return fresh_states, 0, {}
+  """Restores every run from the newest intact checkpoint they all hold (a corrupt newest one is
+  set aside with one warning) into `placement`'s mesh: any topology resumes any other's
+  checkpoint. Returns (states, step, progress)."""
   template = Replicated(placement.mesh)
+  targets = [train.checkpointed(template.combine([fresh])) for fresh in fresh_states]
+  found = [run.checkpointer.restore_latest(t) for run, t in zip(runs, targets)]
+  if any(f is None for f in found):
+    return fresh_states, 0, {}
+  latest = min(step for step, _, _ in found)
   states, progress = [], {}
-  for run, fresh in zip(runs, fresh_states):
-    target = train.checkpointed(template.combine([fresh]))
-    restored, progress = run.checkpointer.restore(latest, target)
+  for run, fresh, target, (step, restored, progress) in zip(runs, fresh_states, targets, found):
+    if step != latest:  # A seed of a vmapped group is ahead of the others: take the common step.
+      restored, progress = run.checkpointer.restore(latest, target)
     run.dir.check_fingerprint(progress["config_fingerprint"])
     run.train_iter.set_state(progress["data_iterator"])
     states.append(fresh.replace(**mesh_lib.to_host(restored)))

@@ -52,9 +52,13 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def fingerprint(config: ml_collections.ConfigDict, exclude: tuple[str, ...] = ()) -> str:
   """A short hash of everything in `config` (but `exclude`d top-level keys) that can change a
   run's numbers."""
+  from cnnlab import models  # Heavy (flax): only where a fingerprint is taken.
   skip = _NOT_FINGERPRINTED + tuple(exclude)
   d = {k: v for k, v in config_to_dict(config).items() if k not in skip}
   d.pop("sweep", None)  # How a run was scheduled does not change it.
+  if "model" in d:  # Only the model fields its architecture reads.
+    used = models.used_fields(config.model)
+    d["model"] = {k: v for k, v in d["model"].items() if k in used}
   return digests.json_sha256(d)[:12]
 
 

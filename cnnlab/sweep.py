@@ -124,17 +124,12 @@ def use_vmap(setting: str, num_seeds: int) -> bool:
 
 
 def _finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> bool:
-  """Whether `workdir` holds results (of `config`, if given: a finished run of another config
-  is not this run's result, and training it raises the workdir-conflict error)."""
+  """Whether `workdir` holds results (of `config`, if given: results that do not prove they are
+  this config's raise CheckpointError rather than count as finished or not)."""
   run = rundir.RunDir(workdir)
-  if not run.finished():
-    return False
   if config is None:
-    return True
-  try:
-    return rundir.read_json(run.config_path)["fingerprint"] == rundir.fingerprint(config)
-  except (OSError, ValueError, KeyError):
-    return False
+    return run.finished()
+  return run.finished_result(config) is not None
 
 
 def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), command: str = "",
@@ -270,7 +265,7 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
     cost = summary.summarize(cell.seed_config(seeds[0]))
     for seed in seeds:
       run = rundir.RunDir(seed_workdir(workdir, cell, seed, False))
-      res, metrics = run.read_results(), run.read_metrics()
+      res, metrics = run.finished_result(cell.seed_config(seed)), run.read_metrics()
       env = res["environment"]
       rows.append({
           "cell": cell.name, "cell_hash": cell.digest, "seed": seed,

@@ -68,18 +68,37 @@ def test_bad_values_raise_one_clear_error(tiny_config, tmp_path, key, value, fra
   assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tiny_config, tmp_path):
+def test_flipped_checkpoint_bit_falls_back_then_all_corrupt_is_a_clear_error(tiny_config,
+                                                                            tmp_path):
+  """One flipped bit in the newest checkpoint: detected by its digest, set aside, and the run
+  resumes from the newest intact checkpoint to the same results; with every checkpoint corrupt,
+  one CheckpointError line."""
   workdir = str(tmp_path / "run")
   tiny_config.num_epochs = 1
-  train.train_and_evaluate(tiny_config, workdir, progress=False)
+  first = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  assert len(steps) >= 2
   os.remove(os.path.join(workdir, "results.json"))
-  latest = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
-  state_dir = os.path.join(workdir, "checkpoints", str(latest), "state")
-  for root, _, files in os.walk(state_dir):
-    for name in files:
-      with open(os.path.join(root, name), "wb") as f:
-        f.write(b"garbage")
-  with pytest.raises(errors.CheckpointError, match="cannot be restored"):
+  files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(ckpt_dir,
+                                                                           str(steps[-1])))
+           for n in names]
+  biggest = max(files, key=os.path.getsize)
+  data = bytearray(open(biggest, "rb").read())
+  data[len(data) // 2] ^= 0x10
+  open(biggest, "wb").write(bytes(data))
+  again = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  assert {k: v for k, v in again.items() if k != "wall_time_s"} == {
+      k: v for k, v in first.items() if k != "wall_time_s"}
+  assert os.path.isdir(os.path.join(ckpt_dir, f"{steps[-1]}.corrupt"))
+
+  os.remove(os.path.join(workdir, "results.json"))
+  for step in sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()):
+    for root, _, names in os.walk(os.path.join(ckpt_dir, str(step), "state")):
+      for name in names:
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  with pytest.raises(errors.CheckpointError, match="can be restored"):
     train.train_and_evaluate(tiny_config, workdir, progress=False)
 
 

@@ -189,3 +189,19 @@ def test_read_only_workdir_is_one_line_and_reruns_exactly_once_writable(trained)
   assert f"make {workdir} writable or use another --workdir" in message
   assert numbers_of(train.train_and_evaluate(config, workdir, progress=False)) == numbers_of(
       reference)
+
+
+def test_fingerprint_covers_only_the_model_fields_its_architecture_reads():
+  from cnnlab import rundir
+  from conftest import load_config
+  config = load_config("experiments/default.py")  # LeNet-5.
+  before = rundir.fingerprint(config)
+  config.model.hidden = (3,)       # An MLP field.
+  config.model.stages = ((1,),)    # A vgg_cnn field.
+  assert rundir.fingerprint(config) == before
+  config.model.dropout = "spatial"  # Every architecture reads the block options.
+  assert rundir.fingerprint(config) != before
+  config.model.name = "vgg_cnn"
+  with_stages = rundir.fingerprint(config)
+  config.model.stages = ((2,),)
+  assert rundir.fingerprint(config) != with_stages
