@@ -193,6 +193,12 @@ def _carve(name: str, data_dir: str, manual_dir: str | None, fraction: float,
           Split(full.images[held], full.labels[held]))
 
 
+def clear_caches() -> None:
+  """Forgets every split read so far (the next load reads and verifies the files again)."""
+  for cached in (_load_split, _carve, _stats):
+    cached.cache_clear()
+
+
 def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
   """(image shape (H, W, C), number of classes) of dataset `name`, without preparing it."""
   _check_name(name)
