@@ -16,6 +16,9 @@ peak of this machine (numpy and jax, the best), the first call (compile) time, a
 torch channels_last. CPU contention: the load average before/after, and per timed window the
 CPU share other processes took (/proc/stat busy time minus this process's); a window where they
 used more than --noisy_share of a core is marked noisy. Prints a markdown table for the README.
+Only a quiet machine gives numbers to publish: interleaving does not cancel contention, because
+the two runtimes suffer differently (measured on 2 shared cores with ~1.7 cores taken by others:
+torch's OpenMP steps slowed 10-25x, XLA's 2-3x, so the ratios flipped in cnnlab's favour).
 torch is a benchmark-only dependency (the `torch` extra); cnnlab itself never imports it.
 """
 
@@ -316,6 +319,9 @@ def markdown(info: dict, rows: list[dict]) -> str:
       f"{info['load_before'][0]:.2f} before, {info['load_after'][0]:.2f} after; "
       f"{info['noisy_windows']} of {info['windows']} timed windows noisy (other processes > "
       f"{_NOISY.value:g} core).",
+      *([f"WARNING: other processes used up to {max(r['train_other_cores_max'] for r in rows):.1f}"
+         " cores while timing; these numbers and ratios are not those of a quiet machine."]
+        if info["noisy_windows"] else []),
       "",
       "| net | variant | train img/s median (min-max) | train GFLOP/s (% peak) | vs torch "
       "channels_last | eval img/s | eval vs channels_last | first train call s |",
