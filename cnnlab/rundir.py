@@ -233,10 +233,14 @@ class RunDir:
     want = (fingerprint(config), config.seed)
     got = (results.get("config_fingerprint"), results.get("seed"))
     if got != want:
+      previous = _read_json_or_none(self.config_path)
+      old = previous.get("config", {}) if isinstance(previous, dict) else {}
+      changed = _changed_keys(old, config_to_dict(config)) if old else []
       raise CheckpointError(
           f"{self.results_path} belongs to a run of a different config or seed (fingerprint "
-          f"{got[0]}, seed {got[1]}; this config {want[0]}, seed {want[1]}). Use another "
-          f"--workdir, or delete that file to re-evaluate this workdir's own final checkpoint.")
+          f"{got[0]}, seed {got[1]}; this config {want[0]}, seed {want[1]}; differing keys: "
+          f"{', '.join(changed) or 'unknown'}). Use another --workdir, or delete that file to "
+          f"re-evaluate this workdir's own final checkpoint.")
     return results
 
   def read_results(self) -> dict[str, Any]:
