@@ -24,6 +24,7 @@ torch is a benchmark-only dependency (the `torch` extra); cnnlab itself never im
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -101,7 +102,8 @@ class CnnlabRunner:
     self.state = train.create_train_state(self.model, tx, train.split_seed(0), images.shape[1:])
     self.batch = {"image": jnp.asarray(images, jnp.dtype(dtype)), "label": jnp.asarray(labels)}
     self.eval_batch = dict(self.batch, mask=jnp.ones(len(labels), jnp.float32))
-    self._train = jax.jit(train.train_step, donate_argnums=0)
+    self._train = jax.jit(functools.partial(train.train_step, aux_loss_weight=0.0),
+                          donate_argnums=0)
     self._eval = jax.jit(train.eval_step)
 
   def train(self, steps: int) -> None:
