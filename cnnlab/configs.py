@@ -29,6 +29,14 @@ def base_config() -> config_dict.ConfigDict:
   config.dataset.manual_dir = config_dict.placeholder(str)
   # Random flips and 4-pixel-padded crops (CIFAR only; ignored with a warning elsewhere).
   config.dataset.augment = False
+  # Images resized to (H, W) (area-weighted, antialiased) before anything else; None = as stored.
+  config.dataset.resize = config_dict.placeholder(tuple)
+  # A class-stratified subset of the train split: this many examples per class, drawn with
+  # `subset_seed` (None = the whole split). With `subset_repeat` an epoch repeats the subset up
+  # to the whole split's length, so `num_epochs` means the same number of steps for every size.
+  config.dataset.train_per_class = config_dict.placeholder(int)
+  config.dataset.subset_seed = 0
+  config.dataset.subset_repeat = True
 
   config.model = config_dict.ConfigDict()
   # One of cnnlab.models.MODEL_NAMES: linear, mlp, lenet5, lenet5_fcn, alexnet, vgg_cnn,

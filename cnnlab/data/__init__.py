@@ -7,7 +7,8 @@ and a seeded grain index pipeline (cnnlab.data.pipeline).
     for batch in eval_batches(config.dataset, "test", 500): ...   # + "mask": float32 [B]
 
 `data_config` is the `config.dataset` section: `name`, `data_dir` (None: $TFDS_DATA_DIR or
-~/tensorflow_datasets), `manual_dir` (raw files for offline preparation), `augment`.
+~/tensorflow_datasets), `manual_dir` (raw files for offline preparation), `augment`, and
+`resize`, `train_per_class`, `subset_seed`, `subset_repeat` (cnnlab.data.subsets).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cnnlab.data import subsets
 from cnnlab.data.builders import BUILDERS
 from cnnlab.data.pipeline import TrainIterator, eval_batches_from_arrays
 from cnnlab.errors import ConfigError, DatasetError
@@ -80,12 +82,36 @@ def _load_split(name: str, data_dir: str, manual_dir: str | None, split: str) ->
   return Split(images, labels)
 
 
+@functools.lru_cache(maxsize=16)
+def _sized_split(name: str, data_dir: str, manual_dir: str | None, split: str,
+                 size: tuple[int, int] | None) -> Split:
+  """A split with its images resized to `size` (None: as stored)."""
+  data = _load_split(name, data_dir, manual_dir, split)
+  return data if size is None else Split(subsets.resize(data.images, size), data.labels)
+
+
+def _size(data_config) -> tuple[int, int] | None:
+  size = data_config.get("resize")
+  return None if size is None else subsets.check_size(size)
+
+
 def load_split(data_config, split: str) -> Split:
+  """A split as the run sees it: resized (`resize`); the train split cut to `train_per_class`
+  examples per class (drawn with `subset_seed`; with `subset_repeat`, repeated and cut to the
+  whole split's length)."""
   if split not in ("train", "test"):
     raise ConfigError(f"split={split!r} is not allowed; choose one of: train, test.")
   _check_name(data_config.name)
-  return _load_split(data_config.name, _data_dir(data_config), data_config.get("manual_dir"),
-                     split)
+  data = _sized_split(data_config.name, _data_dir(data_config), data_config.get("manual_dir"),
+                      split, _size(data_config))
+  per_class = data_config.get("train_per_class")
+  if split == "test" or per_class is None:
+    return data
+  seed = data_config.get("subset_seed", 0)
+  idx = subsets.stratified_subset(data.labels, per_class, seed, "dataset.train_per_class")
+  if data_config.get("subset_repeat", True):
+    idx = subsets.repeat_to(idx, len(data.labels), seed)
+  return Split(data.images[idx], data.labels[idx])
 
 
 def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
@@ -103,8 +129,8 @@ def dataset_info(data_config) -> DatasetInfo:
 
 
 @functools.lru_cache(maxsize=16)
-def _stats(name: str, data_dir: str, manual_dir: str | None):
-  train = _load_split(name, data_dir, manual_dir, "train")
+def _stats(name: str, data_dir: str, manual_dir: str | None, size: tuple[int, int] | None):
+  train = _sized_split(name, data_dir, manual_dir, "train", size)
   x = train.images.astype(np.float64) / 255.0
   mean = x.mean(axis=(0, 1, 2))
   std = x.std(axis=(0, 1, 2))
@@ -112,10 +138,11 @@ def _stats(name: str, data_dir: str, manual_dir: str | None):
 
 
 def normalisation(data_config) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and std [C] of the train split in [0, 1] units: images are fed as
-  (pixel / 255 - mean) / std."""
+  """Per-channel mean and std [C] of the (resized) train split in [0, 1] units, over the whole
+  split even when training on a subset: images are fed as (pixel / 255 - mean) / std."""
   load_split(data_config, "train")
-  return _stats(data_config.name, _data_dir(data_config), data_config.get("manual_dir"))
+  return _stats(data_config.name, _data_dir(data_config), data_config.get("manual_dir"),
+                _size(data_config))
 
 
 def train_iterator(data_config, batch_size: int, seed: int,
