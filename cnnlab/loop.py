@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from cnnlab import data as data_lib
-from cnnlab import environment, rundir, train
+from cnnlab import environment, rundir, train, transfer
 from cnnlab import mesh as mesh_lib
 from cnnlab.checkpoint import Checkpointer
 from cnnlab.errors import Interrupted
@@ -51,6 +51,7 @@ class Run:
     self.config = config
     self.dir = rundir.RunDir(workdir)
     self.primary = jax.process_index() == 0
+    transfer.check(config, self.dir)  # Before anything is written.
     if self.primary:
       self.dir.claim(config, overrides=overrides, command=command)
     else:
@@ -165,8 +166,8 @@ def _restore(runs, fresh_states, placement, total_steps):
   """Restores every run from the newest checkpoint they all hold, into `placement`'s mesh
   (any topology can resume any other's checkpoint); returns (states, step, progress)."""
   latest = _common_latest_step(runs)
-  if latest is None:
-    return fresh_states, 0, {}
+  if latest is None:  # A fresh start: from config.init's source, if any.
+    return [transfer.start(run, fresh) for run, fresh in zip(runs, fresh_states)], 0, {}
   template = Replicated(placement.mesh)
   states, progress = [], {}
   for run, fresh in zip(runs, fresh_states):
@@ -334,6 +335,7 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh) ->
         "vmapped_seeds": len(runs) if placement.stacked else 1,
         "topology": mesh_lib.describe(mesh), "environment": env, "wall_time_s": wall(),
     }
+    results.update(transfer.recorded(run.dir.workdir))
     if "topology_changed" in saved:
       results["topology_changed"] = saved["topology_changed"]
     if run.diverged is not None:
@@ -348,15 +350,18 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh) ->
   return out
 
 
-def load_latest_state(config: ml_collections.ConfigDict, workdir: str) -> train.TrainState:
-  """The state of the latest checkpoint in `workdir`, replicated over this process's mesh."""
+def load_latest_state(config: ml_collections.ConfigDict, workdir: str,
+                      step: int | None = None) -> train.TrainState:
+  """The state of checkpoint `step` (None: the latest) in `workdir`, replicated over this
+  process's mesh."""
   s = train.setup(config)
   state = train.create_train_state(s.model, s.tx, train.split_seed(config.seed),
                                    s.info.image_shape)
   checkpointer = Checkpointer(rundir.RunDir(workdir).checkpoint_dir)
   try:
     target = train.checkpointed(Replicated(mesh_lib.make_mesh(1)).combine([state]))
-    restored, _ = checkpointer.restore(checkpointer.latest_step(), target)
+    restored, _ = checkpointer.restore(
+        checkpointer.latest_step() if step is None else step, target)
   finally:
     checkpointer.close()
   return state.replace(**restored)

@@ -34,7 +34,7 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from cnnlab import configs, environment, rundir, seeds as seeds_lib, train
+from cnnlab import configs, environment, rundir, seeds as seeds_lib, train, transfer
 from cnnlab.errors import ConfigError, TrainingDivergedError
 from cnnlab.validation import validate_config
 
@@ -174,6 +174,7 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
   seeds = tuple(settings.seeds)
   degenerate = len(cells) == 1 and len(seeds) == 1 and not settings.axes
   vmapped = use_vmap(settings.vmap_seeds, len(seeds))
+  transfer.pretrain(config, workdir, overrides=overrides, command=command, progress=progress)
   while True:
     waiting = False
     for cell in cells:
@@ -232,6 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     results = train.train_and_evaluate(config, workdir, overrides=overrides, command=command,
                                        progress=progress and jax.process_index() == 0)
   elif single:
+    transfer.check(config, rundir.RunDir(workdir))  # A bad source: fail before the lock file.
     work(config, workdir, overrides=overrides, command=command, progress=progress)
     results = rundir.RunDir(workdir).read_results()
   if single:
@@ -242,9 +244,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     return os.path.join(workdir, "results.json")
 
   names = [c.name for c in cells]
-  if settings.baseline and settings.baseline not in names:
-    raise ConfigError(f"config.sweep.baseline={settings.baseline!r} names no cell; the cells "
-                      f"are: {'; '.join(names)}.")
+  axis, _, value = settings.baseline.partition("=")
+  if settings.baseline and settings.baseline not in names and not any(
+      str(c.values.get(axis)) == value for c in cells):
+    raise ConfigError(f"config.sweep.baseline={settings.baseline!r} names no cell and no "
+                      f"axis=value; the cells are: {'; '.join(names)}.")
+  if settings.plot_axis and settings.plot_axis not in settings.axes:
+    raise ConfigError(f"config.sweep.plot_axis={settings.plot_axis!r} is not an axis; the axes "
+                      f"are: {', '.join(settings.axes)}.")
   os.makedirs(workdir, exist_ok=True)
   rundir.write_json_atomic(os.path.join(workdir, "sweep.json"), {
       "config": rundir.config_to_dict(config), "overrides": list(overrides),
@@ -303,7 +310,8 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           "packages": environment.package_versions(), "git_commit": environment.git_commit(),
           "environment": {k: rows[0][k] for k in report.PROVENANCE}}
   return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
-                             target_accuracy=settings.target_accuracy, meta=meta)
+                             target_accuracy=settings.target_accuracy, meta=meta,
+                             plot_axis=settings.plot_axis)
 
 
 def _run_workers(workdir: str, workers: int, bar, done) -> None:
