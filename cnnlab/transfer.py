@@ -15,18 +15,11 @@ The run prints these lists, writes them to <workdir>/transfer.json and copies th
 results.json under "transfer". This happens once, when the run starts: a resumed run restores
 its own checkpoint and never reads the source again.
 
-`init.freeze` selects parameters that do not train: optim.create_optimizer gives them
-optax.set_to_zero (no update, no optimizer state, no weight decay), so they come out of
-training bit for bit as they went in. With `init.freeze_bn` (the default) a BatchNorm layer whose
-parameters are all frozen also runs on its running statistics in training and does not update
-them (`FrozenBatchNorm` intercepts its call with train=False), as a frozen feature extractor
-should: batch statistics of a small target set would otherwise replace the source's.
-`init.body_lr_scale` scales the learning rate of the trained parameters other than the head and
-the `reinit` ones.
-
-Patterns are globs over paths like `stage2_conv0/conv/kernel` (`*` crosses `/`); one starting
-with `!` excludes, and the last pattern that matches a path decides. A pattern that matches
-nothing is an error.
+`init.freeze` (path globs, `!` excludes, the last match decides; a pattern matching nothing is
+an error) selects parameters that do not train: optax.set_to_zero (no update, optimizer state or
+weight decay), so they come out of training bit for bit. With `init.freeze_bn` a BatchNorm layer
+whose parameters are all frozen runs on its running statistics and keeps them (`FrozenBatchNorm`
+calls it with train=False). `init.body_lr_scale` scales the rate of all but the head and `reinit`.
 
 In a sweep, `init.source = "sweep:pretrain"` names the sweep's pretraining run of the cell's
 seed, <sweep workdir>/pretrain/seed_<s>, which `pretrain` trains (once, under a lock) before any
@@ -349,16 +342,13 @@ def start(run, state):
 
 def describe(record: dict, workdir: str) -> str:
   """The transfer record as the lines a run prints."""
-  reinit = [f"{p} ({why})" for p, why in record["reinitialised"].items()]
-  lines = [f"{workdir}: starting from {record['source']} (step {record['source_step']}); "
-           f"recorded in {os.path.join(workdir, RECORD_FILE)}"]
-  for title, items in (("loaded", record["loaded"]), ("re-initialised", reinit),
-                       ("left untouched", record["untouched"]),
-                       ("in the source, unused", record["unused_source"]),
-                       ("frozen", record["frozen"]),
-                       ("BatchNorm on running statistics", record["frozen_batch_norm"])):
-    lines.append(f"  {title} ({len(items)}): {', '.join(items) or '-'}")
-  return "\n".join(lines)
+  lists = {"loaded": record["loaded"], "left untouched": record["untouched"],
+           "re-initialised": [f"{p} ({why})" for p, why in record["reinitialised"].items()],
+           "in the source, unused": record["unused_source"], "frozen": record["frozen"],
+           "BatchNorm on running statistics": record["frozen_batch_norm"]}
+  return "\n".join([f"{workdir}: starting from {record['source']} (step "
+                    f"{record['source_step']}); recorded in {os.path.join(workdir, RECORD_FILE)}"]
+                   + [f"  {k} ({len(v)}): {', '.join(v) or '-'}" for k, v in lists.items()])
 
 
 def recorded(workdir: str) -> dict[str, Any]:
