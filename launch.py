@@ -10,11 +10,14 @@
 A config with a `sweep` section trains every cell of its grid and writes a report.
 `--mode=summary` prints the model's per-layer table (shapes, parameters, multiply-adds, receptive
 fields) and the FLOPs of one training step, without reading data or training.
+`--mode=visualize --workdir=W` (no --config) writes pictures of the run in W to W/pictures/.
 Errors in the user's config, data or workdir print one line and exit with status 2.
 """
 
 import sys
+from typing import NoReturn
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,8 +27,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for this run's outputs; default runs/<config name>[_<variant>].")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary"],
-                          "train: train (every cell of a sweep); summary: print the model summary.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary", "visualize"],
+                          "train: train (every cell of a sweep); summary: print the model summary; "
+                          "visualize: write pictures of the run in --workdir (no --config).")
 _INPUT_SHAPE = flags.DEFINE_list(
     "input_shape", None, "summary only: H,W,C instead of the dataset's (e.g. 224,224,3).")
 _NUM_CLASSES = flags.DEFINE_integer(
@@ -35,45 +39,86 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "multi-host: host:port of process 0, e.g. 10.0.0.1:1234.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index.")
-flags.mark_flag_as_required("config")
+
+
+def _fail(message: str, status: int = 2) -> NoReturn:
+  """The one way launch.py reports a problem in the user's input: one line, exit status 2
+  (130 for an interrupted run, which saved a checkpoint)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a bad flag, `--config.*` override or config file ends in one
+  `error:` line and exit 2 (absl would exit 1; ml_collections lets the config file's own
+  exceptions escape as tracebacks and defers a missing file's error to the first use)."""
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.present and not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+      _CONFIG.value.keys()  # A file that failed to load (e.g. missing) raises its error here.
+      raise TypeError(f"get_config() returned a {type(_CONFIG.value).__name__}, not a ConfigDict")
+    return rest
+  except Exception as e:  # flags.Error, or raised by the user's config file or an override.
+    from cnnlab import cli  # The error path only: keeps `--help` fast.
+    _fail(cli.flag_error_line(e, argv, flags.FLAGS))
+
+
+def _input_shape() -> tuple[int, ...] | None:
+  try:
+    return tuple(int(v) for v in _INPUT_SHAPE.value) if _INPUT_SHAPE.value is not None else None
+  except ValueError:
+    _fail(f"--input_shape={','.join(_INPUT_SHAPE.value)} must be 3 positive integers H,W,C, "
+          "e.g. 224,224,3.")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
   logging.set_verbosity(logging.WARNING)  # JAX/orbax INFO lines would bury the progress bar.
-  from cnnlab import errors, rundir, summary, sweep  # After flag parsing: keeps `--help` fast.
-  if _MODE.value == "summary":
-    try:
-      shape = tuple(int(v) for v in _INPUT_SHAPE.value) if _INPUT_SHAPE.value else None
-    except ValueError:
-      raise app.UsageError(f"--input_shape={','.join(_INPUT_SHAPE.value)} must be integers "
-                           "H,W,C, e.g. 224,224,3.") from None
-    try:
-      print(summary.summarize(_CONFIG.value, shape, _NUM_CLASSES.value).table())
-    except errors.CnnlabError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    return
-  from cnnlab import environment, mesh
-  try:  # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
+  if _MODE.value == "visualize":
+    return _visualize()
+  if _CONFIG.value is None:
+    _fail("--config is required (all modes but --mode=visualize), e.g. "
+          "--config=experiments/default.py.")
+  from cnnlab import environment, errors, mesh, rundir, summary, sweep, validation
+  if _MODE.value != "summary":
+    for flag in (_INPUT_SHAPE, _NUM_CLASSES):
+      if flag.present:
+        _fail(f"--{flag.name} applies to --mode=summary only; training uses the dataset's input "
+              f"shape and classes.")
+  try:
+    if _MODE.value == "summary":
+      print(summary.summarize(_CONFIG.value, _input_shape(), _NUM_CLASSES.value).table())
+      return
+    config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    workdir = _WORKDIR.value or rundir.default_workdir(config_arg)
+    # Checked here, before sweep.run sets process-wide numerics and writes into the workdir.
+    validation.validate_workdir(workdir)
+    validation.validate_config(_CONFIG.value)
+    validation.validate_sweep(sweep.sweep_settings(_CONFIG.value))
+    # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
     environment.apply_numerics(_CONFIG.value.deterministic, _CONFIG.value.matmul_precision)
     mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except errors.CnnlabError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
-  overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  workdir = _WORKDIR.value or rundir.default_workdir(config_arg)
-  try:
     written = sweep.run(
         _CONFIG.value, workdir, overrides=[f"{k}={v!r}" for k, v in sorted(overrides.items())],
         command=" ".join(sys.argv), progress=_PROGRESS.value)
   except errors.CnnlabError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(getattr(e, "exit_code", 2))
+    _fail(str(e), getattr(e, "exit_code", 2))
   print(f"wrote {written}")
 
 
+def _visualize():
+  """--mode=visualize: pictures of a trained run; its config comes from --workdir/config.json."""
+  if _WORKDIR.value is None or _CONFIG.value is not None:
+    _fail("--mode=visualize takes --workdir (a trained or checkpointed run) and no --config: "
+          "the config is read from the workdir.")
+  from cnnlab import errors, visualize
+  try:
+    print(f"wrote {visualize.write_pictures(_WORKDIR.value)}")
+  except errors.CnnlabError as e:
+    _fail(str(e))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -37,6 +37,11 @@ def base_config() -> config_dict.ConfigDict:
   config.dataset.train_per_class = config_dict.placeholder(int)
   config.dataset.subset_seed = 0
   config.dataset.subset_repeat = True
+  # Share of each class of the train split held out for validation (0 = none). With one,
+  # learning curves, steps-to-target and any selection use it, and the test split is evaluated
+  # once, at the end. Drawn with validation_seed, the same for every run seed.
+  config.dataset.validation_fraction = 0.0
+  config.dataset.validation_seed = 0
 
   config.model = config_dict.ConfigDict()
   # One of cnnlab.models.MODEL_NAMES: linear, mlp, lenet5, lenet5_fcn, alexnet, vgg_cnn,
@@ -49,6 +54,8 @@ def base_config() -> config_dict.ConfigDict:
   config.model.dropout_rate = 0.0
   config.model.dropblock_size = 3         # dropblock only: side of the dropped squares
   config.model.activation = "relu"        # relu | tanh (LeNet-5 in 1998 used tanh) | ...
+  # BatchNorm epsilon; None = the model's default (1e-5; googlenet 1e-3, as torchvision's).
+  config.model.bn_epsilon = config_dict.placeholder(float)
   # Conv biases: None = only where no BN directly follows; True/False force them.
   config.model.conv_bias = config_dict.placeholder(bool)
   # lenet5, vgg*, alexnet: max | avg | blur (anti-aliased max pool, Zhang 2019).
@@ -63,6 +70,8 @@ def base_config() -> config_dict.ConfigDict:
   config.model.aux_classifiers = True
   config.model.aux_loss_weight = 0.3
   config.model.c5_kernel = 5
+  # googlenet: the max pool between inception 4e and 5a: 3 (paper) or 2 (torchvision).
+  config.model.pool4_window = 3
   # vgg_cnn only: conv widths per stage (a 2x2 max-pool follows each stage) and the head.
   config.model.stages = ((32, 32), (64, 64))
   config.model.head = "gap"               # gap (global average pool) | flatten | classifier
@@ -99,9 +108,13 @@ def init_defaults() -> config_dict.ConfigDict:
   .gitignore: ("*", "!head/*") is everything but the head.
   """
   init = config_dict.ConfigDict()
-  # "" (train from scratch) | a cnnlab workdir | "sweep:pretrain" (the sweep's pretraining run
-  # of the same seed, see config.sweep.pretrain).
+  # "" (train from scratch) | a cnnlab workdir | a torchvision weight file (see `arch`) |
+  # "sweep:pretrain" (the sweep's pretraining run of the same seed, see config.sweep.pretrain).
   init.source = ""
+  # A torchvision state_dict file as the source (.safetensors/.pt/.pth/.bin) needs its
+  # architecture (cnnlab.convert.TORCHVISION_ARCHS, e.g. "resnet18") and config.model set to
+  # convert.torchvision_model_config(arch).
+  init.arch = ""
   init.step = config_dict.placeholder(int)    # The source checkpoint's step; None = the latest.
   # Arrays (params and BN statistics) to re-initialise instead of loading. The classifier head
   # is re-initialised anyway when the source has another number of classes.
@@ -146,6 +159,17 @@ def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
   sweep.pretrain = config_dict.ConfigDict()
   # An axis to plot test accuracy against, one line per value of the other axes ("" = none).
   sweep.plot_axis = ""
+  # The smallest test-accuracy difference worth detecting (0.01 = 1 point): the report says how
+  # many seeds a paired t-test would need to detect it with 80% power.
+  sweep.min_effect = 0.01
+  # Where workers run: local (`workers` processes on this machine) | slurm (a job array).
+  sweep.launcher = "local"
+  # launcher=slurm: a submitit job array; each job trains cells until none is left.
+  sweep.slurm = config_dict.ConfigDict(dict(
+      cluster="slurm",      # slurm | local (the same job array run on this machine, for a test)
+      partition="", account="", qos="",   # "" = the cluster's default
+      array_size=4, gpus_per_job=1, cpus_per_job=4, mem_gb=0, time_limit_min=240,
+      max_requeues=3))
   return sweep
 
 
@@ -161,6 +185,7 @@ def sweep_base(name: str, variant: str = "full") -> config_dict.ConfigDict:
                      f"{', '.join(SWEEP_VARIANTS)}.")
   config = base_config()
   config.name = name if variant == "full" else f"{name}_{variant}"
+  config.dataset.validation_fraction = 0.1
   config.model.name = "vgg_cnn"
   config.model.stages = ((16,), (32,), (64,))
   config.model.head = "gap"

@@ -75,6 +75,6 @@ def write_variance_shift(cell, seeds, seed_workdirs: list[str], path: str) -> li
   averaged = [{"layer": record["layer"], **{
       key: float(np.mean([seed[i][key] for seed in per_seed]))
       for key in ("var_train", "var_eval", "running_var", "ratio")}}
-      for i, record in enumerate(per_seed[0])]
+      for i, record in enumerate(per_seed[0])] if per_seed else []  # No seed finished: none.
   rundir.write_json_atomic(path, averaged)
   return averaged

@@ -4,6 +4,9 @@ Everything raised as a `CnnlabError` is printed by `launch.py` as one line, with
 and the process exits non-zero. The message must name the offending value and what is allowed.
 """
 
+import errno
+import os
+
 
 class CnnlabError(Exception):
   """Base class: a problem in the user's config, data, or workdir (not a bug in cnnlab)."""
@@ -28,3 +31,21 @@ class TrainingDivergedError(CnnlabError):
 class Interrupted(CnnlabError):
   """SIGTERM or SIGINT stopped training at a step boundary after saving a checkpoint."""
   exit_code = 130
+
+
+class WorkdirError(CnnlabError):
+  """A file in the workdir cannot be written (disk full, read-only, no permission)."""
+
+  @classmethod
+  def from_os_error(cls, path: str, errno_code: int | None, reason: str,
+                    resume_step: int | None) -> "WorkdirError":
+    """The one-line error for a failed write of `path`: the OS reason, what to do, and the step a
+    rerun of the same command resumes from (`resume_step`; None when that is not a run's)."""
+    if errno_code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+      fix = f"free space on the disk holding {path} or use another --workdir"
+    elif errno_code in (errno.EROFS, errno.EACCES, errno.EPERM):
+      fix = f"make {os.path.dirname(path) or path} writable or use another --workdir"
+    else:
+      fix = f"fix {path} or use another --workdir"
+    resume = f" to resume from step {resume_step}" if resume_step is not None else ""
+    return cls(f"cannot write {path} ({reason}); {fix}; then rerun the same command{resume}.")

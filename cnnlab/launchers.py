@@ -28,6 +28,8 @@ SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_paralleli
 LOG_TAIL_BYTES = 65536  # Of a log, only its end is read for the error message...
 QUOTED_LINE_CHARS = 500  # ...and of the line it quotes, at most this much.
 CLUSTERS = ("slurm", "local")
+# config.sweep.launcher: workers as local processes, or as a SLURM job array.
+LAUNCHERS = ("local", "slurm")
 # `config.sweep.slurm` settings and their defaults; "" and 0 leave the cluster's default.
 SLURM_DEFAULTS = {"cluster": "slurm", "partition": "", "account": "", "qos": "",
                   "array_size": 4, "gpus_per_job": 1, "cpus_per_job": 4, "mem_gb": 0,

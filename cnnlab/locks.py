@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 
-from cnnlab.errors import ConfigError
+from cnnlab.errors import ConfigError, WorkdirError
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 5.0
@@ -105,8 +105,11 @@ class CellLock:
     if not 0 < heartbeat_s < stale_after_s:
       raise ConfigError(f"lock heartbeat_s={heartbeat_s!r} must be positive and below "
                         f"stale_after_s={stale_after_s!r}.")
-    os.makedirs(cell_dir, exist_ok=True)
     self.path = os.path.join(cell_dir, LOCK_NAME)
+    try:
+      os.makedirs(cell_dir, exist_ok=True)
+    except OSError as e:
+      raise WorkdirError.from_os_error(cell_dir, e.errno, e.strerror, None) from None
     self.heartbeat_s = heartbeat_s
     self.stale_after_s = stale_after_s
     self.token = ""
@@ -155,11 +158,16 @@ class CellLock:
       fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
       return False
+    except OSError as e:  # A read-only or full workdir: one line, not a traceback.
+      raise WorkdirError.from_os_error(path, e.errno, e.strerror, None) from None
     try:
       os.write(fd, json.dumps(record).encode())
       os.fsync(fd)
-    finally:
+    except OSError as e:
       os.close(fd)
+      os.unlink(path)
+      raise WorkdirError.from_os_error(path, e.errno, e.strerror, None) from None
+    os.close(fd)
     return True
 
   def _read(self, path: str) -> _Holder | None:

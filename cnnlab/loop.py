@@ -35,6 +35,7 @@ from cnnlab import environment, rundir, train, transfer
 from cnnlab import mesh as mesh_lib
 from cnnlab.checkpoint import Checkpointer
 from cnnlab.errors import Interrupted
+from cnnlab.writers import MetricWriter
 
 RESULT_METRICS = ("test_accuracy", "test_loss", "train_loss", "train_accuracy")
 
@@ -56,9 +57,10 @@ class Run:
       self.dir.claim(config, overrides=overrides, command=command)
     else:
       self.dir.fingerprint = rundir.fingerprint(config)
-    self.results = self.dir.read_results() if self.dir.finished() else None
+    self.results = self.dir.finished_result(config)  # Proves it is this config's, or raises.
     self.streams = train.split_seed(config.seed)
     self.diverged: dict | None = None
+    self.writer: MetricWriter | None = None
 
   def open(self, rows: slice) -> None:
     """Builds the data iterator over this process's `rows` of each global batch (may raise a
@@ -68,9 +70,18 @@ class Run:
     self.checkpointer = Checkpointer(self.dir.checkpoint_dir,
                                      keep=max(2, self.config.checkpoints_to_keep))
 
-  def log(self, record: dict[str, Any]) -> None:
-    if self.primary:
-      self.dir.log(record)
+  def start_metrics(self, resume_step: int) -> None:
+    """Opens the metric sink (metrics.jsonl + TensorBoard), dropping what was logged after
+    `resume_step` (it is logged again), on process 0."""
+    self.writer = MetricWriter(self.dir, resume_step) if self.primary else None
+
+  def log(self, step: int, split: str, scalars: dict[str, float]) -> None:
+    if self.writer is not None:
+      self.writer.write_scalars(step, split, scalars)
+
+  def log_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+    if self.writer is not None:
+      self.writer.write_images(step, images)
 
   def save(self, step: int, state: train.TrainState, progress: dict[str, Any]) -> None:
     self.checkpointer.save(step, train.checkpointed(state), {
@@ -86,6 +97,9 @@ class Run:
   def close(self) -> None:
     if hasattr(self, "checkpointer"):
       self.checkpointer.close()
+    if getattr(self, "writer", None) is not None:
+      self.writer.close()
+      self.writer = None
 
 
 def put(tree: Any, sharding) -> Any:
@@ -153,26 +167,20 @@ def interrupt_guard():
       signal.signal(s, h)
 
 
-def _common_latest_step(runs: list[Run]) -> int | None:
-  """The newest checkpoint step every run holds (None if some run has none)."""
-  common = None
-  for run in runs:
-    steps = set(run.checkpointer.all_steps())
-    common = steps if common is None else common & steps
-  return max(common) if common else None
-
-
 def _restore(runs, fresh_states, placement, total_steps):
-  """Restores every run from the newest checkpoint they all hold, into `placement`'s mesh
-  (any topology can resume any other's checkpoint); returns (states, step, progress)."""
-  latest = _common_latest_step(runs)
-  if latest is None:  # A fresh start: from config.init's source, if any.
-    return [transfer.start(run, fresh) for run, fresh in zip(runs, fresh_states)], 0, {}
+  """Restores every run from the newest intact checkpoint they all hold (a corrupt newest one is
+  set aside with one warning) into `placement`'s mesh: any topology resumes any other's
+  checkpoint. Returns (states, step, progress)."""
   template = Replicated(placement.mesh)
+  targets = [train.checkpointed(template.combine([fresh])) for fresh in fresh_states]
+  found = [run.checkpointer.restore_latest(t) for run, t in zip(runs, targets)]
+  if any(f is None for f in found):  # A fresh start: from config.init's source, if any.
+    return [transfer.start(run, fresh) for run, fresh in zip(runs, fresh_states)], 0, {}
+  latest = min(step for step, _, _ in found)
   states, progress = [], {}
-  for run, fresh in zip(runs, fresh_states):
-    target = train.checkpointed(template.combine([fresh]))
-    restored, progress = run.checkpointer.restore(latest, target)
+  for run, fresh, target, (step, restored, progress) in zip(runs, fresh_states, targets, found):
+    if step != latest:  # A seed of a vmapped group is ahead of the others: take the common step.
+      restored, progress = run.checkpointer.restore(latest, target)
     run.dir.check_fingerprint(progress["config_fingerprint"])
     run.train_iter.set_state(progress["data_iterator"])
     states.append(fresh.replace(**mesh_lib.to_host(restored)))
@@ -220,11 +228,13 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
   fresh = [train.create_train_state(model, tx, run.streams, info.image_shape) for run in runs]
   states, first_step, saved = _restore(runs, fresh, placement, total_steps)
   for run in runs:
-    if run.primary:
-      run.dir.truncate_metrics(after_step=first_step)
+    run.start_metrics(first_step)
   state = placement.combine(states)
   train_fn, eval_fn = placement.steps(float(config.model.aux_loss_weight))
 
+  # Learning curves on the validation split when there is one; the test split is then read once,
+  # at the end.
+  curve_split = "validation" if info.num_validation else "test"
   eval_multiple = mesh_lib.data_size(mesh)
   eval_padded = -(-config.eval_batch_size // eval_multiple) * eval_multiple
   eval_rows = mesh_lib.process_slice(eval_padded)
@@ -287,26 +297,26 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
           run.diverged = _divergence(run, done, count_now, health, epoch, lr)
           print(f"error: {run.diverged['diverged_reason']}; recorded in {run.dir.results_path}")
           continue
-        run.log({"step": done, "epoch": epoch, "split": "train", "learning_rate": lr,
-                 "wall_time_s": wall(),
-                 **{k: float(m[k]) / count_now for k in ("loss", "accuracy")}})
+        run.log(done, "train", {"epoch": epoch, "learning_rate": lr, "wall_time_s": wall(),
+                                **{k: float(m[k]) / count_now for k in ("loss", "accuracy")}})
       alive = [i for i, run in enumerate(runs) if run.diverged is None]
       if not alive:
         break
       postfix = {"loss": f"{np.mean([means[i]['loss'] / count_now for i in alive]):.4f}"}
       if end_of_epoch:
-        test = evaluate(state, "test")
-        for run, t in zip(runs, test):
+        held_out = evaluate(state, curve_split)
+        for run, t in zip(runs, held_out):
           if run.diverged is None:
-            run.log({"step": done, "epoch": epoch, "split": "test", **t})
-        postfix["test_acc"] = f"{np.mean([test[i]['accuracy'] for i in alive]):.4f}"
+            run.log(done, curve_split, {"epoch": epoch, **t})
+        postfix[f"{curve_split[:3]}_acc"] = (
+            f"{np.mean([held_out[i]['accuracy'] for i in alive]):.4f}")
       bar.set_postfix(postfix)
       if end_of_epoch or done % ckpt_every == 0 or interrupt["signal"]:
         save_all(done, state)
       if interrupt["signal"]:
         _interrupted(runs, interrupt["signal"], done, bar)
   bar.close()
-  return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh)
+  return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, info)
 
 
 def _interrupted(runs: list[Run], signame: str, done: int, bar) -> None:
@@ -317,12 +327,14 @@ def _interrupted(runs: list[Run], signame: str, done: int, bar) -> None:
                     f"the same command to resume.")
 
 
-def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh) -> list[dict]:
+def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh,
+            info) -> list[dict]:
   """Final evaluation and every run's results.json (diverged runs record how they ended)."""
   config = runs[0].config
   alive = any(run.diverged is None for run in runs)
   test = evaluate(state, "test") if alive else None
   train_eval = evaluate(state, "train") if alive else None
+  validation = evaluate(state, "validation") if alive and info.num_validation else None
   env = {k: v for k, v in environment.describe(config.dtype).items()
          if k in environment.BIT_DETERMINING_KEYS + ("git_commit",)}
   out = []
@@ -345,23 +357,44 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh) ->
                       "train_loss": train_eval[i]["loss"],
                       "train_accuracy": train_eval[i]["accuracy"],
                       "params_sha256": train.state_digest(run_state)})
+      if validation is not None:
+        results.update({"validation_accuracy": validation[i]["accuracy"],
+                        "validation_loss": validation[i]["loss"]})
+      _log_filters(run, total_steps, run_state)
     run.close()
     out.append(run.finish(results))
   return out
 
 
+def _log_filters(run: Run, step: int, state: train.TrainState) -> None:
+  """The first conv layer's filters as a TensorBoard image (models without one have none)."""
+  from cnnlab.visualize import filters  # Matplotlib: only once a run has trained.
+  try:
+    image = filters.filter_grid_image(mesh_lib.to_host(state.params))
+  except ValueError:  # No 2-D conv kernel (an MLP).
+    return
+  run.log_images(step, {"first_conv_filters": image})
+
+
 def load_latest_state(config: ml_collections.ConfigDict, workdir: str,
                       step: int | None = None) -> train.TrainState:
-  """The state of checkpoint `step` (None: the latest) in `workdir`, replicated over this
-  process's mesh."""
+  """The state of checkpoint `step` (None: the latest) in `workdir`, on this process's devices
+  (replicated).
+
+  Restores into an abstract state (`jax.eval_shape`): nothing is initialised or compiled only to
+  be overwritten."""
   s = train.setup(config)
-  state = train.create_train_state(s.model, s.tx, train.split_seed(config.seed),
-                                   s.info.image_shape)
+  streams = train.split_seed(config.seed)
+  abstract = jax.eval_shape(
+      lambda: train.create_train_state(s.model, s.tx, streams, s.info.image_shape))
+  sharding = mesh_lib.replicated(mesh_lib.make_mesh(1))
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      train.checkpointed(abstract))
   checkpointer = Checkpointer(rundir.RunDir(workdir).checkpoint_dir)
   try:
-    target = train.checkpointed(Replicated(mesh_lib.make_mesh(1)).combine([state]))
     restored, _ = checkpointer.restore(
         checkpointer.latest_step() if step is None else step, target)
   finally:
     checkpointer.close()
-  return state.replace(**restored)
+  return abstract.replace(rngs={n: streams[n] for n in train.DROPOUT_STREAMS}, **restored)

@@ -27,22 +27,27 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int,
   """Linear warm-up from 0 over `warmup_epochs`, then constant, cosine (to 0) or step decay.
 
   The step schedule multiplies the rate by `step_factor` at each of `step_boundaries`, given as
-  fractions of the whole run (0.5 = half-way).
+  fractions of the whole run, warm-up included (0.5 = half-way: step round(0.5 * total_steps)).
+  Every boundary applies: one that falls inside the warm-up scales the warm-up's target and
+  everything after it; boundaries that round to the same step multiply.
   """
-  base = float(opt.learning_rate)
+  peak = float(opt.learning_rate)   # The rate the warm-up ramps to.
   warmup = min(int(round(opt.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
   rest = max(total_steps - warmup, 1)
   if opt.schedule == "constant":
-    main = optax.constant_schedule(base)
+    main = optax.constant_schedule(peak)
   elif opt.schedule == "cosine":
-    main = optax.cosine_decay_schedule(base, decay_steps=rest)
+    main = optax.cosine_decay_schedule(peak, decay_steps=rest)
   else:  # "step"; validated earlier.
-    boundaries = {int(round(b * total_steps)) - warmup: float(opt.step_factor)
-                  for b in opt.step_boundaries}
-    main = optax.piecewise_constant_schedule(base, {b: f for b, f in boundaries.items() if b > 0})
+    scales = {}   # Step after the warm-up -> factor applied from there on.
+    for fraction in opt.step_boundaries:
+      step = max(int(round(fraction * total_steps)) - warmup, 0)
+      scales[step] = scales.get(step, 1.0) * float(opt.step_factor)
+    peak *= scales.pop(0, 1.0)   # Boundaries inside the warm-up (or at its end).
+    main = optax.piecewise_constant_schedule(peak, scales)
   if warmup == 0:
     return main
-  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
 def create_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule,

@@ -76,20 +76,24 @@ def _band(runs: list[list[dict]], split: str, key: str):
 
 
 def curves(path: str, curves_by_cell: dict[str, list[list[dict]]]) -> None:
-  """Train loss and test accuracy vs step, mean line per cell with a min-max band over seeds."""
+  """Train loss and held-out accuracy (validation, or test for runs without a validation split)
+  vs step, mean line per cell with a min-max band over seeds."""
   fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
   colors = plt.get_cmap("tab10")
+  every_line = [m for runs in curves_by_cell.values() for run in runs for m in run]
+  held_out = "validation" if any(m["split"] == "validation" for m in every_line) else "test"
   for i, (cell, runs) in enumerate(curves_by_cell.items()):
     color = colors(i % 10)
-    for ax, split, key, scale in ((left, "train", "loss", 1.0), (right, "test", "accuracy", 100)):
+    for ax, split, key, scale in ((left, "train", "loss", 1.0), (right, held_out, "accuracy", 100)):
       steps, mean, lo, hi = _band(runs, split, key)
       if steps:
-        ax.plot(steps, scale * mean, color=color, label=cell, lw=1.5, marker="." if split == "test" else None)
+        ax.plot(steps, scale * mean, color=color, label=cell, lw=1.5,
+                marker="." if split == held_out else None)
         ax.fill_between(steps, scale * lo, scale * hi, color=color, alpha=0.15, lw=0)
   left.set(xlabel="training step", ylabel="train loss (nats, mean over log interval)",
            yscale="log", title="Train loss: mean over seeds, band = min–max")
-  right.set(xlabel="training step", ylabel="test accuracy (%)",
-            title="Test accuracy (end of each epoch): mean, band = min–max")
+  right.set(xlabel="training step", ylabel=f"{held_out} accuracy (%)",
+            title=f"{held_out.capitalize()} accuracy (end of each epoch): mean, band = min–max")
   for ax in (left, right):
     ax.grid(alpha=0.3)
   handles, labels = left.get_legend_handles_labels()

@@ -40,7 +40,7 @@ DISPLAY = {"test_accuracy": ("test accuracy", 100.0, 2, "points"),
            "test_loss": ("test loss", 1.0, 4, "nats")}
 # Columns read back from CSV as text even when they look like numbers.
 TEXT_COLUMNS = ("cell", "cell_hash", "status", "diverged_reason", "params_sha256",
-                "seeds_dropped_diverged", "power_note")
+                "seeds_dropped_diverged", "power_note", "curve_split")
 
 
 def with_status(rows: list[dict]) -> list[dict]:
@@ -235,14 +235,14 @@ def _cost_section(rows, meta) -> list[str]:
   return lines
 
 
-def _cell_section(summary, target_accuracy) -> list[str]:
+def _cell_section(summary, target_accuracy, curve_split: str = "test") -> list[str]:
   """The per-cell table, and the diverged runs with their step and reason."""
   lines = ["## Per cell", "",
            "Mean ± sample std [95% t-interval] over seeds. Accuracy in %, loss in nats. "
            "Runs whose loss became non-finite are counted under *diverged* and left out: n and "
            "every statistic are over the runs that finished.", "",
            f"| cell | n | diverged | test accuracy (%) | test loss | final train loss | steps to "
-           f"{100 * target_accuracy:.0f}% test acc. (mean, reached) |",
+           f"{100 * target_accuracy:.0f}% {curve_split} acc. (mean, reached) |",
            "|---|---|---|---|---|---|---|"]
   for s in summary:
     head = f"| `{s['cell']}` | {s['n']} | {len(s['diverged'])} of {s['runs']} |"
@@ -355,7 +355,8 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
            f"baseline `{baseline}`; {diverged} of {len(rows)} runs diverged. Every number "
            "below is recomputable from `results.csv` (statistics: `cells.csv`, "
            "`comparisons.csv`).", ""]
-  lines += _cell_section(summary, target_accuracy)
+  lines += _cell_section(summary, target_accuracy, (rows[0].get("curve_split") if rows else None)
+                        or "test")
   lines += _cost_section(rows, meta)
   lines += _paired_section(paired, baseline)
   lines += _power_section(paired, min_effect)
@@ -373,9 +374,10 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
   lines += ["", "## Figures", "", "![test accuracy](accuracy.png)", ""]
   if plot_axis:
     lines += [f"![test accuracy by {plot_axis}](accuracy_by_{plot_axis}.png)", ""]
-  lines += [
-            "![learning curves](curves.png)", "", "![variance shift](variance_shift.png)", "",
-            "## Reproduce", "", "```", meta["command"], "```", "",
+  lines += ["![learning curves](curves.png)", "", "![variance shift](variance_shift.png)", ""]
+  lines += [f"![first-layer filters of `{cell}`, seed {seed}]({path})\n"
+            for cell, (seed, path) in meta.get("filter_grids", {}).items()]
+  lines += ["## Reproduce", "", "```", meta["command"], "```", "",
             f"git commit `{meta['git_commit']}`; environment: "
             + ", ".join(f"{k}={meta['environment'][k]!r}" for k in sorted(meta["environment"])),
             "", "Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(meta["packages"].items())),

@@ -6,14 +6,20 @@
     <workdir>/metrics.jsonl    one JSON object per line: step, epoch, split, loss, accuracy
                                (+ learning_rate, wall_time_s on train lines)
     <workdir>/checkpoints/     orbax checkpoints (cnnlab.checkpoint)
+    <workdir>/results.sha256   SHA-256 of results.json's bytes (`sha256sum -c` reads it)
     <workdir>/results.json     written last, atomically: its presence means the run finished
 
 A workdir belongs to one config: the fingerprint (a hash of the resolved config) is stored in
-config.json and in every checkpoint, and a run with a different config refuses to use it.
+config.json, in every checkpoint and in results.json, and a run with a different config refuses
+to use it. results.json also carries the seed, and results.sha256 its digest, so a finished run
+proves it is this config's even when config.json is lost, and a garbled or swapped results.json
+is refused rather than reported. Every write that fails (disk full, read-only)
+raises one WorkdirError line and leaves what was already saved intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,8 +30,8 @@ from typing import Any
 import ml_collections
 import tqdm
 
-from cnnlab import environment
-from cnnlab.errors import CheckpointError
+from cnnlab import checkpoint, digests, environment
+from cnnlab.errors import CheckpointError, WorkdirError
 
 # Config fields that only change how a run is observed, never its numbers.
 _NOT_FINGERPRINTED = ("log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep")
@@ -46,22 +52,69 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def fingerprint(config: ml_collections.ConfigDict, exclude: tuple[str, ...] = ()) -> str:
   """A short hash of everything in `config` (but `exclude`d top-level keys) that can change a
   run's numbers."""
+  from cnnlab import models  # Heavy (flax): only where a fingerprint is taken.
   skip = _NOT_FINGERPRINTED + tuple(exclude)
   d = {k: v for k, v in config_to_dict(config).items() if k not in skip}
   d.pop("sweep", None)  # How a run was scheduled does not change it.
-  blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
-  return hashlib.sha256(blob.encode()).hexdigest()[:12]
+  if "model" in d:  # Only the model fields its architecture reads.
+    used = models.used_fields(config.model)
+    d["model"] = {k: v for k, v in d["model"].items() if k in used}
+  return digests.json_sha256(d)[:12]
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes `obj` to `path` so that a reader sees either the old file or the complete new one."""
+def write_json_atomic(path: str, obj: Any, resume_step: int | None = None) -> None:
+  """Writes `obj` to `path` so that a reader sees either the old file or the complete new one.
+
+  Raises:
+    WorkdirError: the write failed (the temporary file is removed); `resume_step` is the step a
+      rerun resumes from, for the message.
+  """
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", resume_step)
+
+
+def write_text_atomic(path: str, text: str, resume_step: int | None = None) -> None:
+  """`write_json_atomic` for text: a temporary file, fsync'ed, then renamed over `path`."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise _write_error(path, e, resume_step) from e
+
+
+def append_bytes(path: str, data: bytes, resume_step: int | None = None) -> None:
+  """Appends `data` to `path` with O_APPEND; a failed write is cut back off, so the file never
+  ends in half a line.
+
+  Raises:
+    WorkdirError: the write failed.
+  """
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise _write_error(path, e, resume_step) from e
+  start = None
+  try:
+    start = os.lseek(fd, 0, os.SEEK_END)
+    view = memoryview(data)
+    while view:
+      view = view[os.write(fd, view):]
+  except OSError as e:
+    if start is not None:
+      with contextlib.suppress(OSError):
+        os.ftruncate(fd, start)
+    raise _write_error(path, e, resume_step) from e
+  finally:
+    os.close(fd)
+
+
+def _write_error(path: str, error: OSError, resume_step: int | None) -> WorkdirError:
+  return WorkdirError.from_os_error(path, error.errno, error.strerror or str(error), resume_step)
 
 
 def read_json(path: str) -> Any:
@@ -78,49 +131,82 @@ class RunDir:
     self.environment_path = os.path.join(workdir, "environment.json")
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     self.results_path = os.path.join(workdir, "results.json")
+    self.results_digest_path = os.path.join(workdir, "results.sha256")
     self.checkpoint_dir = os.path.join(workdir, "checkpoints")
     self.fingerprint: str | None = None
 
   def claim(self, config: ml_collections.ConfigDict, overrides=(), command: str = "") -> None:
     """Takes the workdir for `config`; refuses one holding progress of a different config.
 
+    Ownership is proven by every record the workdir still has: config.json, the newest readable
+    checkpoint's progress record, and results.json (fingerprint and seed, checked against
+    results.sha256); a deleted or garbled config.json is rewritten once the others agree.
+
     Raises:
-      CheckpointError: the workdir holds a config.json with another fingerprint.
+      CheckpointError: a record belongs to another config or seed, or results.json is garbled.
+      WorkdirError: config.json or environment.json cannot be written.
     """
     self.fingerprint = fingerprint(config)
-    os.makedirs(self.workdir, exist_ok=True)
-    if os.path.exists(self.config_path) and self.has_progress():
-      try:
-        previous = read_json(self.config_path)
-      except (OSError, ValueError):
-        previous = {}  # An unreadable config.json from a killed run: rewrite it below.
-      if previous and previous.get("fingerprint") != self.fingerprint:
-        changed = _changed_keys(previous.get("config", {}), config_to_dict(config))
-        raise CheckpointError(
-            f"workdir {self.workdir} holds a run of a different config (fingerprint "
-            f"{previous.get('fingerprint')}, this config {self.fingerprint}; differing keys: "
-            f"{', '.join(changed) or 'unknown'}). Use another --workdir, or delete "
-            f"{self.workdir} to start over.")
-    if self.finished():
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+    except OSError as e:
+      raise _write_error(self.workdir, e, None) from e
+    previous = _read_json_or_none(self.config_path)
+    if self.has_progress():
+      self._check_owner(config, previous)
+    if self.finished_result(config) is not None:
+      if not isinstance(previous, dict):  # Lost: results.json proved the run is this config's.
+        self._write_config(config, overrides, command)
       return  # Keep the config and environment that produced the results.
-    write_json_atomic(self.config_path, {
-        "fingerprint": self.fingerprint, "config": config_to_dict(config),
-        "overrides": list(overrides), "command": command})
+    self._write_config(config, overrides, command)
     now = environment.describe(config.dtype)
-    if self.has_progress() and os.path.exists(self.environment_path):
-      before = read_json(self.environment_path)
+    before = _read_json_or_none(self.environment_path)
+    if self.has_progress() and isinstance(before, dict):
       changed = [k for k in environment.BIT_DETERMINING_KEYS if before.get(k) != now.get(k)]
       if changed:
         logging.warning("resuming %s under different settings (%s): its results will not be "
                         "bit-identical to an uninterrupted run's.", self.workdir,
                         ", ".join(changed))
-    write_json_atomic(self.environment_path, now)
+    write_json_atomic(self.environment_path, now, self.resume_step())
+
+  def _write_config(self, config, overrides, command) -> None:
+    write_json_atomic(self.config_path, {
+        "fingerprint": self.fingerprint, "config": config_to_dict(config),
+        "overrides": list(overrides), "command": command}, self.resume_step())
+
+  def _check_owner(self, config: ml_collections.ConfigDict, previous: Any) -> None:
+    """Raises CheckpointError unless config.json (when readable) and the newest readable
+    checkpoint both carry this config's fingerprint."""
+    owners = []
+    if isinstance(previous, dict):
+      owners.append(("config.json", previous.get("fingerprint")))
+    newest = None
+    if checkpoint.saved_steps(self.checkpoint_dir):
+      checkpointer = checkpoint.Checkpointer(self.checkpoint_dir, read_only=True)
+      try:
+        newest = checkpointer.newest_progress()
+      finally:
+        checkpointer.close()
+    if newest is not None:
+      owners.append((f"checkpoint {newest[0]}", newest[1].get("config_fingerprint")))
+    for source, saved in owners:
+      if saved != self.fingerprint:
+        old = previous.get("config", {}) if isinstance(previous, dict) else {}
+        changed = _changed_keys(old, config_to_dict(config)) if old else []
+        raise CheckpointError(
+            f"workdir {self.workdir} holds a run of a different config (fingerprint {saved} in "
+            f"its {source}, this config {self.fingerprint}; differing keys: "
+            f"{', '.join(changed) or 'unknown'}). Use another --workdir, or delete "
+            f"{self.workdir} to start over.")
 
   def has_progress(self) -> bool:
     """Whether the workdir holds checkpoints or results (something a different config must not
     overwrite); a workdir with only config.json from a run that failed early has none."""
-    return self.finished() or (os.path.isdir(self.checkpoint_dir)
-                               and any(n.isdigit() for n in os.listdir(self.checkpoint_dir)))
+    return self.finished() or bool(checkpoint.saved_steps(self.checkpoint_dir))
+
+  def resume_step(self) -> int:
+    """The step a rerun resumes from: that of the newest complete checkpoint (0 if none)."""
+    return max(checkpoint.saved_steps(self.checkpoint_dir), default=0)
 
   def check_fingerprint(self, saved: str) -> None:
     """Raises CheckpointError if a checkpoint was written by a different config."""
@@ -131,18 +217,65 @@ class RunDir:
           f"delete {self.checkpoint_dir} to start over.")
 
   def finished(self) -> bool:
+    """Whether results.json exists (not whether it is intact or this config's:
+    `finished_result` checks that)."""
     return os.path.exists(self.results_path)
 
+  def finished_result(self, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """results.json's dict if the run of `config` finished here; None if it has not finished.
+
+    Raises:
+      CheckpointError: results.json is unreadable, garbled, or belongs to another config/seed.
+    """
+    if not self.finished():
+      return None
+    results = self.read_results()
+    want = (fingerprint(config), config.seed)
+    got = (results.get("config_fingerprint"), results.get("seed"))
+    if got != want:
+      raise CheckpointError(
+          f"{self.results_path} belongs to a run of a different config or seed (fingerprint "
+          f"{got[0]}, seed {got[1]}; this config {want[0]}, seed {want[1]}). Use another "
+          f"--workdir, or delete that file to re-evaluate this workdir's own final checkpoint.")
+    return results
+
   def read_results(self) -> dict[str, Any]:
-    return read_json(self.results_path)
+    """results.json's dict, after checking it against results.sha256.
+
+    Raises:
+      CheckpointError: results.json is unreadable or does not match its digest.
+    """
+    fix = ("delete it and rerun the same command to re-evaluate the run's final checkpoint, or "
+           "use another --workdir")
+    try:
+      with open(self.results_path, "rb") as f:
+        blob = f.read()
+      results = json.loads(blob)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"{self.results_path} cannot be read ({e}); {fix}.") from None
+    saved = (_read_text_or_none(self.results_digest_path) or "").split()
+    if not isinstance(results, dict) or saved[:1] != [hashlib.sha256(blob).hexdigest()]:
+      raise CheckpointError(
+          f"{self.results_path} does not match {self.results_digest_path} (garbled, edited, or "
+          f"written before cnnlab signed results); {fix}.")
+    return results
 
   def write_results(self, results: dict[str, Any]) -> None:
-    write_json_atomic(self.results_path, results)
+    """Writes results.sha256, then results.json (whose presence marks the run finished)."""
+    text = json.dumps(results, indent=2, sort_keys=True) + "\n"
+    step = self.resume_step()
+    write_text_atomic(self.results_digest_path,
+                      f"{hashlib.sha256(text.encode()).hexdigest()}  results.json\n", step)
+    write_text_atomic(self.results_path, text, step)
 
   def log(self, record: dict[str, Any]) -> None:
-    """Appends one metrics line (flushed, so a killed run loses at most the line being written)."""
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+    """Appends one metrics line in one write; a write that fails leaves no partial line.
+
+    Raises:
+      WorkdirError: the line cannot be written (disk full, read-only).
+    """
+    append_bytes(self.metrics_path, (json.dumps(record, sort_keys=True) + "\n").encode(),
+                 self.resume_step())
 
   def read_metrics(self) -> list[dict[str, Any]]:
     """The complete lines of metrics.jsonl (a line cut short by a kill is skipped)."""
@@ -158,14 +291,33 @@ class RunDir:
     return records
 
   def truncate_metrics(self, after_step: int) -> None:
-    """Drops the lines logged after `after_step` (they are logged again on resume)."""
+    """Drops the lines logged after `after_step` (they are logged again on resume).
+
+    Raises:
+      WorkdirError: metrics.jsonl cannot be rewritten (it is left as it was).
+    """
     if not os.path.exists(self.metrics_path):
       return
     keep = [r for r in self.read_metrics() if r["step"] <= after_step]
-    tmp = self.metrics_path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
-    os.replace(tmp, self.metrics_path)
+    write_text_atomic(self.metrics_path,
+                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep),
+                      self.resume_step())
+
+
+def _read_json_or_none(path: str) -> Any:
+  """The parsed JSON at `path`, or None if it is missing or unreadable."""
+  try:
+    return read_json(path)
+  except (OSError, ValueError):
+    return None
+
+
+def _read_text_or_none(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read()
+  except (OSError, ValueError):
+    return None
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

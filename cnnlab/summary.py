@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from cnnlab import data, layers, models, optim, train
+from cnnlab.errors import ConfigError
 from cnnlab.validation import validate_config
 
 GLOBAL = None   # The geometry of values that depend on every input pixel.
@@ -270,11 +271,18 @@ def train_step_flops(config: ml_collections.ConfigDict, model: nn.Module,
 def summarize(config: ml_collections.ConfigDict, input_shape: tuple[int, ...] | None = None,
               num_classes: int | None = None, *, step_flops: bool = True) -> Summary:
   """The summary of `config.model` on `config.dataset`'s input shape and classes (no data is
-  read), or on `input_shape` (H, W, C) / `num_classes` when given (e.g. 224x224x3, 1000)."""
+  read), or on `input_shape` (H, W, C) / `num_classes` when given (e.g. 224x224x3, 1000).
+
+  Raises ConfigError for a bad config, an `input_shape` that is not 3 positive integers, or a
+  `num_classes` below 1 (given values are used or refused, never replaced by the dataset's)."""
   validate_config(config)
   shape, classes = data.dataset_shape(config.dataset.name)
-  shape = tuple(input_shape or shape)
-  classes = num_classes or classes
+  if input_shape is not None:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(layers.is_int(v) and v >= 1 for v in shape):
+      raise ConfigError(f"input_shape={shape!r} must be 3 positive integers (H, W, C), e.g. "
+                        f"(224, 224, 3).")
+  classes = classes if num_classes is None else num_classes   # get_model checks it.
   model = models.get_model(config.model, classes, dtype=jnp.dtype(config.dtype))
   summary = summarize_model(model, shape, name=config.model.name, num_classes=classes)
   if step_flops:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fcntl
 import itertools
 import json
 import os
@@ -34,9 +33,10 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from cnnlab import configs, environment, rundir, seeds as seeds_lib, train, transfer
-from cnnlab.errors import ConfigError, TrainingDivergedError
-from cnnlab.validation import validate_config
+from cnnlab import configs, environment, launchers, rundir, seeds as seeds_lib, train, transfer
+from cnnlab.locks import CellLock
+from cnnlab.errors import CnnlabError, ConfigError, TrainingDivergedError
+from cnnlab.validation import validate_config, validate_sweep
 
 VMAP_CHOICES = ("auto", "on", "off")
 # Measured (see README, "Performance"): on this 2-core CPU vmapped seeds ran slower than one
@@ -68,13 +68,7 @@ def sweep_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   s = configs.sweep_defaults(config.seed)
   if "sweep" in config:
     s.update(config.sweep)
-  if s.vmap_seeds not in VMAP_CHOICES:
-    raise ConfigError(f"config.sweep.vmap_seeds={s.vmap_seeds!r} is not allowed; choose one of: "
-                      f"{', '.join(VMAP_CHOICES)}.")
-  if not isinstance(s.workers, int) or s.workers < 1:
-    raise ConfigError(f"config.sweep.workers={s.workers!r} must be an integer >= 1.")
-  if not s.seeds or len(set(s.seeds)) != len(s.seeds):
-    raise ConfigError(f"config.sweep.seeds={tuple(s.seeds)!r} must be non-empty and distinct.")
+  validate_sweep(s)
   return s
 
 
@@ -129,40 +123,13 @@ def use_vmap(setting: str, num_seeds: int) -> bool:
   return setting == "on" or VMAP_AUTO.get(jax.default_backend(), False)
 
 
-class CellLock:
-  """An exclusive, non-blocking flock on `<cell dir>/.lock`; the OS frees it if we die."""
-
-  def __init__(self, cell_dir: str):
-    os.makedirs(cell_dir, exist_ok=True)
-    self._file = open(os.path.join(cell_dir, ".lock"), "a")
-
-  def acquire(self) -> bool:
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      return True
-    except BlockingIOError:
-      return False
-
-  def release(self) -> None:
-    fcntl.flock(self._file, fcntl.LOCK_UN)
-    self.close()
-
-  def close(self) -> None:
-    self._file.close()
-
-
 def _finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> bool:
-  """Whether `workdir` holds results (of `config`, if given: a finished run of another config
-  is not this run's result, and training it raises the workdir-conflict error)."""
+  """Whether `workdir` holds results (of `config`, if given: results that do not prove they are
+  this config's raise CheckpointError rather than count as finished or not)."""
   run = rundir.RunDir(workdir)
-  if not run.finished():
-    return False
   if config is None:
-    return True
-  try:
-    return rundir.read_json(run.config_path)["fingerprint"] == rundir.fingerprint(config)
-  except (OSError, ValueError, KeyError):
-    return False
+    return run.finished()
+  return run.finished_result(config) is not None
 
 
 def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), command: str = "",
@@ -203,7 +170,10 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
             on_seed_done(len(group))
         if diag_path and not os.path.exists(diag_path):
           from cnnlab import diagnostics  # Only sweeps need it.
-          diagnostics.write_variance_shift(cell, seeds, dirs, diag_path)
+          trained = [(s, d) for s, d in zip(seeds, dirs)  # Diverged runs have no weights.
+                     if rundir.RunDir(d).read_results().get("status", "finished") == "finished"]
+          diagnostics.write_variance_shift(cell, [s for s, _ in trained], [d for _, d in trained],
+                                           diag_path)
       finally:
         lock.release()
     if not waiting:
@@ -259,7 +229,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   total = len(cells) * len(seeds)
   done = lambda: sum(_finished(seed_workdir(workdir, c, s, False)) for c in cells for s in seeds)
   bar = rundir.progress_bar(total, done(), enabled=progress, desc="sweep runs", unit="run")
-  if settings.workers == 1:
+  advance = lambda: bar.update(done() - bar.n)
+  if settings.launcher == "local" and settings.workers == 1:
     work(config, workdir, overrides=overrides, command=command, progress=progress,
          on_seed_done=bar.update)
   else:
@@ -267,15 +238,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     from cnnlab import data
     for cell in cells:
       data.dataset_info(cell.config.dataset)
-    _run_workers(workdir, settings.workers, bar, done)
+    if settings.launcher == "slurm":
+      launchers.run_slurm_workers(workdir, settings.slurm.to_dict(), advance)
+    else:
+      launchers.run_local_workers(workdir, settings.workers, advance)
   bar.close()
   return write_sweep_report(config, cells, seeds, workdir, command=command)
 
 
+def curve_split(metrics: list[dict]) -> str:
+  """The split a run's learning curve was measured on: validation if it had one, else test."""
+  return "validation" if any(m["split"] == "validation" for m in metrics) else "test"
+
+
 def steps_to_target(metrics: list[dict], target: float) -> int | None:
-  """The first step whose end-of-epoch test accuracy reached `target` (None if none did)."""
+  """The first step whose end-of-epoch accuracy on the curve split (validation, or test for a
+  run without one) reached `target` (None if none did)."""
+  split = curve_split(metrics)
   for m in metrics:
-    if m["split"] == "test" and m["accuracy"] >= target:
+    if m["split"] == split and m["accuracy"] >= target:
       return m["step"]
   return None
 
@@ -291,54 +272,56 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
     cost = summary.summarize(cell.seed_config(seeds[0]))
     for seed in seeds:
       run = rundir.RunDir(seed_workdir(workdir, cell, seed, False))
-      res, metrics = run.read_results(), run.read_metrics()
+      res, metrics = run.finished_result(cell.seed_config(seed)), run.read_metrics()
       env = res["environment"]
       rows.append({
           "cell": cell.name, "cell_hash": cell.digest, "seed": seed,
           **{axis: str(value) for axis, value in cell.values.items()},
           **{k: res[k] for k in ("test_accuracy", "test_loss", "train_loss", "train_accuracy")},
           "steps_to_target": steps_to_target(metrics, settings.target_accuracy),
+          "curve_split": curve_split(metrics),
           "wall_time_s": res["wall_time_s"], "num_params": res["num_params"],
           "forward_macs": cost.total_macs, "train_step_flops": cost.train_step_flops,
           **{k: env[k] for k in report.PROVENANCE}, "vmapped_seeds": res["vmapped_seeds"],
-          "params_sha256": res["params_sha256"]})
+          "params_sha256": res.get("params_sha256"), "status": res.get("status", "finished"),
+          "diverged_step": res.get("diverged_step"),
+          "diverged_reason": res.get("diverged_reason")})
       curves[cell.name].append(metrics)
     path = os.path.join(workdir, "cells", cell.dirname, "diagnostics.json")
     diagnostics[cell.name] = rundir.read_json(path) if os.path.exists(path) else []
+  filter_grids = _filter_grids(cells, seeds, workdir)
   baseline = settings.baseline or cells[0].name
   meta = {"command": command, "config": rundir.config_to_dict(config),
           "packages": environment.package_versions(), "git_commit": environment.git_commit(),
-          "environment": {k: rows[0][k] for k in report.PROVENANCE}}
+          "environment": {k: rows[0][k] for k in report.PROVENANCE},
+          "filter_grids": filter_grids}
   return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
                              target_accuracy=settings.target_accuracy, meta=meta,
-                             plot_axis=settings.plot_axis)
+                             min_effect=settings.min_effect, plot_axis=settings.plot_axis)
 
 
-def _run_workers(workdir: str, workers: int, bar, done) -> None:
-  """Starts `workers` processes of `python -m cnnlab.sweep WORKDIR`, each pinned to one core
-  and one XLA thread, and waits for them, advancing `bar` as runs finish."""
-  cpus = sorted(os.sched_getaffinity(0))
-  flags = os.environ.get("XLA_FLAGS", "")
-  env = dict(os.environ, XLA_FLAGS=f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip())
-  procs = []
-  for i in range(workers):
-    cpu = cpus[i % len(cpus)]
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "cnnlab.sweep", workdir], env=env,
-        preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu}),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-  while any(p.poll() is None for p in procs):
-    bar.update(done() - bar.n)
-    time.sleep(1.0)
-  bar.update(done() - bar.n)
-  failed = [p for p in procs if p.returncode != 0]
-  if failed:
-    tail = failed[0].stderr.read()[-2000:]
-    raise RuntimeError(f"{len(failed)} sweep worker(s) failed; the first one said:\n{tail}")
-
-
-# Pins XLA's CPU backend to one intra-op thread (recorded as threads=1 in every result).
-SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+def _filter_grids(cells: list[Cell], seeds, workdir: str) -> dict[str, tuple[int, str]]:
+  """{cell name: (seed, path relative to workdir)} of a picture of the first conv layer's
+  filters of each cell's first finished seed (cells whose model has no conv layer have none)."""
+  from cnnlab import visualize  # Matplotlib: post-processing only.
+  grids = {}
+  for cell in cells:
+    for seed in seeds:
+      run_dir = seed_workdir(workdir, cell, seed, False)
+      results = rundir.RunDir(run_dir).read_results()
+      if results.get("status", "finished") != "finished":
+        continue
+      path = os.path.join("cells", cell.dirname, "filters.png")
+      if not os.path.exists(os.path.join(workdir, path)):
+        state = train.load_trained_state(cell.seed_config(seed), run_dir)
+        try:
+          visualize.write_filter_grid(state, os.path.join(workdir, path),
+                                      title=f"{cell.name}, seed {seed}: first conv layer")
+        except ValueError:  # No 2-D conv kernel.
+          break
+      grids[cell.name] = (seed, path)
+      break
+  return grids
 
 
 def worker_main(workdir: str) -> None:
@@ -347,7 +330,12 @@ def worker_main(workdir: str) -> None:
   saved = rundir.read_json(os.path.join(workdir, "sweep.json"))
   config = ml_collections.ConfigDict(saved["config"])
   environment.apply_numerics(config.deterministic, config.matmul_precision)
-  work(config, workdir, overrides=saved["overrides"], command=saved["command"], progress=False)
+  try:
+    work(config, workdir, overrides=saved["overrides"], command=saved["command"],
+         progress=False)
+  except CnnlabError as e:  # The one line the launcher quotes from this worker's log.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(getattr(e, "exit_code", 2))
 
 
 if __name__ == "__main__":

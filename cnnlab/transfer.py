@@ -1,7 +1,8 @@
 """Transfer learning: start a run from another run's weights, re-initialise or freeze parts of it.
 
-`config.init` (cnnlab.configs.init_defaults) names a source, a cnnlab workdir, whose config.json
-builds its model and optimizer and whose checkpoint (the latest, or `init.step`) is restored.
+`config.init` (cnnlab.configs.init_defaults) names a source: a cnnlab workdir, whose config.json
+builds its model and optimizer and whose checkpoint (the latest, or `init.step`) is restored, or
+a torchvision weight file of architecture `init.arch`, read by cnnlab.convert.
 Every array of the new model (parameters and BatchNorm statistics) is then, by its path:
 
   re-initialised  it matches `init.reinit`, or it is the classifier head (its shape depends on
@@ -32,6 +33,7 @@ import copy
 import dataclasses
 import fnmatch
 import functools
+import hashlib
 import inspect
 import os
 import time
@@ -48,7 +50,7 @@ from cnnlab import configs, layers, rundir
 from cnnlab.errors import ConfigError
 
 SWEEP_PRETRAIN = "sweep:pretrain"
-SETTING_KEYS = ("source", "step", "reinit", "freeze", "freeze_bn", "body_lr_scale")
+SETTING_KEYS = ("source", "arch", "step", "reinit", "freeze", "freeze_bn", "body_lr_scale")
 RECORD_FILE = "transfer.json"
 COLLECTIONS = ("params", "batch_stats")
 # Optimizer groups (cnnlab.optim.create_optimizer): frozen, the head and re-initialised
@@ -66,9 +68,10 @@ def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f"config.init.recipe={s.recipe!r} names no recipe; config.init.recipes "
                         f"has: {', '.join(s.recipes) or 'none'}.")
     _set_fields(s, s.recipes[s.recipe], f"config.init.recipes.{s.recipe}", SETTING_KEYS)
-  if not isinstance(s.source, str):
-    raise ConfigError(f"config.init.source={s.source!r} must be a string: '' (none), a cnnlab "
-                      f"workdir or {SWEEP_PRETRAIN!r}.")
+  if not isinstance(s.source, str) or not isinstance(s.arch, str):
+    raise ConfigError(f"config.init.source={s.source!r} and init.arch={s.arch!r} must be "
+                      f"strings: source '' (none), a cnnlab workdir, a weight file or "
+                      f"{SWEEP_PRETRAIN!r}.")
   if s.step is not None and (isinstance(s.step, bool) or not isinstance(s.step, int)
                              or s.step < 0):
     raise ConfigError(f"config.init.step={s.step!r} must be None (the latest) or a checkpoint "
@@ -285,17 +288,49 @@ def plan(model_shapes: dict, source_shapes: dict, heads: set[str],
   return record
 
 
-def _transfer_plan(config, workdir: str):
-  """(record, source variables) for the run of `config` in `workdir`; (None, None) without a
-  source."""
-  from cnnlab import models, train
+def _load_weight_file(config, path: str, arch: str) -> tuple[dict, str]:
+  """({collection: {path: np.ndarray}}, "arch:sha256 of the file") of a torchvision state_dict
+  file; ConfigError unless `arch` is set and config.model is torchvision's `arch` layout."""
+  from cnnlab import convert
+  if not arch:
+    raise ConfigError(f"config.init.source={path!r} is a weight file: set config.init.arch to "
+                      f"its torchvision architecture, one of: "
+                      f"{', '.join(convert.TORCHVISION_ARCHS)}.")
+  layout = convert.torchvision_model_config(arch, config.model.get("aux_classifiers", False))
+  differ = [f"{k}={config.model.get(k)!r} (torchvision: {v!r})" for k, v in layout.items()
+            if config.model.get(k) != v]
+  if differ:
+    raise ConfigError(f"config.init.arch={arch!r} needs config.model as "
+                      f"convert.torchvision_model_config({arch!r}); it has model.{differ[0]}.")
+  return _read_weights(path, arch, config.model.get("aux_classifiers", False),
+                       os.stat(path).st_mtime_ns if os.path.exists(path) else 0)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_weights(path: str, arch: str, aux_classifiers: bool, mtime_ns: int):
+  """The converted variables of a weight file (read once per change of the file)."""
+  from cnnlab import convert
+  variables = convert.from_torchvision(arch, convert.read_state_dict(path), aux_classifiers)
+  with open(path, "rb") as f:
+    digest = hashlib.file_digest(f, "sha256").hexdigest()
+  return {c: {p: np.asarray(v) for p, v in _flat(variables.get(c, {})).items()}
+          for c in COLLECTIONS}, f"{arch}:{digest}"
+
+
+def transfer_plan(config, workdir: str):
+  """(record, source variables) for the run of `config` in `workdir`, reading the source but
+  writing nothing; (None, None) without a source."""
+  from cnnlab import convert, models, train
   s = settings(config)
   path = source_dir(config, workdir)
   if not path:
     return None, None
   info = train.setup(config).info
-  step = _source_step(path, s.step)
-  source, fingerprint = _load_source(path, step)
+  if path.lower().endswith(convert.STATE_DICT_FORMATS):
+    step, (source, fingerprint) = None, _load_weight_file(config, path, s.arch)
+  else:
+    step = _source_step(path, s.step)
+    source, fingerprint = _load_source(path, step)
   model = models.get_model(config.model, info.num_classes, dtype=jnp.dtype(config.dtype))
   shape = tuple(info.image_shape)
   shapes = lambda tree: {c: {p: tuple(v.shape) for p, v in tree[c].items()} for c in COLLECTIONS}
@@ -316,13 +351,13 @@ def check(config: ml_collections.ConfigDict, run_dir: rundir.RunDir) -> None:
   from cnnlab import train
   train.setup(config)  # Builds the optimizer groups: checks the values and the patterns.
   if not run_dir.has_progress():
-    _transfer_plan(config, run_dir.workdir)
+    transfer_plan(config, run_dir.workdir)
 
 
 def start(run, state):
   """The state a fresh run starts from: `state` with the source's arrays where the plan loads
   them (and a fresh optimizer state); prints the plan and records it (transfer.json)."""
-  record, source = _transfer_plan(run.config, run.dir.workdir)
+  record, source = transfer_plan(run.config, run.dir.workdir)
   if record is None:
     return state
   new = {}

@@ -7,7 +7,9 @@ or a dropout kind there makes it valid here.
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 
 import ml_collections
 
@@ -23,17 +25,24 @@ def _choice(key: str, value, allowed) -> None:
                       f"{', '.join(map(str, allowed))}.")
 
 
+def _interval(low, high, low_open, high_open) -> str:
+  lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+  hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+  return f"{lo}, {hi}"
+
+
 def _number(key: str, value, *, low=None, high=None, low_open=False, high_open=False,
             integer=False) -> None:
+  """ConfigError unless `value` is a finite number (an integer if `integer`) in the interval."""
+  interval = _interval(low, high, low_open, high_open)
   kind = numbers.Integral if integer else numbers.Real
-  if isinstance(value, bool) or not isinstance(value, kind):
-    raise ConfigError(f"config.{key}={value!r} must be {'an integer' if integer else 'a number'}.")
+  if (isinstance(value, bool) or not isinstance(value, kind)
+      or not (isinstance(value, numbers.Integral) or math.isfinite(value))):
+    what = "an integer" if integer else "a finite number"
+    raise ConfigError(f"config.{key}={value!r} must be {what} in {interval}.")
   too_low = low is not None and (value <= low if low_open else value < low)
   too_high = high is not None and (value >= high if high_open else value > high)
   if too_low or too_high:
-    lo = "" if low is None else f"{'(' if low_open else '['}{low}"
-    hi = "" if high is None else f"{high}{')' if high_open else ']'}"
-    interval = f"{lo or '(-inf'}, {hi or 'inf)'}"
     raise ConfigError(f"config.{key}={value!r} is out of range; allowed: {interval}.")
 
 
@@ -51,6 +60,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice("deterministic", config.deterministic, (True, False))
   _choice("matmul_precision", config.matmul_precision, environment.MATMUL_PRECISIONS)
   _choice("dataset.name", config.dataset.name, data.DATASET_NAMES)
+  _number("dataset.validation_fraction", config.dataset.get("validation_fraction", 0.0),
+          low=0, high=0.5)
+  _number("dataset.validation_seed", config.dataset.get("validation_seed", 0), low=0,
+          integer=True)
   validate_model(config.model)
   opt = config.optimizer
   _choice("optimizer.name", opt.name, optim.OPTIMIZERS)
@@ -65,3 +78,65 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
               "checkpoint_every_steps", "checkpoints_to_keep"):
     _number(key, config[key], low=1, integer=True)
+  ckpt, log = config.checkpoint_every_steps, config.log_every_steps
+  if ckpt % log:
+    lower = max(ckpt // log * log, log)
+    raise ConfigError(f"config.checkpoint_every_steps={ckpt} must be a multiple of "
+                      f"config.log_every_steps={log} (checkpoints are written at logging steps); "
+                      f"e.g. {lower} or {lower + log}.")
+
+
+def validate_sweep(settings: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first invalid value of a sweep's settings (`config.sweep` with
+  its defaults filled in: seeds, workers, vmap_seeds, target_accuracy, baseline), so that a sweep
+  is refused before anything is written."""
+  from cnnlab.sweep import VMAP_CHOICES  # Here, not at the top: cnnlab.sweep imports this module.
+  seeds = settings.seeds
+  if (not isinstance(seeds, (tuple, list)) or not seeds
+      or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0
+                 for s in seeds)
+      or len(set(seeds)) != len(seeds)):
+    raise ConfigError(f"config.sweep.seeds={_as_tuple(seeds)!r} must be a non-empty tuple of "
+                      f"distinct non-negative integers, e.g. (0, 1, 2).")
+  _number("sweep.workers", settings.workers, low=1, integer=True)
+  _choice("sweep.vmap_seeds", settings.vmap_seeds, VMAP_CHOICES)
+  _number("sweep.target_accuracy", settings.target_accuracy, low=0, high=1, low_open=True)
+  if settings.get("min_effect") is not None:
+    _number("sweep.min_effect", settings.min_effect, low=0, high=1, low_open=True)
+  from cnnlab import launchers  # Imports submitit: only when a sweep is checked.
+  _choice("sweep.launcher", settings.get("launcher", "local"), launchers.LAUNCHERS)
+  if settings.get("launcher") == "slurm":
+    launchers.slurm_settings(settings.slurm.to_dict())
+  if not isinstance(settings.baseline, str):
+    raise ConfigError(f"config.sweep.baseline={settings.baseline!r} must be a cell name (a "
+                      f"string; \"\" = the first cell).")
+
+
+def _as_tuple(value):
+  return tuple(value) if isinstance(value, (tuple, list)) else value
+
+
+def validate_workdir(workdir: str) -> None:
+  """Raises ConfigError unless `workdir` is a directory or can be created as one (no existing
+  file at it or at one of its parents)."""
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    where = "is" if path == os.path.abspath(workdir) else f"lies under {path}, which is"
+    raise ConfigError(f"workdir={workdir!r} {where} an existing file; a run needs a directory "
+                      f"there: choose another workdir.")
+
+
+def check_key(config: ml_collections.ConfigDict, key: str) -> None:
+  """Raises ConfigError unless the dotted `key` (e.g. "model.dropout") names a field of
+  `config`; the message names the first missing part and the fields that exist there."""
+  node, parts = config, key.split(".")
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      parent = ".".join(["config", *parts[:depth]])
+      fields = (f"its fields: {', '.join(sorted(node.keys()))}"
+                if isinstance(node, ml_collections.ConfigDict) else "it is not a section")
+      raise ConfigError(f"config.{key} names no config field: {parent} has no {part!r}; "
+                        f"{fields}.")
+    node = node[part]

@@ -2,6 +2,8 @@
 
 import gzip
 import io
+import json
+import multiprocessing
 import tarfile
 import time
 
@@ -180,3 +182,109 @@ def test_augmentation_is_deterministic_and_changes_images():
   np.testing.assert_array_equal(a, b)
   assert a.shape == images.shape
   assert sum(not np.array_equal(x, y) for x, y in zip(a, images)) >= 12
+
+
+def _prepared_digits(tmp_path):
+  """digits prepared in a fresh data dir: (config, the prepared directory)."""
+  cfg = _cfg("digits", str(tmp_path / "tfds"))
+  data.dataset_info(cfg)
+  data._load_split.cache_clear()   # The next load reads the (tampered) files again.
+  return cfg, tmp_path / "tfds" / "cnnlab_digits" / str(builders.VERSION)
+
+
+def _edit_json(path, edit):
+  content = json.loads(path.read_text())
+  edit(content)
+  path.write_text(json.dumps(content))
+
+
+def test_edited_dataset_info_is_refused_naming_the_directory(tmp_path):
+  cfg, prepared = _prepared_digits(tmp_path)
+  def drop_examples(info):   # What TFDS then reads: 1,000 of the 1,433 train examples.
+    train = next(s for s in info["splits"] if s["name"] == "train")
+    train["shardLengths"] = ["1000"]
+  _edit_json(prepared / "dataset_info.json", drop_examples)
+  with pytest.raises(DatasetError, match=rf"lists 1000 train examples but 1433 were prepared.*"
+                                         rf"delete {prepared} to prepare it again"):
+    data.dataset_info(cfg)
+
+
+def test_examples_that_differ_from_those_prepared_are_refused(tmp_path):
+  cfg, prepared = _prepared_digits(tmp_path)
+  _edit_json(prepared / builders.RECORD_FILE, lambda r: r["test"].update(sha256="0" * 64))
+  with pytest.raises(DatasetError, match=rf"test examples that differ.*delete {prepared}"):
+    data.load_split(cfg, "test")
+
+
+@pytest.mark.parametrize("damage", ["records", "metadata"])
+def test_damaged_dataset_files_are_one_line_errors(tmp_path, damage):
+  cfg, prepared = _prepared_digits(tmp_path)
+  if damage == "records":
+    shard = next(prepared.glob("cnnlab_digits-train.array_record*"))
+    blob = bytearray(shard.read_bytes())
+    blob[100:400] = b"x" * 300
+    shard.write_bytes(bytes(blob))
+  else:
+    (prepared / "dataset_info.json").write_text("{garbage")
+  with pytest.raises(DatasetError) as info:
+    data.load_split(cfg, "train")
+  message = str(info.value)
+  assert "\n" not in message and f"delete {prepared} to prepare it again" in message
+
+
+def test_examples_digest_ignores_order_but_not_content():
+  images = np.arange(4 * 8 * 8, dtype=np.uint8).reshape(4, 8, 8, 1)
+  labels = np.array([0, 1, 2, 3])
+  digest = builders.examples_digest(images, labels)
+  assert builders.examples_digest(images[::-1], labels[::-1]) == digest
+  assert builders.examples_digest(images, labels[[1, 0, 2, 3]]) != digest
+
+
+def _prepare_at_barrier(data_dir, barrier, generations):
+  """Runs in a child process: waits for the other child, then prepares digits into data_dir;
+  every generation of the dataset appends a line to `generations`."""
+  original = builders.CnnlabDigits._load
+  def counted_load(self, paths):
+    with open(generations, "a") as f:
+      f.write("generated\n")
+    return original(self, paths)
+  builders.CnnlabDigits._load = counted_load
+  barrier.wait()
+  return data.dataset_info(_cfg("digits", data_dir)).num_train
+
+
+def test_two_processes_preparing_one_dataset_at_once_both_succeed(tmp_path):
+  context = multiprocessing.get_context("spawn")
+  barrier = context.Manager().Barrier(2)
+  data_dir, generations = str(tmp_path / "tfds"), str(tmp_path / "generations.txt")
+  with context.Pool(2) as pool:
+    results = [pool.apply_async(_prepare_at_barrier, (data_dir, barrier, generations))
+               for _ in range(2)]
+    assert [r.get(timeout=240) for r in results] == [1433, 1433]
+  with open(generations) as f:
+    assert f.read().splitlines() == ["generated"]   # Prepared once; the other process waited.
+  assert data.dataset_info(_cfg("digits", data_dir)).num_train == 1433   # And it verifies.
+
+
+def test_validation_split_is_seeded_stratified_and_disjoint(tiny_config):
+  ds = tiny_config.dataset
+  ds.validation_fraction = 0.2
+  full = data.load_split(_without_validation(ds), "train")
+  train, val = data.load_split(ds, "train"), data.load_split(ds, "validation")
+  assert len(train.labels) + len(val.labels) == len(full.labels)
+  counts = np.bincount(full.labels, minlength=10)
+  np.testing.assert_array_equal(np.bincount(val.labels, minlength=10), np.round(0.2 * counts))
+  keys = lambda split: {img.tobytes() + bytes([lab]) for img, lab in zip(split.images,
+                                                                         split.labels)}
+  assert not keys(train) & keys(val)
+  info = data.dataset_info(ds)
+  assert (info.num_train, info.num_validation) == (len(train.labels), len(val.labels))
+  ds.validation_seed = 1
+  other = data.load_split(ds, "validation")
+  assert keys(other) != keys(val) and len(other.labels) == len(val.labels)
+
+
+def _without_validation(data_config):
+  data_config = data_config.copy_and_resolve_references()
+  data_config.validation_fraction = 0.0
+  return data_config

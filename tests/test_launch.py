@@ -68,18 +68,37 @@ def test_bad_values_raise_one_clear_error(tiny_config, tmp_path, key, value, fra
   assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tiny_config, tmp_path):
+def test_flipped_checkpoint_bit_falls_back_then_all_corrupt_is_a_clear_error(tiny_config,
+                                                                            tmp_path):
+  """One flipped bit in the newest checkpoint: detected by its digest, set aside, and the run
+  resumes from the newest intact checkpoint to the same results; with every checkpoint corrupt,
+  one CheckpointError line."""
   workdir = str(tmp_path / "run")
   tiny_config.num_epochs = 1
-  train.train_and_evaluate(tiny_config, workdir, progress=False)
+  first = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  assert len(steps) >= 2
   os.remove(os.path.join(workdir, "results.json"))
-  latest = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
-  state_dir = os.path.join(workdir, "checkpoints", str(latest), "state")
-  for root, _, files in os.walk(state_dir):
-    for name in files:
-      with open(os.path.join(root, name), "wb") as f:
-        f.write(b"garbage")
-  with pytest.raises(errors.CheckpointError, match="cannot be restored"):
+  files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(ckpt_dir,
+                                                                           str(steps[-1])))
+           for n in names]
+  biggest = max(files, key=os.path.getsize)
+  data = bytearray(open(biggest, "rb").read())
+  data[len(data) // 2] ^= 0x10
+  open(biggest, "wb").write(bytes(data))
+  again = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  assert {k: v for k, v in again.items() if k != "wall_time_s"} == {
+      k: v for k, v in first.items() if k != "wall_time_s"}
+  assert os.path.isdir(os.path.join(ckpt_dir, f"{steps[-1]}.corrupt"))
+
+  os.remove(os.path.join(workdir, "results.json"))
+  for step in sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()):
+    for root, _, names in os.walk(os.path.join(ckpt_dir, str(step), "state")):
+      for name in names:
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  with pytest.raises(errors.CheckpointError, match="can be restored"):
     train.train_and_evaluate(tiny_config, workdir, progress=False)
 
 
@@ -87,3 +106,49 @@ def test_default_workdir_from_config_name():
   assert rundir.default_workdir("experiments/default.py") == os.path.join("runs", "default")
   assert rundir.default_workdir("experiments/ablation.py:quick") == os.path.join(
       "runs", "ablation_quick")
+
+
+def _bad_config_files(tmp_path):
+  (tmp_path / "syntax.py").write_text("def get_config(:\n  pass\n")
+  (tmp_path / "no_get_config.py").write_text("def other():\n  return None\n")
+  return tmp_path
+
+
+_TRAIN = ("--config=experiments/default.py",)
+_QUICK_SWEEP = ("--config=experiments/ablation.py:quick",)
+_SUMMARY = ("--config=experiments/default.py", "--mode=summary")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    ((*_TRAIN, "--config.model.nonexistent=1"),
+     ("--config.model.nonexistent=1", "config.model has no 'nonexistent'", "dropout_rate")),
+    (("--config=experiments/missing.py",), ("--config=experiments/missing.py", "No such file")),
+    (("--config={tmp}/syntax.py",), ("syntax.py", "SyntaxError")),
+    (("--config={tmp}/no_get_config.py",), ("no_get_config.py", "no attribute 'get_config'")),
+    (("--config=experiments/ablation.py:bogus",), ("ablation.py:bogus is not a variant",
+                                                  "full, quick, cifar10")),
+    ((*_TRAIN, "--config.matmul_precision=bogus"), ("matmul_precision='bogus'", "highest")),
+    ((*_TRAIN, "--workdir={tmp}/syntax.py"), ("syntax.py' is an existing file",)),
+    ((*_QUICK_SWEEP, "--config.sweep.seeds=(0, 1.5)"), ("seeds=(0, 1.5)", "non-negative integers")),
+    ((*_QUICK_SWEEP, "--config.sweep.seeds=(-1, 0)"), ("seeds=(-1, 0)", "non-negative integers")),
+    ((*_TRAIN, "--config.optimizer.momentum=nan"), ("momentum=nan", "finite number in [0, 1)")),
+    ((*_TRAIN, "--config.checkpoint_every_steps=120"), ("checkpoint_every_steps=120", "multiple")),
+    ((*_TRAIN, "--config.batch_size=abc"), ("--config.batch_size=abc", "takes an integer")),
+    ((*_TRAIN, "--progress=maybe"), ("--progress=maybe", "true or false")),
+    ((*_TRAIN, "--input_shape=8,8,1"), ("--input_shape", "--mode=summary only")),
+    ((*_SUMMARY, "--input_shape=0,0,3"), ("input_shape=(0, 0, 3)", "3 positive integers")),
+    ((*_SUMMARY, "--input_shape=a,8,1"), ("--input_shape=a,8,1", "3 positive integers")),
+    ((*_SUMMARY, "--num_classes=0"), ("num_classes=0", "positive")),
+], ids=["unknown_key", "missing_file", "syntax_error", "no_get_config", "bad_variant",
+        "matmul_precision", "workdir_is_file", "fractional_seed", "negative_seed", "nan_momentum",
+        "checkpoint_not_multiple", "int_flag_type", "bool_flag_type", "input_shape_in_train",
+        "zero_input_shape", "non_int_input_shape", "zero_num_classes"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragments):
+  tmp = _bad_config_files(tmp_path)
+  args = [a.format(tmp=tmp) for a in args]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp_path / 'run'}")
+  proc = run_launch(*args, "--noprogress", f"--config.dataset.data_dir={tmp_path / 'tfds'}")
+  _assert_clean_failure(proc, *fragments)
+  # Nothing written: no workdir, no prepared dataset.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["no_get_config.py", "syntax.py"]

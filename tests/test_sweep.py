@@ -143,13 +143,39 @@ def test_two_workers_train_every_run_once(data_dir, tmp_path):
       assert len(keys) == len(set(keys)), f"{root} was trained twice"
 
 
-def test_quick_ablation_end_to_end_report_is_recomputable(data_dir, tmp_path):
-  workdir = str(tmp_path / "quick")
+def _quick_ablation(data_dir, workdir, *extra):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch.py"), "--config=experiments/ablation.py:quick",
-       f"--workdir={workdir}", "--noprogress", f"--config.dataset.data_dir={data_dir}"],
+       f"--workdir={workdir}", "--noprogress", f"--config.dataset.data_dir={data_dir}", *extra],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def quick_ablation(data_dir, tmp_path_factory):
+  """The :quick ablation run by `python launch.py`, shared by the tests that read its report."""
+  return _quick_ablation(data_dir, str(tmp_path_factory.mktemp("quick") / "quick"))
+
+
+def _result_tables(workdir):
+  """The report's table rows (cells, comparisons, power, diagnostics): its numbers."""
+  return [l for l in _report_text(workdir).splitlines() if l.startswith("| `")]
+
+
+def test_quick_ablation_through_submitit_gives_the_same_report(data_dir, tmp_path,
+                                                               quick_ablation):
+  """launcher=slurm with submitit's local executor: the same job-array path a SLURM cluster
+  runs (2 jobs sharing the cells through their locks), the same numbers in the report."""
+  workdir = _quick_ablation(data_dir, str(tmp_path / "submitit"), "--config.sweep.launcher=slurm",
+                            "--config.sweep.slurm.cluster=local",
+                            "--config.sweep.slurm.array_size=2")
+  assert len(os.listdir(os.path.join(workdir, "slurm"))) > 0
+  assert _result_tables(workdir) == _result_tables(quick_ablation)
+
+
+def test_quick_ablation_end_to_end_report_is_recomputable(quick_ablation):
+  workdir = quick_ablation
   for name in ("report.md", "results.csv", "accuracy.png", "curves.png", "variance_shift.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   rows = report.read_results_csv(os.path.join(workdir, "results.csv"))

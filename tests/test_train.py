@@ -228,3 +228,14 @@ def test_train_step_adds_sown_aux_losses_with_their_weight():
   np.testing.assert_allclose(delta[0.6]["aux"]["kernel"], 2 * delta[0.3]["aux"]["kernel"],
                              rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(delta[0.0]["main"]["kernel"], delta[0.6]["main"]["kernel"])
+
+
+def test_validation_split_drives_curves_and_test_is_read_once(tiny_config, tmp_path):
+  tiny_config.dataset.validation_fraction = 0.1
+  results = train.train_and_evaluate(tiny_config, str(tmp_path / "run"), progress=False)
+  metrics = RunDir(str(tmp_path / "run")).read_metrics()
+  assert {m["split"] for m in metrics} == {"train", "validation"}
+  assert [m["epoch"] for m in metrics if m["split"] == "validation"] == [1.0, 2.0]
+  assert 0 < results["validation_accuracy"] <= 1 and 0 < results["test_accuracy"] <= 1
+  info = data.dataset_info(tiny_config.dataset)
+  assert results["steps"] == info.num_train // tiny_config.batch_size * 2

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cnnlab import data, report, rundir, sweep, train, transfer
+from cnnlab import convert, data, report, rundir, sweep, train, transfer
 from cnnlab.data import subsets
-from cnnlab.errors import ConfigError
-from conftest import load_config, run_launch
+from cnnlab.errors import CnnlabError, ConfigError
+from conftest import ROOT, load_config, run_launch
 
 PROBE = ("*", "!head/*")
 
@@ -188,6 +188,61 @@ def test_bad_input_is_one_line_and_writes_nothing(source, tmp_path, data_dir, ca
     config.init.recipe = "probe"
   workdir = str(tmp_path / "run")
   with pytest.raises(ConfigError) as e:
+    sweep.run(config, workdir, progress=False)
+  assert fragment in str(e.value) and "\n" not in str(e.value)
+  assert not os.path.exists(workdir)
+
+
+def _weight_file(tmp_path, arch, num_classes):
+  """A safetensors file of torchvision `arch`'s state_dict (random weights, its head resized)."""
+  from safetensors.numpy import save_file
+  manifest = rundir.read_json(os.path.join(ROOT, "tests", "fixtures", "torchvision",
+                                           f"{arch}_64.json"))["manifest"]
+  manifest = {k: [num_classes, *v[1:]] if k.startswith("fc.") else v for k, v in manifest.items()}
+  path = str(tmp_path / f"{arch}.safetensors")
+  save_file(convert.random_state_dict(manifest, 0), path)
+  return path
+
+
+def _torchvision_target(data_dir, arch):
+  config = _config(data_dir)
+  config.model.update(convert.torchvision_model_config(arch))
+  config.init.arch = arch
+  return config
+
+
+def test_torchvision_weight_file_loads_by_path_and_shape(data_dir, tmp_path):
+  config = _torchvision_target(data_dir, "resnet18")
+  config.init.source = _weight_file(tmp_path, "resnet18", num_classes=5)
+  config.init.reinit = ("stem_conv/*",)  # torchvision's stem reads RGB, digits are grey.
+  record, source = transfer.transfer_plan(config, str(tmp_path / "run"))
+  assert record["reinitialised"]["params/stem_conv/kernel"] == "config.init.reinit"
+  assert "(512, 5)" in record["reinitialised"]["params/head/kernel"]  # 5 classes -> 10.
+  assert set(record["reinitialised"]) == {"params/stem_conv/kernel", "params/head/kernel",
+                                          "params/head/bias"}
+  assert not record["untouched"] and not record["unused_source"]
+  assert len(record["loaded"]) == sum(len(v) for v in source.values()) - 3
+  assert record["source_fingerprint"].startswith("resnet18:")
+  config.init.reinit = ()
+  with pytest.raises(ConfigError, match=r"stem_conv/kernel has shape \(7, 7, 3, 64\)"):
+    transfer.transfer_plan(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("another_architecture", "is not torchvision's resnet18"),
+    ("no_arch", "set config.init.arch"),
+    ("model_not_torchvision", "needs config.model as"),
+])
+def test_bad_weight_file_is_one_line_and_writes_nothing(data_dir, tmp_path, case, fragment):
+  config = _torchvision_target(data_dir, "resnet18")
+  config.init.source = _weight_file(tmp_path, "resnet34" if case == "another_architecture"
+                                    else "resnet18", num_classes=10)
+  if case == "no_arch":
+    config.init.arch = ""
+  elif case == "model_not_torchvision":
+    config.model.stem = "small"
+  workdir = str(tmp_path / "run")
+  with pytest.raises(CnnlabError) as e:
     sweep.run(config, workdir, progress=False)
   assert fragment in str(e.value) and "\n" not in str(e.value)
   assert not os.path.exists(workdir)

@@ -13,16 +13,20 @@ and a seeded grain index pipeline (cnnlab.data.pipeline).
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import json
+import logging
 import os
 import tarfile
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 from cnnlab.data import subsets
-from cnnlab.data.builders import BUILDERS
+from cnnlab.data.builders import BUILDERS, RECORD_FILE, examples_digest
 from cnnlab.data.pipeline import TrainIterator, eval_batches_from_arrays
 from cnnlab.errors import ConfigError, DatasetError
 
@@ -35,6 +39,7 @@ class DatasetInfo(NamedTuple):
   num_classes: int
   num_train: int
   num_test: int
+  num_validation: int = 0   # held out of the train split (config.dataset.validation_fraction)
 
 
 class Split(NamedTuple):
@@ -53,41 +58,115 @@ def _check_name(name: str) -> None:
                       f"{', '.join(DATASET_NAMES)}.")
 
 
+# What reading damaged prepared files raises (Riegeli/ArrayRecord: RuntimeError; TFDS metadata:
+# protobuf's json_format.Error, KeyError, ValueError).
+_READ_ERRORS = (RuntimeError, ValueError, OSError, KeyError, IndexError, json_format.Error)
+
+
+def _redo(name: str, where: str, problem: str) -> DatasetError:
+  return DatasetError(f"dataset {name!r} in {where} {problem}; delete {where} to prepare it "
+                      f"again.")
+
+
+def _open_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  """The builder of `name` in `data_dir`; it reads the prepared metadata, if there is any."""
+  where = os.path.join(data_dir, BUILDERS[name].name, str(BUILDERS[name].VERSION))
+  try:
+    return BUILDERS[name](data_dir=data_dir, file_format="array_record")
+  except _READ_ERRORS as e:
+    raise _redo(name, where, f"has unreadable metadata ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def prepare(name: str, data_dir: str, manual_dir: str | None) -> tfds.core.DatasetBuilder:
   """The builder of dataset `name`, generated into `data_dir` if it is not there yet.
 
+  Safe under concurrency: processes that find the dataset unprepared take an exclusive lock
+  (`data_dir/<builder name>.lock`); the first generates it, the others then find it prepared.
+
   Raises:
-    DatasetError: the raw files are neither in `manual_dir` nor downloadable, or malformed.
+    DatasetError: the raw files are neither in `manual_dir` nor downloadable, or malformed; or
+      the prepared metadata is unreadable.
   """
   _check_name(name)
-  builder = BUILDERS[name](data_dir=data_dir, file_format="array_record")
-  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  builder = _open_builder(name, data_dir)
+  if builder.is_prepared():
+    return builder
   try:
-    builder.download_and_prepare(download_config=config)
-  except (ValueError, OSError, EOFError, KeyError, tarfile.TarError) as e:
-    raise DatasetError(f"preparing dataset {name!r} from its raw files failed: {e}. Check "
-                       f"them (expected: {', '.join(builder.FILES) or 'package data'}).") from None
+    os.makedirs(data_dir, exist_ok=True)
+    lock = open(os.path.join(data_dir, f"{builder.name}.lock"), "w")
+  except OSError as e:
+    raise DatasetError(f"dataset {name!r} is not prepared in {data_dir} and cannot be prepared "
+                       f"there ({e.strerror}); set config.dataset.data_dir to a writable "
+                       f"directory.") from None
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)   # Released when the file closes.
+    builder = _open_builder(name, data_dir)   # Another process may have prepared it meanwhile.
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    try:
+      builder.download_and_prepare(download_config=config)
+    except (ValueError, OSError, EOFError, KeyError, tarfile.TarError) as e:
+      raise DatasetError(f"preparing dataset {name!r} from its raw files failed: {e}. Check "
+                         f"them (expected: {', '.join(builder.FILES) or 'package data'}).") from None
   return builder
+
+
+def _prepared_record(name: str, builder: tfds.core.DatasetBuilder) -> dict | None:
+  """RECORD_FILE of a prepared dataset: {split: {"num_examples", "sha256"}}; None (with a
+  warning) for a dataset prepared without one (by an older cnnlab, or mocked in tests)."""
+  path = os.path.join(builder.data_dir, RECORD_FILE)
+  if not os.path.exists(path):
+    logging.warning("dataset %r in %s has no %s, so it cannot be verified; delete %s to prepare "
+                    "it again with one.", name, builder.data_dir, RECORD_FILE, builder.data_dir)
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    raise _redo(name, builder.data_dir, f"has an unreadable {RECORD_FILE}") from None
 
 
 @functools.lru_cache(maxsize=16)
 def _load_split(name: str, data_dir: str, manual_dir: str | None, split: str) -> Split:
-  """Every example of a split, read once through `tfds.data_source` into host memory."""
+  """Every example of a split, read once through `tfds.data_source` into host memory, checked
+  against what was generated (RECORD_FILE): a DatasetError names the directory to delete."""
   builder = prepare(name, data_dir, manual_dir)
-  source = tfds.data_source(builder.name, split=split, data_dir=data_dir,
-                            builder_kwargs={"file_format": "array_record"}, download=False)
-  examples = [source[i] for i in range(len(source))]
+  where = builder.data_dir
+  record = _prepared_record(name, builder)
+  expected = record.get(split, {}) if record is not None else {}
+  try:
+    source = tfds.data_source(builder.name, split=split, data_dir=data_dir,
+                              builder_kwargs={"file_format": "array_record"}, download=False)
+    if "num_examples" in expected and len(source) != expected["num_examples"]:
+      raise _redo(name, where, f"lists {len(source)} {split} examples but "
+                               f"{expected['num_examples']} were prepared (was its "
+                               f"dataset_info.json changed?)")
+    examples = [source[i] for i in range(len(source))]
+  except _READ_ERRORS as e:
+    raise _redo(name, where, f"is damaged: reading its {split} split failed "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                             ) from None
   images = np.stack([e["image"] for e in examples]).astype(np.uint8)
   labels = np.asarray([e["label"] for e in examples], np.int32)
+  if "sha256" in expected and examples_digest(images, labels) != expected["sha256"]:
+    raise _redo(name, where, f"holds {split} examples that differ from those prepared (their "
+                             f"sha256 does not match {RECORD_FILE})")
   return Split(images, labels)
 
 
-@functools.lru_cache(maxsize=16)
 def _sized_split(name: str, data_dir: str, manual_dir: str | None, split: str,
                  size: tuple[int, int] | None) -> Split:
   """A split with its images resized to `size` (None: as stored)."""
+  if size is None:
+    return _load_split(name, data_dir, manual_dir, split)
+  return _resized_split(name, data_dir, manual_dir, split, size)
+
+
+@functools.lru_cache(maxsize=16)
+def _resized_split(name: str, data_dir: str, manual_dir: str | None, split: str,
+                   size: tuple[int, int]) -> Split:
   data = _load_split(name, data_dir, manual_dir, split)
-  return data if size is None else Split(subsets.resize(data.images, size), data.labels)
+  return Split(subsets.resize(data.images, size), data.labels)
 
 
 def _size(data_config) -> tuple[int, int] | None:
@@ -95,23 +174,66 @@ def _size(data_config) -> tuple[int, int] | None:
   return None if size is None else subsets.check_size(size)
 
 
+SPLITS = ("train", "validation", "test")
+
+
+def validation_fraction(data_config) -> float:
+  """The share of each class of the train split held out as the validation split (0: none)."""
+  return float(data_config.get("validation_fraction", 0.0) or 0.0)
+
+
 def load_split(data_config, split: str) -> Split:
-  """A split as the run sees it: resized (`resize`); the train split cut to `train_per_class`
-  examples per class (drawn with `subset_seed`; with `subset_repeat`, repeated and cut to the
-  whole split's length)."""
-  if split not in ("train", "test"):
-    raise ConfigError(f"split={split!r} is not allowed; choose one of: train, test.")
+  """`train` (less the validation examples), `validation` (a seeded, class-stratified
+  `config.dataset.validation_fraction` of the train split) or `test`, resized (`resize`); the
+  train split cut to `train_per_class` examples per class (`_subset`)."""
+  if split not in SPLITS:
+    raise ConfigError(f"split={split!r} is not allowed; choose one of: {', '.join(SPLITS)}.")
   _check_name(data_config.name)
-  data = _sized_split(data_config.name, _data_dir(data_config), data_config.get("manual_dir"),
-                      split, _size(data_config))
+  where = (data_config.name, _data_dir(data_config), data_config.get("manual_dir"))
+  if split == "test":
+    return _sized_split(*where, "test", _size(data_config))
+  fraction = validation_fraction(data_config)
+  if split == "validation" and fraction == 0:
+    raise ConfigError("config.dataset.validation_fraction=0: there is no validation split; set "
+                      "it in (0, 0.5], e.g. 0.1.")
+  train, validation = _carve(*where, _size(data_config), fraction,
+                             int(data_config.get("validation_seed", 0)))
+  return _subset(train, data_config) if split == "train" else validation
+
+
+def _subset(train: Split, data_config) -> Split:
+  """`train_per_class` examples per class drawn with `subset_seed` (None: all); with
+  `subset_repeat`, repeated and cut to the whole split's length."""
   per_class = data_config.get("train_per_class")
-  if split == "test" or per_class is None:
-    return data
+  if per_class is None:
+    return train
   seed = data_config.get("subset_seed", 0)
-  idx = subsets.stratified_subset(data.labels, per_class, seed, "dataset.train_per_class")
+  idx = subsets.stratified_subset(train.labels, per_class, seed, "dataset.train_per_class")
   if data_config.get("subset_repeat", True):
-    idx = subsets.repeat_to(idx, len(data.labels), seed)
-  return Split(data.images[idx], data.labels[idx])
+    idx = subsets.repeat_to(idx, len(train.labels), seed)
+  return Split(train.images[idx], train.labels[idx])
+
+
+@functools.lru_cache(maxsize=16)
+def _carve(name: str, data_dir: str, manual_dir: str | None, size: tuple[int, int] | None,
+           fraction: float, seed: int) -> tuple[Split, Split]:
+  """(train, validation): round(fraction x n_c) examples of each class c, drawn with `seed`, go to
+  validation; both keep the train split's order. The same for every run seed, so the cells and
+  seeds of a sweep are compared on one validation split."""
+  full = _sized_split(name, data_dir, manual_dir, "train", size)
+  held = np.zeros(len(full.labels), bool)
+  rng = np.random.default_rng(seed)
+  for c in np.unique(full.labels):
+    members = np.flatnonzero(full.labels == c)
+    held[rng.permutation(members)[:int(round(fraction * len(members)))]] = True
+  return (Split(full.images[~held], full.labels[~held]),
+          Split(full.images[held], full.labels[held]))
+
+
+def clear_caches() -> None:
+  """Forgets every split read so far (the next load reads and verifies the files again)."""
+  for cached in (_load_split, _resized_split, _carve, _stats):
+    cached.cache_clear()
 
 
 def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
@@ -123,14 +245,17 @@ def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
 def dataset_info(data_config) -> DatasetInfo:
   """Shape and size facts of a dataset (prepares it on first use)."""
   train, test = load_split(data_config, "train"), load_split(data_config, "test")
+  num_validation = (len(load_split(data_config, "validation").labels)
+                    if validation_fraction(data_config) else 0)
   num_classes = BUILDERS[data_config.name].NUM_CLASSES
   return DatasetInfo(data_config.name, tuple(train.images.shape[1:]), num_classes,
-                     len(train.labels), len(test.labels))
+                     len(train.labels), len(test.labels), num_validation)
 
 
 @functools.lru_cache(maxsize=16)
-def _stats(name: str, data_dir: str, manual_dir: str | None, size: tuple[int, int] | None):
-  train = _sized_split(name, data_dir, manual_dir, "train", size)
+def _stats(name: str, data_dir: str, manual_dir: str | None, size: tuple[int, int] | None,
+           fraction: float, seed: int):
+  train, _ = _carve(name, data_dir, manual_dir, size, fraction, seed)
   x = train.images.astype(np.float64) / 255.0
   mean = x.mean(axis=(0, 1, 2))
   std = x.std(axis=(0, 1, 2))
@@ -138,11 +263,13 @@ def _stats(name: str, data_dir: str, manual_dir: str | None, size: tuple[int, in
 
 
 def normalisation(data_config) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and std [C] of the (resized) train split in [0, 1] units, over the whole
-  split even when training on a subset: images are fed as (pixel / 255 - mean) / std."""
+  """Per-channel mean and std [C] of the (resized) train split without its validation
+  examples, in [0, 1] units, over all of it even when training on a subset: images are fed as
+  (pixel / 255 - mean) / std."""
   load_split(data_config, "train")
   return _stats(data_config.name, _data_dir(data_config), data_config.get("manual_dir"),
-                _size(data_config))
+                _size(data_config), validation_fraction(data_config),
+                int(data_config.get("validation_seed", 0)))
 
 
 def train_iterator(data_config, batch_size: int, seed: int,

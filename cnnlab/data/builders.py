@@ -23,6 +23,8 @@ The raw files come through TFDS's download manager, or from `manual_dir` on offl
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 import socket
 import tarfile
@@ -35,6 +37,19 @@ from cnnlab.errors import DatasetError
 
 VERSION = tfds.core.Version("1.0.0")
 _PROBE_TIMEOUT_S = 3.0
+# Written next to dataset_info.json when a dataset is prepared: per split, the number of examples
+# and `examples_digest` of them, as generated; loading checks what it reads against it.
+RECORD_FILE = "cnnlab_examples.json"
+
+
+def examples_digest(images: np.ndarray, labels: np.ndarray) -> str:
+  """sha256 of a split's examples (uint8 images [N, H, W, C], integer labels [N]) taken in a
+  canonical order (rows sorted by their bytes), so the order TFDS stores them in does not matter."""
+  n = len(labels)
+  rows = np.concatenate([np.asarray(images, np.uint8).reshape(n, -1),
+                         np.ascontiguousarray(labels, "<i8").view(np.uint8).reshape(n, 8)], axis=1)
+  rows = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()
+  return hashlib.sha256(np.sort(rows).tobytes()).hexdigest()
 
 
 def _reachable(url: str) -> bool:
@@ -91,8 +106,17 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     arrays = self._load(self._raw_paths(dl_manager) if self.FILES else {})
+    self._record = {split: {"num_examples": len(labels), "sha256": examples_digest(images, labels)}
+                    for split, (images, labels) in arrays.items()}
     return {split: self._generate_examples(images, labels)
             for split, (images, labels) in arrays.items()}
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    """TFDS's generation, then RECORD_FILE; `self.data_dir` is still TFDS's temporary directory
+    here, renamed into place only when everything is written."""
+    super()._download_and_prepare(dl_manager, download_config)
+    with open(os.path.join(self.data_dir, RECORD_FILE), "w") as f:
+      json.dump(self._record, f, indent=1)
 
   def _generate_examples(self, images, labels):
     for i, (image, label) in enumerate(zip(images, labels)):

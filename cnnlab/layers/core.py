@@ -34,6 +34,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "identity": lambda x: x,
 }
 
+# BatchNorm's epsilon where a model states none (PyTorch's and most papers' value).
+BN_EPSILON = 1e-5
+
 # (momentum on the old running value, whether the running variance is unbiased).
 _BN_MOMENTUM = {"flax": (0.99, False), "pytorch": (0.9, True)}
 
@@ -127,6 +130,8 @@ class BlockOptions:
   activation: a name in ACTIVATIONS.
   conv_bias: None = a bias only where no BN directly follows (the usual choice); True/False force
     it (torchvision's VGG-BN keeps its conv biases).
+  bn_epsilon: BatchNorm's epsilon; None = the model's default (BN_EPSILON = 1e-5; GoogLeNet 1e-3,
+    as torchvision's).
   dtype: activation dtype (parameters stay float32).
   Frozen and hashable, so modules holding it stay hashable for jit caching.
   """
@@ -137,6 +142,7 @@ class BlockOptions:
   dropblock_size: int = 3
   activation: str = "relu"
   conv_bias: bool | None = None
+  bn_epsilon: float | None = None
   dtype: Any = jnp.float32
 
   def check(self, prefix: str = "") -> None:
@@ -151,6 +157,11 @@ class BlockOptions:
     if self.conv_bias not in (None, True, False):
       raise ConfigError(f"{prefix}conv_bias={self.conv_bias!r} is not allowed; choose one of: "
                         "None (automatic), True, False.")
+    eps = self.bn_epsilon
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                            or not eps > 0):
+      raise ConfigError(f"{prefix}bn_epsilon={eps!r} is not allowed; use None (the model's "
+                        "default) or a positive number.")
 
   @property
   def use_bn(self) -> bool:
@@ -164,7 +175,8 @@ class BlockOptions:
     return ACTIVATIONS[self.activation](x)
 
   def norm(self, name: str | None = None) -> "BatchNorm":
-    return BatchNorm(self.bn_convention, dtype=self.dtype, name=name)
+    epsilon = BN_EPSILON if self.bn_epsilon is None else self.bn_epsilon
+    return BatchNorm(self.bn_convention, epsilon, dtype=self.dtype, name=name)
 
   def replace(self, **changes) -> "BlockOptions":
     return dataclasses.replace(self, **changes)
@@ -187,7 +199,7 @@ class BatchNorm(nn.Module):
   batch statistics are global already.
   """
   convention: str = "pytorch"
-  epsilon: float = 1e-5
+  epsilon: float = BN_EPSILON
   dtype: Any = jnp.float32
   axis_name: str | None = None
 

@@ -72,6 +72,27 @@ def avg_pool(x: jax.Array, window, strides=None, padding="VALID") -> jax.Array:
   return nn.avg_pool(x, window, strides, padding)
 
 
+def ceil_mode_padding(sizes, window, strides, padding) -> tuple[tuple[int, int], ...]:
+  """Explicit (lo, hi) padding per spatial axis that makes a VALID pool give PyTorch's
+  `ceil_mode=True` output size: out = ceil((s + lo + hi - w) / t) + 1, less one when the last
+  window would start inside the right padding (PyTorch's rule). `padding` is already normalised
+  (pairs, or 'VALID'); hi becomes what the last, partial window reaches past the input.
+
+  'SAME' pooling agrees with this only on even inputs: 15x15 with window 3, stride 2 gives 8x8
+  under 'SAME' and 7x7 here (and in PyTorch).
+  """
+  if padding == "SAME":
+    raise ConfigError("ceil_mode takes padding 'VALID', an int or (lo, hi) pairs, not 'SAME'.")
+  pairs = ((0, 0),) * len(sizes) if padding == "VALID" else padding
+  result = []
+  for s, w, t, (lo, hi) in zip(sizes, window, strides, pairs):
+    out = -(-(s + lo + hi - w) // t) + 1
+    if (out - 1) * t >= s + lo:
+      out -= 1
+    result.append((lo, max(0, (out - 1) * t + w - s - lo)))
+  return tuple(result)
+
+
 def binomial_filter(size: int) -> tuple[float, ...]:
   """The normalised 1-D binomial filter of `size` taps: 3 -> (1, 2, 1)/4, 4 -> (1, 3, 3, 1)/8."""
   taps = [math.comb(size - 1, k) for k in range(size)]
@@ -132,7 +153,8 @@ class Pool(nn.Module):
   """`kind` pooling, x [N,*S,C] -> [N,*S',C]: `max`, `avg`, or `blur` (anti-aliased max pool,
   Zhang 2019: max over `window` at stride 1, then `blur_pool` at `strides`, same output size as
   the max pool). `strides` None = `window`. `fit_small` leaves alone (window 1) each axis shorter
-  than its window, so a model's fixed pools pass 8x8 inputs.
+  than its window, so a model's fixed pools pass 8x8 inputs. `ceil_mode` (max only) rounds the
+  output size up as PyTorch's `ceil_mode=True` (see `ceil_mode_padding`); padding counts as -inf.
   """
   kind: str = "max"
   window: Any = 2
@@ -140,6 +162,7 @@ class Pool(nn.Module):
   padding: Any = "VALID"
   fit_small: bool = False
   blur_filter_size: int = 4
+  ceil_mode: bool = False
 
   def geometry(self, x: jax.Array):
     """(window, strides, padding) after defaults and `fit_small`, for x."""
@@ -150,11 +173,15 @@ class Pool(nn.Module):
       strides = tuple(t if k else 1 for t, k in zip(strides, keep))
       if not isinstance(padding, str):
         padding = tuple(p if k else (0, 0) for p, k in zip(padding, keep))
+    if self.ceil_mode:
+      padding = ceil_mode_padding(x.shape[1:-1], window, strides, padding)
     return window, strides, padding
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     check_choice("pool", self.kind, POOL_KINDS)
+    if self.ceil_mode and self.kind != "max":
+      raise ConfigError(f"ceil_mode pooling is implemented for max pools only, not {self.kind!r}.")
     window, strides, padding = self.geometry(x)
     if all(w == 1 for w in window) and all(s == 1 for s in strides):
       return x

@@ -59,6 +59,7 @@ def from_fields(cls: type[nn.Module], **fixed) -> Builder:
   def build(model_config, num_classes: int, options: layers.BlockOptions) -> nn.Module:
     kwargs = {k: _freeze(model_config[k]) for k in names if k in model_config}
     return cls(num_classes=num_classes, options=options, **kwargs, **fixed)
+  build.fields = frozenset(names)  # The config.model fields this architecture reads.
   return build
 
 
@@ -80,6 +81,16 @@ _REGISTRY: dict[str, Builder] = {
 }
 
 MODEL_NAMES = tuple(_REGISTRY)
+# config.model fields every run reads, whatever the architecture (the train step reads the
+# auxiliary loss weight).
+_SHARED_FIELDS = frozenset(("name", "aux_loss_weight") + _OPTION_FIELDS)
+
+
+def used_fields(model_config: ml_collections.ConfigDict) -> frozenset[str]:
+  """The fields of `config.model` the named architecture reads: the others (e.g. `hidden` for a
+  LeNet) cannot change its numbers, so they are left out of a run's fingerprint."""
+  builder = _REGISTRY.get(model_config.get("name"))
+  return _SHARED_FIELDS | (builder.fields if builder is not None else frozenset(model_config))
 
 
 def get_model(model_config: ml_collections.ConfigDict, num_classes: int,

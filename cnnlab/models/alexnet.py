@@ -19,6 +19,7 @@ import jax
 from cnnlab import layers
 from cnnlab.models import common
 
+CLASSIFIER_POOL = 6  # The adaptive average pool before the classifier: 6x6.
 FEATURES = ((192, 5, 2), (384, 3, 1), (256, 3, 1), (256, 3, 1))  # (width, kernel, pad) after conv1.
 
 
@@ -43,7 +44,7 @@ class AlexNet(nn.Module):
       x = block(width, k, 1, p, f"conv{i}")(x, train)
       if i in (2, 5):
         x = pool(f"pool{i}")(x)
-    x = common.flatten(layers.AdaptiveAvgPool(6, name="avgpool")(x))
+    x = common.flatten(layers.AdaptiveAvgPool(CLASSIFIER_POOL, name="avgpool")(x))
     fc_options = self.options.replace(bn_placement="none")  # BN belongs to the conv layers.
     for i in (1, 2):
       x = layers.DenseBlock(4096, fc_options, name=f"fc{i}")(x, train)

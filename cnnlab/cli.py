@@ -1,0 +1,74 @@
+"""Turning a failed command line into the one line a user can act on (used by launch.py).
+
+absl exits 1 with a usage dump on a bad flag, and ml_collections lets a config file's own
+exception escape as a traceback; `flag_error_line` names the flag or `--config.*` override, the
+value and what it allows instead (an unknown config key lists the fields that exist there).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from cnnlab import errors, validation
+
+
+def flag_error_line(error: Exception, argv: list[str], flag_values: flags.FlagValues) -> str:
+  """One line for a flag parsing failure, naming the flag and what it allows: an override of a
+  config field that does not exist lists the fields there; a value of the wrong type says the
+  type; a config file's own exception is its last line (absl shows a whole traceback)."""
+  spec = config_spec(argv)
+  config = load_config(spec) if spec else None
+  for arg in [a for a in argv[1:] if a.startswith("--config.")] if config is not None else ():
+    key, _, _ = arg[len("--config."):].partition("=")
+    try:
+      validation.check_key(config, key)
+    except errors.ConfigError as e:
+      return f"{arg}: {e}"
+  text = str(error).strip()
+  last = text.splitlines()[-1].strip() if text else type(error).__name__
+  if not isinstance(error, flags.Error):
+    return f"--config={spec}: {type(error).__name__}: {last}"
+  # absl: "flag --name=value: what is wrong", or a config file's traceback after such a line.
+  flag_and_value, _, reason = text.splitlines()[0].removeprefix("flag ").partition(": ")
+  reason = last if "\n" in text else reason
+  if not reason:  # E.g. "Unknown command line flag 'x'".
+    return flag_and_value
+  name = flag_and_value.lstrip("-").partition("=")[0]
+  if name.startswith("config.") and config is not None:
+    field = config
+    for part in name.split(".")[1:]:
+      field = field[part]
+    kind = type(field).__name__
+    return f"{flag_and_value}: {reason}; config.{name[7:]} takes {_KINDS.get(kind, kind)}."
+  if name in flag_values and flag_values[name].flag_type() in _KINDS:
+    return f"{flag_and_value}: {reason}; --{name} takes {_KINDS[flag_values[name].flag_type()]}."
+  return f"{flag_and_value}: {reason}"
+
+
+def config_spec(argv: list[str]) -> str | None:
+  """The value of `--config` in `argv` (`--config=x.py:v` or `--config x.py:v`)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.partition("=")[2]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict | None:
+  """The config file's config without overrides (None if the file itself fails to load): when
+  an override fails, ml_collections leaves the `--config` flag without a value."""
+  probe, argv = flags.FlagValues(), ["launch.py", f"--config={spec}"]
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=probe, sys_argv=argv)
+  try:
+    probe(argv)
+    return holder.value if isinstance(holder.value, ml_collections.ConfigDict) else None
+  except Exception:  # The file's own error; reported as such by the caller.
+    return None
+
+
+# Python or absl flag type -> what a value of it looks like.
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+          "tuple": "a tuple, e.g. (1, 2)", "list": "a comma-separated list"}

@@ -1,0 +1,102 @@
+"""Faults that must end in one clear line with the state intact: signals and divergence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cnnlab import report
+from cnnlab.rundir import RunDir
+from conftest import ROOT
+from test_train import _launch_args, numbers_of
+
+
+def _wait_for_checkpoint(workdir, at_least, proc, timeout=240):
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(
+        ckpt_dir) else []
+    if steps and max(steps) >= at_least:
+      return
+    time.sleep(0.02)
+  raise AssertionError("the run ended before the signal could be sent; make it longer")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_then_resume_is_bit_identical(tiny_config, tmp_path, signum):
+  """SIGTERM (SLURM, cloud preemption) and Ctrl-C: a checkpoint at the next step boundary (with
+  the metric sums of the unfinished log interval), one line, a non-zero exit; rerunning the
+  command ends exactly as an uninterrupted run."""
+  reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
+  cmd = [sys.executable, os.path.join(ROOT, "launch.py")]
+  done = subprocess.run(cmd + _launch_args(tiny_config, reference), cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+
+  proc = subprocess.Popen(cmd + _launch_args(tiny_config, stopped), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(stopped, 10, proc)
+  time.sleep(0.15)  # Somewhere between log points.
+  proc.send_signal(signum)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert lines[-1].startswith(f"error: interrupted by {signal.Signals(signum).name} at step ")
+  assert "Traceback" not in err
+  assert not os.path.exists(os.path.join(stopped, "results.json"))
+  step = int(lines[-1].split("at step ")[1].split(";")[0])
+  assert os.path.isdir(os.path.join(stopped, "checkpoints", str(step)))
+
+  resumed = subprocess.run(cmd + _launch_args(tiny_config, stopped), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"from step {step}" in resumed.stdout
+  got = json.load(open(os.path.join(stopped, "results.json")))
+  expected = json.load(open(os.path.join(reference, "results.json")))
+  assert numbers_of(got) == numbers_of(expected)
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]
+  assert strip(RunDir(stopped).read_metrics()) == strip(RunDir(reference).read_metrics())
+
+
+def test_single_run_divergence_is_one_line_naming_step_and_cause(tiny_config, tmp_path):
+  workdir = str(tmp_path / "diverged")
+  args = [a for a in _launch_args(tiny_config, workdir) if "bn_placement" not in a]
+  args += ["--config.model.bn_placement=none", "--config.optimizer.learning_rate=1e6",
+           "--config.optimizer.warmup_epochs=0.0"]
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  last = [l for l in proc.stderr.splitlines() if l.strip()][-1]
+  assert last.startswith("error: seed 0 diverged: non-finite ") and "at step " in last
+  assert "Traceback" not in proc.stderr
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["status"] == "diverged" and results["test_accuracy"] is None
+  assert 1 <= results["diverged_step"] <= 5
+
+
+def test_diverging_cell_is_recorded_and_the_sweep_finishes(data_dir, tmp_path):
+  """One cell's seeds diverge (a learning rate of 1e6 without BN); the other cell trains, the
+  report shows '2 of 2 diverged' and the sweep exits 0."""
+  workdir = str(tmp_path / "sweep")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch.py"), "--config=experiments/ablation.py:quick",
+       f"--workdir={workdir}", "--noprogress", f"--config.dataset.data_dir={data_dir}",
+       "--config.num_epochs=1", "--config.model.bn_placement=none",
+       "--config.optimizer.warmup_epochs=0.0",
+       "--config.sweep.axes.dropout.values=('none',)",
+       "--config.sweep.axes.bn.key=optimizer.learning_rate",
+       "--config.sweep.axes.bn.values=(0.05, 1e6)", "--config.sweep.baseline=bn=0.05,dropout=none"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  status = {(r["cell"], r["seed"]): r["status"] for r in rows}
+  assert status == {("bn=0.05,dropout=none", 0): "finished", ("bn=0.05,dropout=none", 1): "finished",
+                    ("bn=1000000.0,dropout=none", 0): "diverged",
+                    ("bn=1000000.0,dropout=none", 1): "diverged"}
+  text = open(os.path.join(workdir, "report.md")).read()
+  assert "2 of 2" in text or "all seeds diverged" in text
