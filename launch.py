@@ -99,6 +99,7 @@ def main(argv):
     validation.validate_sweep(sweep.sweep_settings(_CONFIG.value))
     # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
     environment.apply_numerics(_CONFIG.value.deterministic, _CONFIG.value.matmul_precision)
+    environment.enable_compilation_cache()
     mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     written = sweep.run(
         _CONFIG.value, workdir, overrides=[f"{k}={v!r}" for k, v in sorted(overrides.items())],

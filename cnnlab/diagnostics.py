@@ -30,26 +30,31 @@ DIAGNOSTIC_BATCH = 512
 def bn_input_variances(model: nn.Module, variables: dict, images: jax.Array, *, train_mode: bool,
                        rngs: dict | None = None) -> dict[str, dict[str, float]]:
   """{BN layer path: {"var": mean per-channel input variance, "running_var": ...}} for one
-  forward pass of `images` [N, H, W, C] in training or evaluation mode."""
-  found: dict[str, dict[str, float]] = {}
+  forward pass of `images` [N, H, W, C] in training or evaluation mode (one jitted program)."""
 
-  def record(next_fun, args, kwargs, context):
-    module = context.module
-    if isinstance(module, layers.BatchNorm) and context.method_name == "__call__":
-      x = jnp.asarray(args[0], jnp.float32)
-      var = jnp.var(x, axis=tuple(range(x.ndim - 1)))
-      running = module.get_variable("batch_stats", "var")
-      name = "/".join(module.path) or module.name
-      found[name] = {"var": float(jnp.mean(var)),
-                     "running_var": float(jnp.mean(running)) if running is not None else np.nan}
-    return next_fun(*args, **kwargs)
+  def forward(variables, images, rngs):
+    found: dict[str, dict[str, jax.Array]] = {}
 
-  with nn.intercept_methods(record):
-    if train_mode:
-      model.apply(variables, images, train=True, rngs=rngs, mutable=["batch_stats"])
-    else:
-      model.apply(variables, images, train=False)
-  return found
+    def record(next_fun, args, kwargs, context):
+      module = context.module
+      if isinstance(module, layers.BatchNorm) and context.method_name == "__call__":
+        x = jnp.asarray(args[0], jnp.float32)
+        var = jnp.var(x, axis=tuple(range(x.ndim - 1)))
+        running = module.get_variable("batch_stats", "var")
+        name = "/".join(module.path) or module.name
+        found[name] = {"var": jnp.mean(var),
+                       "running_var": jnp.mean(running) if running is not None else jnp.nan}
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+      if train_mode:
+        model.apply(variables, images, train=True, rngs=rngs, mutable=["batch_stats"])
+      else:
+        model.apply(variables, images, train=False)
+    return found
+
+  found = jax.jit(forward)(variables, images, rngs or {})
+  return {name: {k: float(v) for k, v in d.items()} for name, d in found.items()}
 
 
 def variance_shift(config, workdir: str) -> list[dict[str, float | str]]:

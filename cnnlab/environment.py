@@ -75,6 +75,21 @@ def apply_determinism(deterministic: bool) -> None:
     os.environ["XLA_FLAGS"] = " ".join(flags + missing)
 
 
+def enable_compilation_cache(directory: str | None = None) -> str:
+  """Keeps XLA's compiled programs on disk (JAX's persistent compilation cache), so a rerun of a
+  study, or the next worker process, loads what an earlier one compiled instead of compiling it
+  again. The executables are the same bytes, so results are too. `directory` defaults to
+  $CNNLAB_XLA_CACHE or ~/.cache/cnnlab/xla; "off" disables it. Returns the directory used."""
+  directory = directory or os.environ.get("CNNLAB_XLA_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "cnnlab", "xla")
+  if directory == "off":
+    return directory
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return directory
+
+
 def thread_count() -> int:
   """CPU threads this process may run on (XLA's CPU thread pool sizes itself from this)."""
   try:

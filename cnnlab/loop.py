@@ -254,8 +254,9 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
   elapsed_before = saved.get("wall_time_s", 0.0)
   start_time = time.perf_counter()
   wall = lambda: elapsed_before + time.perf_counter() - start_time
-  # Checkpoints are written at log points (or with the pending metric sums, when interrupted),
-  # so a resumed run logs exactly the lines an uninterrupted one logs.
+  # Checkpoints every checkpoint_every_steps (validated to be a multiple of log_every_steps, so at
+  # log points) and at the last step, or with the pending metric sums when interrupted: a resumed
+  # run logs exactly the lines an uninterrupted one logs.
   log_every, ckpt_every = config.log_every_steps, config.checkpoint_every_steps
   topology = mesh_lib.describe(mesh)
   sums, count = saved.get("pending_sums"), saved.get("pending_count", 0)
@@ -311,7 +312,7 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
         postfix[f"{curve_split[:3]}_acc"] = (
             f"{np.mean([held_out[i]['accuracy'] for i in alive]):.4f}")
       bar.set_postfix(postfix)
-      if end_of_epoch or done % ckpt_every == 0 or interrupt["signal"]:
+      if done % ckpt_every == 0 or done == total_steps or interrupt["signal"]:
         save_all(done, state)
       if interrupt["signal"]:
         _interrupted(runs, interrupt["signal"], done, bar)

@@ -330,6 +330,7 @@ def worker_main(workdir: str) -> None:
   saved = rundir.read_json(os.path.join(workdir, "sweep.json"))
   config = ml_collections.ConfigDict(saved["config"])
   environment.apply_numerics(config.deterministic, config.matmul_precision)
+  environment.enable_compilation_cache()
   try:
     work(config, workdir, overrides=saved["overrides"], command=saved["command"],
          progress=False)

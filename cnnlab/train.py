@@ -60,21 +60,25 @@ def data_seed(key: jax.Array) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _init_fn(model, input_shape: tuple[int, ...]):
-  """The jitted `model.init`, cached so that the seeds of a cell compile it once."""
+def _init_fn(model, tx: optax.GradientTransformation, input_shape: tuple[int, ...]):
+  """One jitted program for `model.init` and `tx.init`, cached so that the seeds of a cell compile
+  it once (run op by op, the optimizer's init alone compiled dozens of small programs)."""
   dummy = jnp.zeros((1, *input_shape), jnp.float32)
-  return jax.jit(lambda key: model.init({"params": key}, dummy, train=False))
+
+  def init(key):
+    variables = model.init({"params": key}, dummy, train=False)
+    params = variables["params"]
+    return params, variables.get("batch_stats", {}), tx.init(params)
+  return jax.jit(init)
 
 
 def create_train_state(model, tx: optax.GradientTransformation, streams: dict[str, jax.Array],
                        input_shape: tuple[int, ...]) -> TrainState:
   """Initialises parameters and BN statistics for inputs of shape `input_shape` = (H, W, C)."""
-  variables = _init_fn(model, tuple(input_shape))(streams["params"])
-  params = variables["params"]
+  params, batch_stats, opt_state = _init_fn(model, tx, tuple(input_shape))(streams["params"])
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-      rngs={name: streams[name] for name in DROPOUT_STREAMS},
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=opt_state, rngs={name: streams[name] for name in DROPOUT_STREAMS},
       apply_fn=model.apply, tx=tx)
 
 

@@ -27,12 +27,30 @@ import os
 import time
 from typing import Any, Mapping
 
+import sys
+
 import numpy as np
-from tensorboardX import summary as tb_summary
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from cnnlab.rundir import RunDir
+
+
+def _import_tensorboardx():
+  """tensorboardX's package imports torch whenever torch is installed (4 s on a 2-core CPU) only
+  to accept torch tensors; cnnlab writes numpy, so torch is hidden while tensorboardX loads."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects.
+  try:
+    from tensorboardX import summary
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return summary, EventsWriter, Event, SessionLog
+
+
+tb_summary, EventsWriter, Event, SessionLog = _import_tensorboardx()
 
 IMAGE_CHANNELS = (1, 3, 4)
 

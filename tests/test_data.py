@@ -171,8 +171,7 @@ def test_cifar10_loads_through_tfds_mock_data(tmp_path):
     assert info.image_shape == (32, 32, 3) and info.num_train == 20
     batch = next(data.train_iterator(cfg, 8, seed=0))
     assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].shape == (8,)
-  data._load_split.cache_clear()
-  data._stats.cache_clear()
+  data.clear_caches()
 
 
 def test_augmentation_is_deterministic_and_changes_images():
@@ -188,7 +187,7 @@ def _prepared_digits(tmp_path):
   """digits prepared in a fresh data dir: (config, the prepared directory)."""
   cfg = _cfg("digits", str(tmp_path / "tfds"))
   data.dataset_info(cfg)
-  data._load_split.cache_clear()   # The next load reads the (tampered) files again.
+  data.clear_caches()   # The next load reads the (tampered) files again.
   return cfg, tmp_path / "tfds" / "cnnlab_digits" / str(builders.VERSION)
 
 

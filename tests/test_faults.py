@@ -100,3 +100,23 @@ def test_diverging_cell_is_recorded_and_the_sweep_finishes(data_dir, tmp_path):
                     ("bn=1000000.0,dropout=none", 1): "diverged"}
   text = open(os.path.join(workdir, "report.md")).read()
   assert "2 of 2" in text or "all seeds diverged" in text
+
+
+def test_two_sweeps_started_together_on_a_fresh_data_dir(tmp_path):
+  """Both prepare the dataset at once (one waits on the other's lock), share the cells through
+  their locks, and finish with one report; every run trained exactly once."""
+  from test_sweep import _small_sweep_args
+  data_dir, workdir = str(tmp_path / "fresh_tfds"), str(tmp_path / "sweep")
+  args = _small_sweep_args(data_dir, workdir, "--config.num_epochs=1")
+  procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  assert len(rows) == 4
+  for root, _, files in os.walk(os.path.join(workdir, "cells")):
+    if "metrics.jsonl" in files:
+      keys = [(r["step"], r["split"]) for r in RunDir(root).read_metrics()]
+      assert len(keys) == len(set(keys)), f"{root} was trained twice"
+      # One process trained it: its event files hold one run (no restart marker needed).
+      assert len([n for n in files if n.startswith("events.out.tfevents")]) == 1

@@ -316,6 +316,20 @@ def test_fast_max_pool_matches_flax_values_and_gradient(shape, window):
   assert (np.asarray(g) != 0).sum() == w.size  # One gradient entry per window.
 
 
+def test_fast_max_pool_gradient_splits_ties_as_autodiff_does():
+  # Small integers: many windows hold tied maxima (ReLU zeros are the common case in a net).
+  x = jnp.asarray(NP.integers(-2, 3, (2, 6, 4, 3)), jnp.float32)
+  w = normal(2, 3, 2, 3)
+  blocks = lambda x: x.reshape(2, 3, 2, 2, 2, 3)
+  plain = lambda x, win: blocks(x).max(axis=(2, 4))
+  ties = (blocks(x) == blocks(x).max(axis=(2, 4), keepdims=True)).sum(axis=(2, 4))
+  assert (ties > 1).any()
+  y, g = _pool_value_and_grad(layers.max_pool, 2, x, w)
+  y_ref, g_ref = _pool_value_and_grad(plain, 2, x, w)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(g, g_ref)
+
+
 def test_fast_avg_pool_matches_flax():
   x = normal(2, 7, 9, 3)
   np.testing.assert_allclose(layers.avg_pool(x, 3), nn.avg_pool(x, (3, 3), (3, 3), "VALID"),

@@ -194,6 +194,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_config, tmp_path):
   assert numbers_of(got) == numbers_of(expected)
   strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]
   assert strip(RunDir(killed).read_metrics()) == strip(RunDir(reference).read_metrics())
+  # TensorBoard as its reader shows it: after the kill and resume, every step once, the same
+  # values as metrics.jsonl (the killed process's events after the checkpoint are purged).
+  from test_writers import _assert_events_equal_metrics
+  _assert_events_equal_metrics(RunDir(killed))
+  assert len([n for n in os.listdir(killed) if n.startswith("events.out.tfevents")]) == 2
 
 
 def test_train_step_adds_sown_aux_losses_with_their_weight():

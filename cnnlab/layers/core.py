@@ -8,6 +8,7 @@ called (or the function runs), naming the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -185,12 +186,72 @@ class BlockOptions:
 # ----------------------------------------------------------------------------------------------
 # BatchNorm.
 
+def _channel_sum(x2d: jax.Array) -> jax.Array:
+  """Column sums of x2d [M, C] -> [C] as the matrix product ones [M] @ x2d (XLA:CPU runs it as
+  a GEMV), in full float32 precision whatever `jax_default_matmul_precision` says."""
+  ones = jnp.ones((x2d.shape[0],), x2d.dtype)
+  return jnp.dot(ones, x2d, precision=jax.lax.Precision.HIGHEST)
+
+
+def _channel_mean(x2d: jax.Array, axis_name: str | None) -> jax.Array:
+  """Mean over the rows of x2d [M, C] -> [C], and over the devices of `axis_name`."""
+  mean = _channel_sum(x2d) / x2d.shape[0]
+  return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
+
+
+def _bn_forward(x, scale, bias, epsilon, axis_name):
+  x2d = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  mean = _channel_mean(x2d, axis_name)
+  var = _channel_mean(jnp.square(x2d - mean), axis_name)  # Two-pass: exact for large means too.
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = (x2d - mean) * (scale * inv) + bias
+  return (y.reshape(x.shape), mean, var), (x, mean, inv, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                     axis_name: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode BatchNorm: x [..., C] (any float dtype) -> (y float32 [..., C], batch mean
+  [C], biased batch variance [C]), statistics over every axis but the last (and over the devices
+  of `axis_name`).
+
+  y = (x - mean) / sqrt(var + epsilon) * scale + bias. Its VJP is the closed form (Ioffe &
+  Szegedy 2015, section 3), with xhat = (x - mean) * inv and inv = 1/sqrt(var + epsilon):
+    dx = scale * inv * (dy - mean(dy) - xhat * mean(dy * xhat)) + dmean / M + 2 dvar (x - mean) / M
+  (M = reduced elements), dscale = sum(dy * xhat), dbias = sum(dy): two per-channel sums and one
+  elementwise pass, where autodiff of the formula stores and re-reads several [..., C] tensors.
+  """
+  return _bn_forward(x, scale, bias, epsilon, axis_name)[0]
+
+
+def _bn_backward(epsilon, axis_name, residuals, cotangents):
+  del epsilon
+  x, mean, inv, scale = residuals
+  dy, dmean, dvar = cotangents
+  x2d = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  dy2d = dy.reshape(x2d.shape).astype(jnp.float32)
+  xhat = (x2d - mean) * inv
+  local = x2d.shape[0]
+  dbias, dscale = _channel_sum(dy2d), _channel_sum(dy2d * xhat)
+  gain = scale * inv
+  # dx = gain * dy - slope * xhat - shift; per device, then averaged over `axis_name`.
+  shift = gain * dbias / local - dmean / local
+  slope = gain * dscale / local - 2 * dvar / (inv * local)
+  if axis_name is not None:
+    shift, slope = jax.lax.pmean((shift, slope), axis_name)
+  dx = gain * dy2d - slope * xhat - shift
+  return dx.reshape(x.shape).astype(x.dtype), dscale, dbias
+
+
+batch_norm_train.defvjp(_bn_forward, _bn_backward)
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over every axis but the last: x [..., C] -> [..., C] (NHWC: stats over N,H,W).
 
   Params `scale`, `bias` [C]; running `mean`, `var` [C] in `batch_stats`. Training uses the batch
-  mean and biased batch variance and updates the running stats (not during `init`); eval uses the
-  running stats. `convention`:
+  mean and biased batch variance (`batch_norm_train`, closed-form gradient) and updates the
+  running stats (not during `init`); eval uses the running stats. `convention`:
     flax:    ra = 0.99 ra + 0.01 batch, running variance biased;
     pytorch: ra = 0.9 ra + 0.1 batch, running variance unbiased (x N/(N-1), N = reduced elements
              per channel; N = 1 leaves the biased value, where PyTorch raises).
@@ -211,23 +272,16 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    x32 = x.astype(jnp.float32)
-    if train:
-      axes = tuple(range(x.ndim - 1))
+    if not train:
+      mul = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
+      return ((x.astype(jnp.float32) - ra_mean.value) * mul + bias).astype(self.dtype)
+    y, mean, var = batch_norm_train(x, scale, bias, float(self.epsilon), self.axis_name)
+    if not self.is_initializing():
       n = x.size // c
-      mean = x32.mean(axes)
       if self.axis_name is not None:
-        mean = jax.lax.pmean(mean, self.axis_name)
-      var = jnp.square(x32 - mean).mean(axes)  # Two-pass: exact for large means too.
-      if self.axis_name is not None:
-        var = jax.lax.pmean(var, self.axis_name)
         n = n * jax.lax.psum(1, self.axis_name)
-      if not self.is_initializing():
-        momentum, unbiased = _BN_MOMENTUM[self.convention]
-        batch_var = var * (n / (n - 1)) if unbiased and n > 1 else var
-        ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
-        ra_var.value = momentum * ra_var.value + (1 - momentum) * batch_var
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    return ((x32 - mean) * mul + bias).astype(self.dtype)
+      momentum, unbiased = _BN_MOMENTUM[self.convention]
+      batch_var = var * (n / (n - 1)) if unbiased and n > 1 else var
+      ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
+      ra_var.value = momentum * ra_var.value + (1 - momentum) * batch_var
+    return y.astype(self.dtype)

@@ -1,0 +1,363 @@
+"""cnnlab's jitted train and eval steps against the same nets in PyTorch, interleaved in one run.
+
+    python benchmarks/compare_torch.py --repeats=5 --steps=10 --out=/tmp/compare_torch.json
+
+Nets (BN before the activation, 10 classes, random inputs, SGD momentum 0.9 nesterov, weight
+decay 5e-4 on kernels only, as cnnlab's base config):
+  vgg_small  conv32-32-pool-64-64-pool-128-pool-GAP-dense, batch 128, 32x32x3
+  resnet20   He et al. 2016a's CIFAR ResNet-20 (zero-padding shortcuts), batch 128, 32x32x3
+  main       the main job's vgg_cnn stages (16,),(32,),(64,), batch 64, 28x28x1
+Variants: cnnlab (per --dtypes), torch eager NCHW, torch channels_last, torch.compile
+(channels_last; reported as failed where it does not work here). Every repeat times every
+variant for --steps steps, in an order rotated per repeat, so a load change hits all of them.
+Reports images/s (min/median/max over repeats), achieved GFLOP/s (6 x multiply-adds per
+training example, 2 x per eval example, from cnnlab.summary) against the measured float32 matmul
+peak of this machine (numpy and jax, the best), the first call (compile) time, and the ratio to
+torch channels_last. CPU contention: the load average before/after, and per timed window the
+CPU share other processes took (/proc/stat busy time minus this process's); a window where they
+used more than --noisy_share of a core is marked noisy. Prints a markdown table for the README.
+Only a quiet machine gives numbers to publish: interleaving does not cancel contention, because
+the two runtimes suffer differently (measured on 2 shared cores with ~1.7 cores taken by others:
+torch's OpenMP steps slowed 10-25x, XLA's 2-3x, so the ratios flipped in cnnlab's favour).
+torch is a benchmark-only dependency (the `torch` extra); cnnlab itself never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+from absl import app, flags
+from torch import nn
+
+from cnnlab import environment, models, optim, summary, train
+from cnnlab.configs import base_config
+
+_NETS = flags.DEFINE_list("nets", ["vgg_small", "resnet20", "main"], "Nets to time.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds over all variants.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Steps per variant per round.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32"], "cnnlab activation dtypes to time.")
+_COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time torch.compile (slow to compile).")
+_NOISY = flags.DEFINE_float("noisy_share", 0.1, "Other processes' cores above which a window "
+                            "is noisy.")
+_OUT = flags.DEFINE_string("out", None, "Write all measurements as JSON here.")
+
+NETS = {
+    "vgg_small": dict(model=dict(name="vgg_cnn", stages=((32, 32), (64, 64), (128,))),
+                      batch=128, shape=(32, 32, 3)),
+    "resnet20": dict(model=dict(name="resnet20"), batch=128, shape=(32, 32, 3)),
+    "main": dict(model=dict(name="vgg_cnn", stages=((16,), (32,), (64,))), batch=64,
+                 shape=(28, 28, 1)),
+}
+NUM_CLASSES, LEARNING_RATE = 10, 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# Contention.
+
+def _cpu_seconds() -> tuple[float, float, float]:
+  """(wall time, busy CPU seconds of the whole machine, CPU seconds of this process)."""
+  with open("/proc/stat") as f:
+    fields = [int(v) for v in f.readline().split()[1:]]
+  user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+  busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+  own = os.times()
+  return time.perf_counter(), busy, own.user + own.system
+
+
+def _other_cores(before, after) -> float:
+  """Cores other processes kept busy between two `_cpu_seconds` samples."""
+  wall = after[0] - before[0]
+  return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / wall
+
+
+# ----------------------------------------------------------------------------------------------
+# cnnlab side.
+
+def cnnlab_config(net: str, dtype: str):
+  config = base_config()
+  config.model.update(NETS[net]["model"])
+  config.model.bn_placement, config.model.dropout = "before_act", "none"
+  config.dtype, config.batch_size = dtype, NETS[net]["batch"]
+  return config
+
+
+class CnnlabRunner:
+  """cnnlab's `train.train_step` (jitted, state donated) and `train.eval_step` on fixed batches."""
+
+  def __init__(self, net: str, dtype: str, images: np.ndarray, labels: np.ndarray):
+    config = cnnlab_config(net, dtype)
+    self.model = models.get_model(config.model, NUM_CLASSES, dtype=jnp.dtype(dtype))
+    tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(LEARNING_RATE))
+    self.state = train.create_train_state(self.model, tx, train.split_seed(0), images.shape[1:])
+    self.batch = {"image": jnp.asarray(images, jnp.dtype(dtype)), "label": jnp.asarray(labels)}
+    self.eval_batch = dict(self.batch, mask=jnp.ones(len(labels), jnp.float32))
+    self._train = jax.jit(train.train_step, donate_argnums=0)
+    self._eval = jax.jit(train.eval_step)
+
+  def train(self, steps: int) -> None:
+    for _ in range(steps):
+      self.state, metrics = self._train(self.state, self.batch)
+    jax.block_until_ready(metrics)
+
+  def eval(self, steps: int) -> None:
+    for _ in range(steps):
+      metrics = self._eval(self.state, self.eval_batch)
+    jax.block_until_ready(metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same nets in PyTorch, by hand.
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+  return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)]
+
+
+def torch_vgg(stages, channels: int) -> nn.Module:
+  """conv3x3 -> BN -> ReLU per width, a 2x2 max pool after each stage, GAP, dense."""
+  body = []
+  for widths in stages:
+    for width in widths:
+      body += [*_conv_bn(channels, width), nn.ReLU(inplace=True)]
+      channels = width
+    body.append(nn.MaxPool2d(2))
+  return nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                       nn.Linear(channels, NUM_CLASSES))
+
+
+class _BasicUnit(nn.Module):
+  """He 2016a's basic unit, option A shortcut: subsample, zero channels appended at the end."""
+
+  def __init__(self, cin: int, cout: int, stride: int):
+    super().__init__()
+    self.stride, self.extra = stride, cout - cin
+    self.conv1, self.bn1 = _conv_bn(cin, cout, stride)
+    self.conv2, self.bn2 = _conv_bn(cout, cout)
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    shortcut = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+    if self.extra:
+      shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra))
+    return F.relu(y + shortcut)
+
+
+def torch_resnet20(channels: int) -> nn.Module:
+  units, cin = [], 16
+  for i, width in enumerate((16, 32, 64)):
+    for j in range(3):
+      units.append(_BasicUnit(cin, width, 2 if i > 0 and j == 0 else 1))
+      cin = width
+  return nn.Sequential(*_conv_bn(channels, 16), nn.ReLU(inplace=True), *units,
+                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, NUM_CLASSES))
+
+
+def torch_net(net: str, channels: int) -> nn.Module:
+  if net == "resnet20":
+    return torch_resnet20(channels)
+  return torch_vgg(NETS[net]["model"]["stages"], channels)
+
+
+class TorchRunner:
+  """A PyTorch train step (SGD nesterov, decay on kernels only) and eval step, CPU."""
+
+  def __init__(self, net: str, images: np.ndarray, labels: np.ndarray, layout: str,
+               compiled: bool):
+    torch.manual_seed(0)
+    self.model = torch_net(net, images.shape[-1])
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    self.model = self.model.to(memory_format=fmt)
+    self.x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=fmt)
+    self.y = torch.from_numpy(labels.astype(np.int64))
+    params = list(self.model.parameters())
+    self.opt = torch.optim.SGD(
+        [{"params": [p for p in params if p.ndim > 1], "weight_decay": 5e-4},
+         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+        lr=LEARNING_RATE, momentum=0.9, nesterov=True)
+    self.forward = torch.compile(self.model) if compiled else self.model
+
+  def train(self, steps: int) -> None:
+    self.model.train()
+    for _ in range(steps):
+      self.opt.zero_grad(set_to_none=True)
+      loss = F.cross_entropy(self.forward(self.x), self.y)
+      loss.backward()
+      self.opt.step()
+    loss.item()
+
+  def eval(self, steps: int) -> None:
+    self.model.eval()
+    with torch.no_grad():
+      for _ in range(steps):
+        logits = self.forward(self.x)
+        loss_sum = F.cross_entropy(logits, self.y, reduction="sum")
+        correct = (logits.argmax(-1) == self.y).sum()
+    loss_sum.item(), correct.item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement.
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+  """Best float32 GFLOP/s of an n x n matmul in numpy and in jax (XLA:CPU)."""
+  a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+  ja = jnp.asarray(a)
+  jdot = jax.jit(jnp.dot)
+  jdot(ja, ja).block_until_ready()
+  best = {"numpy": 0.0, "jax": 0.0}
+  for _ in range(repeats):
+    for name, f in (("numpy", lambda: a @ a), ("jax", lambda: jdot(ja, ja).block_until_ready())):
+      start = time.perf_counter()
+      f()
+      best[name] = max(best[name], 2 * n**3 / (time.perf_counter() - start) / 1e9)
+  return best
+
+
+def timed(fn, steps: int) -> dict[str, float]:
+  """Seconds for fn(steps), and the cores other processes used meanwhile."""
+  before = _cpu_seconds()
+  fn(steps)
+  after = _cpu_seconds()
+  return {"seconds": after[0] - before[0], "other_cores": _other_cores(before, after)}
+
+
+def build_variants(net: str) -> dict[str, object]:
+  """Every variant of `net` with its first-call (compile) time, on the same random batch."""
+  batch, shape = NETS[net]["batch"], NETS[net]["shape"]
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((batch, *shape)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+  makers = {f"cnnlab {d}": lambda d=d: CnnlabRunner(net, d, images, labels) for d in _DTYPES.value}
+  makers["torch NCHW"] = lambda: TorchRunner(net, images, labels, "nchw", False)
+  makers["torch channels_last"] = lambda: TorchRunner(net, images, labels, "channels_last", False)
+  if _COMPILE.value:
+    makers["torch.compile"] = lambda: TorchRunner(net, images, labels, "channels_last", True)
+  variants = {}
+  for name, make in makers.items():
+    try:
+      runner = make()
+      start = time.perf_counter()
+      runner.train(1)
+      first_train = time.perf_counter() - start
+      start = time.perf_counter()
+      runner.eval(1)
+      variants[name] = (runner, {"first_train_s": first_train,
+                                 "first_eval_s": time.perf_counter() - start})
+    except Exception as e:  # torch.compile needs a working C++ toolchain; report, go on.
+      print(f"{net}: {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+  return variants
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+  return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def run_net(net: str) -> list[dict]:
+  """Times every variant of `net` interleaved; one result row per variant."""
+  variants = build_variants(net)
+  names = list(variants)
+  batch = NETS[net]["batch"]
+  macs = summary.summarize_model(
+      models.get_model(cnnlab_config(net, "float32").model, NUM_CLASSES),
+      NETS[net]["shape"]).total_macs
+  windows = {name: {"train": [], "eval": []} for name in names}
+  for r in range(_REPEATS.value):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for name in order:
+      runner = variants[name][0]
+      windows[name]["train"].append(timed(runner.train, _STEPS.value))
+      windows[name]["eval"].append(timed(runner.eval, _STEPS.value))
+  rows = []
+  for name in names:
+    row = {"net": net, "variant": name, "batch": batch, **variants[name][1]}
+    for kind, flops_per_example in (("train", 6 * macs), ("eval", 2 * macs)):
+      ws = windows[name][kind]
+      rate = [_STEPS.value * batch / w["seconds"] for w in ws]
+      row[f"{kind}_img_s"] = _spread(rate)
+      row[f"{kind}_gflop_s"] = statistics.median(rate) * flops_per_example / 1e9
+      row[f"{kind}_noisy_windows"] = sum(w["other_cores"] > _NOISY.value for w in ws)
+      row[f"{kind}_other_cores_max"] = max(w["other_cores"] for w in ws)
+    rows.append(row)
+  ref = next((r for r in rows if r["variant"] == "torch channels_last"), None)
+  for row in rows:
+    for kind in ("train", "eval"):
+      row[f"{kind}_vs_channels_last"] = (row[f"{kind}_img_s"]["median"]
+                                         / ref[f"{kind}_img_s"]["median"]) if ref else None
+  return rows
+
+
+def machine() -> dict:
+  with open("/proc/cpuinfo") as f:
+    cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown")
+  env = environment.describe("float32")
+  return {"cpu": cpu, "threads": env["threads"], "platform": env["platform"],
+          "python": env["python"], "jax": env["packages"]["jax"],
+          "jaxlib": env["packages"]["jaxlib"], "flax": env["packages"]["flax"],
+          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+          "numpy": np.__version__, "xla_flags": env["xla_flags"], "git_commit": env["git_commit"]}
+
+
+def markdown(info: dict, rows: list[dict]) -> str:
+  fmt = lambda s: f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
+  ratio = lambda v: "" if v is None else f"{v:.2f}x"
+  lines = [
+      f"Machine: {info['cpu']}, {info['threads']} threads; jax {info['jax']} (jaxlib "
+      f"{info['jaxlib']}), flax {info['flax']}, torch {info['torch']} ({info['torch_threads']} "
+      f"threads), numpy {info['numpy']}; XLA_FLAGS='{info['xla_flags']}'; cnnlab "
+      f"{info['git_commit'][:12]}. float32 matmul peak {info['peak_gflop_s']:.0f} GFLOP/s "
+      f"(numpy {info['matmul']['numpy']:.0f}, jax {info['matmul']['jax']:.0f}). Load average "
+      f"{info['load_before'][0]:.2f} before, {info['load_after'][0]:.2f} after; "
+      f"{info['noisy_windows']} of {info['windows']} timed windows noisy (other processes > "
+      f"{_NOISY.value:g} core).",
+      *([f"WARNING: other processes used up to {max(r['train_other_cores_max'] for r in rows):.1f}"
+         " cores while timing; these numbers and ratios are not those of a quiet machine."]
+        if info["noisy_windows"] else []),
+      "",
+      "| net | variant | train img/s median (min-max) | train GFLOP/s (% peak) | vs torch "
+      "channels_last | eval img/s | eval vs channels_last | first train call s |",
+      "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(
+        f"| {r['net']} (batch {r['batch']}) | {r['variant']} | {fmt(r['train_img_s'])} | "
+        f"{r['train_gflop_s']:.1f} ({100 * r['train_peak_share']:.0f}%) | "
+        f"{ratio(r['train_vs_channels_last'])} | {fmt(r['eval_img_s'])} | "
+        f"{ratio(r['eval_vs_channels_last'])} | {r['first_train_s']:.1f} |")
+  return "\n".join(lines)
+
+
+def main(_):
+  info = machine()
+  info["load_before"] = os.getloadavg()
+  start = _cpu_seconds()
+  info["matmul"] = matmul_peak()
+  rows = []
+  for net in _NETS.value:
+    rows += run_net(net)
+    print(json.dumps(rows[-1]["net"]), "done", flush=True)
+  info["matmul_after"] = matmul_peak()
+  info["peak_gflop_s"] = max(*info["matmul"].values(), *info["matmul_after"].values())
+  info["load_after"] = os.getloadavg()
+  info["other_cores_whole_run"] = _other_cores(start, _cpu_seconds())
+  info["windows"] = 2 * _REPEATS.value * len(rows)
+  info["noisy_windows"] = sum(r["train_noisy_windows"] + r["eval_noisy_windows"] for r in rows)
+  for row in rows:
+    for kind in ("train", "eval"):
+      row[f"{kind}_peak_share"] = row[f"{kind}_gflop_s"] / info["peak_gflop_s"]
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump({"machine": info, "rows": rows}, f, indent=1)
+  print(markdown(info, rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
