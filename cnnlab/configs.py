@@ -157,6 +157,9 @@ def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
   # <workdir>/pretrain/seed_<s> before any cell; cells start from them with
   # init.source="sweep:pretrain". Empty: no stage.
   sweep.pretrain = config_dict.ConfigDict()
+  # Config keys set to each run's seed besides `seed`, e.g. ("dataset.subset_seed",): every
+  # seed draws its own training subset, so the spread over seeds includes the draw's.
+  sweep.seed_keys = ()
   # An axis to plot test accuracy against, one line per value of the other axes ("" = none).
   sweep.plot_axis = ""
   # The smallest test-accuracy difference worth detecting (0.01 = 1 point): the report says how

@@ -36,7 +36,7 @@ from ml_collections import config_dict
 from cnnlab import configs, environment, launchers, rundir, seeds as seeds_lib, train, transfer
 from cnnlab.locks import CellLock
 from cnnlab.errors import CnnlabError, ConfigError, TrainingDivergedError
-from cnnlab.validation import validate_config, validate_sweep
+from cnnlab.validation import check_key, validate_config, validate_sweep
 
 VMAP_CHOICES = ("auto", "on", "off")
 # Measured (see README, "Performance"): on this 2-core CPU vmapped seeds ran slower than one
@@ -51,6 +51,7 @@ class Cell:
   values: dict[str, Any]
   config: ml_collections.ConfigDict
   digest: str
+  seed_keys: tuple[str, ...] = ()   # Config keys set to the seed too (config.sweep.seed_keys).
 
   @property
   def dirname(self) -> str:
@@ -60,6 +61,8 @@ class Cell:
   def seed_config(self, seed: int) -> ml_collections.ConfigDict:
     config = copy.deepcopy(self.config)
     config.seed = seed
+    for key in self.seed_keys:
+      _set_dotted(config, key, seed, "seed_keys")
     return config
 
 
@@ -91,7 +94,11 @@ def _set_dotted(config: ml_collections.ConfigDict, key: str, value: Any, axis: s
 def expand(config: ml_collections.ConfigDict) -> list[Cell]:
   """The cells of the grid, in product order of the (alphabetically sorted) axes; each cell's
   config is validated, so a bad value fails before anything trains."""
-  axes = sweep_settings(config).axes
+  settings = sweep_settings(config)
+  axes = settings.axes
+  seed_keys = tuple(settings.seed_keys)
+  for key in seed_keys:
+    check_key(config, key)
   names = sorted(axes.keys())
   for name in names:
     if "key" not in axes[name] or "values" not in axes[name] or not axes[name]["values"]:
@@ -109,7 +116,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
     validate_config(cell_config)
     name = ",".join(f"{n}={v}" for n, v in zip(names, combo))
     cells.append(Cell(name, dict(zip(names, combo)), cell_config,
-                      rundir.fingerprint(cell_config, exclude=("seed",))[:8]))
+                      rundir.fingerprint(cell_config, exclude=("seed",))[:8], seed_keys))
   return cells
 
 

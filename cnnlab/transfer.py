@@ -372,7 +372,7 @@ def start(run, state):
   if run.primary:
     rundir.write_json_atomic(os.path.join(run.dir.workdir, RECORD_FILE), record)
   return state.replace(params=new["params"], batch_stats=new["batch_stats"],
-                       opt_state=state.tx.init(new["params"]))
+                       opt_state=jax.jit(state.tx.init)(new["params"]))
 
 
 def describe(record: dict, workdir: str) -> str:

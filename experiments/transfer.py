@@ -6,7 +6,8 @@ Run it with:
 
 (workdir: runs/transfer). A VGG-style CNN (BN before the activation) is pretrained once per seed
 on mnist5k shrunk to 8x8 (<workdir>/pretrain/seed_<s>, shared by every cell), then trained on
-scikit-learn's 8x8 digits with 2, 10, 50 or all (~143) training examples per class, four ways:
+scikit-learn's 8x8 digits with 2, 10, 50 or all (~129 once sweep_base's 10% validation share is
+held out) training examples per class, four ways:
 
     scratch     no source: the same network from a random initialisation;
     probe       the source's network with a new head; everything but the head frozen (a linear
@@ -15,7 +16,8 @@ scikit-learn's 8x8 digits with 2, 10, 50 or all (~143) training examples per cla
     full        a new head; everything trained, the transferred layers at 1/10 of the rate.
 
 Every cell takes the same number of steps (a small subset is repeated to the whole split's
-length per epoch). The report pairs every method with `scratch` at the same data size, over 5
+length per epoch). Seed s draws its own subset (subset_seed = s), the same for every method, so
+the spread over seeds includes which examples were drawn and the pairs share them. The report pairs every method with `scratch` at the same data size, over 5
 seeds, and plots test accuracy against the data size per method (accuracy_by_per_class.png).
 
 Why this pair: both are handwritten digits (related tasks, so transfer can help), but from
@@ -70,6 +72,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.sweep.axes.per_class = config_dict.ConfigDict(
       {"key": "dataset.train_per_class", "values": (2, 10, 50, None)})
   config.sweep.seeds = (0, 1, 2, 3, 4)
+  config.sweep.seed_keys = ("dataset.subset_seed",)  # Each seed its own subset of the target.
   config.sweep.baseline = "method=scratch"
   config.sweep.plot_axis = "per_class"
   config.sweep.target_accuracy = 0.9

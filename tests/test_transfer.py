@@ -289,12 +289,18 @@ def test_study_quick_end_to_end(data_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
   config = load_config("experiments/transfer.py", "quick")
+  config.dataset.data_dir = data_dir
   assert len(rows) == len(sweep.expand(config)) * len(config.sweep.seeds)
   for seed in config.sweep.seeds:  # One pretraining run per seed, shared by every cell.
     assert os.path.exists(os.path.join(workdir, "pretrain", f"seed_{seed}", "results.json"))
     sources = {r["transfer"]["source"] for r in _results(workdir) if r["seed"] == seed
                and "transfer" in r}
     assert sources == {os.path.join(workdir, "pretrain", f"seed_{seed}")}
+  for cell in sweep.expand(config):  # config.sweep.seed_keys: seed s trains on subset s.
+    for seed in config.sweep.seeds:
+      saved = rundir.read_json(os.path.join(workdir, "cells", cell.dirname, f"seed_{seed}",
+                                            "config.json"))
+      assert saved["config"]["dataset"]["subset_seed"] == seed
   comparisons = report.read_results_csv(os.path.join(workdir, "comparisons.csv"))
   for c in comparisons:  # Every method is paired with scratch at its own data size.
     assert c["baseline"] == c["cell"].replace(c["cell"].split(",")[0], "method=scratch")
