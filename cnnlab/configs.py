@@ -29,6 +29,14 @@ def base_config() -> config_dict.ConfigDict:
   config.dataset.manual_dir = config_dict.placeholder(str)
   # Random flips and 4-pixel-padded crops (CIFAR only; ignored with a warning elsewhere).
   config.dataset.augment = False
+  # Images resized to (H, W) (area-weighted, antialiased) before anything else; None = as stored.
+  config.dataset.resize = config_dict.placeholder(tuple)
+  # A class-stratified subset of the train split: this many examples per class, drawn with
+  # `subset_seed` (None = the whole split). With `subset_repeat` an epoch repeats the subset up
+  # to the whole split's length, so `num_epochs` means the same number of steps for every size.
+  config.dataset.train_per_class = config_dict.placeholder(int)
+  config.dataset.subset_seed = 0
+  config.dataset.subset_repeat = True
   # Share of each class of the train split held out for validation (0 = none). With one,
   # learning curves, steps-to-target and any selection use it, and the test split is evaluated
   # once, at the end. Drawn with validation_seed, the same for every run seed.
@@ -88,7 +96,43 @@ def base_config() -> config_dict.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 250
   config.checkpoints_to_keep = 2
+  config.init = init_defaults()
   return config
+
+
+def init_defaults() -> config_dict.ConfigDict:
+  """`config.init`: start from another run, re-initialise or freeze parts (cnnlab.transfer).
+
+  Path patterns are globs over parameter paths like `stage2_conv0/conv/kernel` (`*` crosses `/`);
+  a pattern starting with `!` excludes, and the last pattern that matches a path decides, as in
+  .gitignore: ("*", "!head/*") is everything but the head.
+  """
+  init = config_dict.ConfigDict()
+  # "" (train from scratch) | a cnnlab workdir | a torchvision weight file (see `arch`) |
+  # "sweep:pretrain" (the sweep's pretraining run of the same seed, see config.sweep.pretrain).
+  init.source = ""
+  # A torchvision state_dict file as the source (.safetensors/.pt/.pth/.bin) needs its
+  # architecture (cnnlab.convert.TORCHVISION_ARCHS, e.g. "resnet18") and config.model set to
+  # convert.torchvision_model_config(arch).
+  init.arch = ""
+  init.step = config_dict.placeholder(int)    # The source checkpoint's step; None = the latest.
+  # Arrays (params and BN statistics) to re-initialise instead of loading. The classifier head
+  # is re-initialised anyway when the source has another number of classes.
+  init.reinit = ()
+  init.freeze = ()          # Parameters that do not train (no update, no optimizer state).
+  # BatchNorm layers whose parameters are frozen use their running statistics in training and
+  # keep them (as Keras' trainable=False); False: they normalise with batch statistics and
+  # update the running ones (PyTorch's requires_grad=False without model.eval()).
+  init.freeze_bn = True
+  # Learning rate of the trained parameters but the head and the `reinit` ones, relative to the
+  # schedule's (discriminative fine-tuning); 1 = the same rate everywhere.
+  init.body_lr_scale = 1.0
+  # Named settings of the fields above, e.g. recipes.probe = {"freeze": ("*", "!head/*")}; the
+  # one named by `recipe` overrides them ("" = none): a sweep axis over `init.recipe` then
+  # varies several fields at once.
+  init.recipe = ""
+  init.recipes = config_dict.ConfigDict()
+  return init
 
 
 SWEEP_VARIANTS = ("full", "quick", "cifar10")
@@ -108,6 +152,16 @@ def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
   sweep.workers = 1
   # "Steps to reach" this end-of-epoch accuracy, per cell.
   sweep.target_accuracy = 0.9
+  # A pretraining stage (cnnlab.transfer): overrides of the config (nested, e.g.
+  # {"dataset": {"name": "mnist5k"}}) for runs trained once per seed into
+  # <workdir>/pretrain/seed_<s> before any cell; cells start from them with
+  # init.source="sweep:pretrain". Empty: no stage.
+  sweep.pretrain = config_dict.ConfigDict()
+  # Config keys set to each run's seed besides `seed`, e.g. ("dataset.subset_seed",): every
+  # seed draws its own training subset, so the spread over seeds includes the draw's.
+  sweep.seed_keys = ()
+  # An axis to plot test accuracy against, one line per value of the other axes ("" = none).
+  sweep.plot_axis = ""
   # The smallest test-accuracy difference worth detecting (0.01 = 1 point): the report says how
   # many seeds a paired t-test would need to detect it with 80% power.
   sweep.min_effect = 0.01

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from cnnlab import data as data_lib
-from cnnlab import environment, rundir, train
+from cnnlab import environment, rundir, train, transfer
 from cnnlab import mesh as mesh_lib
 from cnnlab.checkpoint import Checkpointer
 from cnnlab.errors import Interrupted
@@ -52,6 +52,7 @@ class Run:
     self.config = config
     self.dir = rundir.RunDir(workdir)
     self.primary = jax.process_index() == 0
+    transfer.check(config, self.dir)  # Before anything is written.
     if self.primary:
       self.dir.claim(config, overrides=overrides, command=command)
     else:
@@ -173,8 +174,8 @@ def _restore(runs, fresh_states, placement, total_steps):
   template = Replicated(placement.mesh)
   targets = [train.checkpointed(template.combine([fresh])) for fresh in fresh_states]
   found = [run.checkpointer.restore_latest(t) for run, t in zip(runs, targets)]
-  if any(f is None for f in found):
-    return fresh_states, 0, {}
+  if any(f is None for f in found):  # A fresh start: from config.init's source, if any.
+    return [transfer.start(run, fresh) for run, fresh in zip(runs, fresh_states)], 0, {}
   latest = min(step for step, _, _ in found)
   states, progress = [], {}
   for run, fresh, target, (step, restored, progress) in zip(runs, fresh_states, targets, found):
@@ -347,6 +348,7 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh,
         "vmapped_seeds": len(runs) if placement.stacked else 1,
         "topology": mesh_lib.describe(mesh), "environment": env, "wall_time_s": wall(),
     }
+    results.update(transfer.recorded(run.dir.workdir))
     if "topology_changed" in saved:
       results["topology_changed"] = saved["topology_changed"]
     if run.diverged is not None:
@@ -375,8 +377,10 @@ def _log_filters(run: Run, step: int, state: train.TrainState) -> None:
   run.log_images(step, {"first_conv_filters": image})
 
 
-def load_latest_state(config: ml_collections.ConfigDict, workdir: str) -> train.TrainState:
-  """The state of the latest checkpoint in `workdir`, on this process's devices (replicated).
+def load_latest_state(config: ml_collections.ConfigDict, workdir: str,
+                      step: int | None = None) -> train.TrainState:
+  """The state of checkpoint `step` (None: the latest) in `workdir`, on this process's devices
+  (replicated).
 
   Restores into an abstract state (`jax.eval_shape`): nothing is initialised or compiled only to
   be overwritten."""
@@ -390,7 +394,8 @@ def load_latest_state(config: ml_collections.ConfigDict, workdir: str) -> train.
       train.checkpointed(abstract))
   checkpointer = Checkpointer(rundir.RunDir(workdir).checkpoint_dir)
   try:
-    restored, _ = checkpointer.restore(checkpointer.latest_step(), target)
+    restored, _ = checkpointer.restore(
+        checkpointer.latest_step() if step is None else step, target)
   finally:
     checkpointer.close()
   return abstract.replace(rngs={n: streams[n] for n in train.DROPOUT_STREAMS}, **restored)

@@ -3,7 +3,8 @@
 Weight decay is applied to kernels only (parameters with ndim > 1), not to biases or BatchNorm's
 scale/bias: decaying those only fights the normalisation. For `sgd`, `adam` and `rmsprop` it is
 the coupled L2 form (the gradient gets `weight_decay * w`, as PyTorch's `weight_decay=`); `adamw`
-uses decoupled weight decay (Loshchilov & Hutter).
+uses decoupled weight decay (Loshchilov & Hutter). Parameters can be partitioned into groups with
+their own learning-rate scale, scale 0 freezing a group (fine-tuning, cnnlab.transfer).
 """
 
 from __future__ import annotations
@@ -49,9 +50,28 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int,
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
-def create_optimizer(opt: ml_collections.ConfigDict,
-                     schedule: optax.Schedule) -> optax.GradientTransformation:
-  """The optax transformation named by `opt.name`, driven by `schedule`."""
+def create_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule,
+                     param_labels=None, lr_scales: dict[str, float] | None = None
+                     ) -> optax.GradientTransformation:
+  """The optax transformation named by `opt.name`, driven by `schedule`.
+
+  With `param_labels` (a pytree of labels shaped like the parameters) the parameters are
+  partitioned (optax.multi_transform): the group of label L trains with the learning rate times
+  `lr_scales[L]`; a group of scale 0 is frozen: optax.set_to_zero gives it zero updates, no
+  optimizer state (no momentum or Adam moments) and no weight decay.
+  """
+  if param_labels is None:
+    return _single_optimizer(opt, schedule)
+  def group(scale: float) -> optax.GradientTransformation:
+    if scale == 0:
+      return optax.set_to_zero()
+    scaled = schedule if scale == 1 else (lambda step: scale * schedule(step))
+    return _single_optimizer(opt, scaled)
+  return optax.multi_transform({label: group(s) for label, s in lr_scales.items()}, param_labels)
+
+
+def _single_optimizer(opt: ml_collections.ConfigDict,
+                      schedule: optax.Schedule) -> optax.GradientTransformation:
   decay = float(opt.weight_decay)
   if opt.name == "adamw":
     return optax.adamw(schedule, weight_decay=decay, mask=kernel_mask)

@@ -38,6 +38,33 @@ def accuracy(path: str, summary: list[dict], rows: list[dict], baseline: str) ->
   plt.close(fig)
 
 
+def accuracy_by_axis(path: str, summary: list[dict], rows: list[dict], axis: str) -> None:
+  """Test accuracy (mean, 95% CI bars) against the values of sweep axis `axis` (x, in sweep
+  order), one line per combination of the other axes (a cell's name without `axis=value`)."""
+  values = list(dict.fromkeys(str(r[axis]) for r in rows))
+  lines: dict[str, dict[str, tuple]] = {}
+  for s in summary:
+    value = next((str(r[axis]) for r in rows if r["cell"] == s["cell"]), None)
+    if value is not None:
+      rest = ",".join(p for p in s["cell"].split(",") if p != f"{axis}={value}") or "all"
+      lines.setdefault(rest, {})[value] = s["test_accuracy"]
+  fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+  for i, (name, by_value) in enumerate(lines.items()):
+    xs = [j + (i - (len(lines) - 1) / 2) * 0.04 for j, v in enumerate(values) if v in by_value]
+    stats = [by_value[v] for v in values if v in by_value]
+    mean = np.array([100 * m for m, _, _, _ in stats])
+    lo = np.array([100 * l if np.isfinite(l) else 100 * m for m, _, l, _ in stats])
+    hi = np.array([100 * h if np.isfinite(h) else 100 * m for m, _, _, h in stats])
+    ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=name)
+  ax.set_xticks(range(len(values)), ["all" if v == "None" else v for v in values])
+  ax.set(xlabel=axis, ylabel="test accuracy (%)",
+         title=f"Test accuracy by {axis}: mean over seeds, bars = 95% t-interval")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+
+
 def _band(runs: list[list[dict]], split: str, key: str):
   """(steps, mean, min, max) over seeds of `key` on `split` lines (steps shared by all seeds)."""
   series = [{m["step"]: m[key] for m in run if m["split"] == split} for run in runs]

@@ -109,21 +109,37 @@ def _compare(cell, group, base, baseline, metric, min_effect) -> dict:
           **stats.power_statement(diff, effect)}
 
 
+def baseline_cells(cells: dict[str, list[dict]], baseline: str) -> dict[str, str]:
+  """{cell: the cell it is paired with}. `baseline` names one cell, or is `axis=value`: each
+  cell is paired with the cell that differs from it only in `axis`, set to `value` (e.g.
+  `method=scratch`: every method against scratch at the same data size)."""
+  if baseline in cells:
+    return {cell: baseline for cell in cells}
+  axis, _, _ = baseline.partition("=")
+  out = {}
+  for cell, group in cells.items():
+    twin = cell.replace(f"{axis}={group[0].get(axis)}", baseline)
+    if axis not in group[0] or twin not in cells:
+      raise ConfigError(f"config.sweep.baseline={baseline!r} names no cell and no axis=value "
+                        f"with a cell for {cell!r}; the cells are: {'; '.join(cells)}.")
+    out[cell] = twin
+  return out
+
+
 def paired_comparison(rows: list[dict], baseline: str, *,
                       min_effect: float | None = None) -> list[dict]:
-  """Every other cell minus `baseline` on each metric, over the seeds finished in both: one
-  flat dict per (cell, metric), in row order, with the family's adjusted p-values and verdict.
+  """Every other cell minus its baseline (`baseline_cells`) on each metric, over the seeds
+  finished in both: one flat dict per (cell, metric), in row order, with the family's adjusted
+  p-values and verdict.
 
   The family of a metric is its comparisons that have a p-value; `significant` is None for the
   others. `min_effect` (accuracy units) gives test accuracy's `seeds_needed`.
   """
   cells = _by_cell(with_status(rows))
-  if baseline not in cells:
-    raise ConfigError(f"config.sweep.baseline={baseline!r} names no cell; the cells are: "
-                      f"{'; '.join(cells)}.")
-  base = {r["seed"]: r for r in cells[baseline]}
-  out = [_compare(cell, group, base, baseline, metric, min_effect)
-         for cell, group in cells.items() if cell != baseline for metric in METRICS]
+  twins = baseline_cells(cells, baseline)
+  out = [_compare(cell, group, {r["seed"]: r for r in cells[twins[cell]]}, twins[cell], metric,
+                  min_effect)
+         for cell, group in cells.items() if cell != twins[cell] for metric in METRICS]
   for metric in METRICS:
     family = [c for c in out if c["metric"] == metric]
     holm, bh = stats.adjust_p_values([c["p_value"] for c in family])
@@ -328,7 +344,7 @@ def check_min_effect(min_effect: float | None) -> None:
 
 
 def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
-                    min_effect: float | None = None) -> str:
+                    min_effect: float | None = None, plot_axis: str = "") -> str:
   rows = with_status(rows)
   summary = cell_summary(rows)
   paired = paired_comparison(rows, baseline, min_effect=min_effect)
@@ -355,8 +371,10 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
     for d in diagnostics.get(cell, []):
       lines.append(f"| `{cell}` | {d['layer']} | {_f(d['var_train'])} | {_f(d['var_eval'])} | "
                    f"{_f(d['ratio'], 3)} | {_f(d['running_var'])} |")
-  lines += ["", "## Figures", "", "![test accuracy](accuracy.png)", "",
-            "![learning curves](curves.png)", "", "![variance shift](variance_shift.png)", ""]
+  lines += ["", "## Figures", "", "![test accuracy](accuracy.png)", ""]
+  if plot_axis:
+    lines += [f"![test accuracy by {plot_axis}](accuracy_by_{plot_axis}.png)", ""]
+  lines += ["![learning curves](curves.png)", "", "![variance shift](variance_shift.png)", ""]
   lines += [f"![first-layer filters of `{cell}`, seed {seed}]({path})\n"
             for cell, (seed, path) in meta.get("filter_grids", {}).items()]
   lines += ["## Reproduce", "", "```", meta["command"], "```", "",
@@ -369,19 +387,20 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
 
 def write_report(workdir: str, rows: list[dict], curves: dict[str, list[list[dict]]],
                  diagnostics: dict[str, list[dict]], *, baseline: str, target_accuracy: float,
-                 meta: dict, min_effect: float | None = None) -> str:
+                 meta: dict, min_effect: float | None = None, plot_axis: str = "") -> str:
   """Writes results.csv, cells.csv, comparisons.csv, report.md and the PNG plots into
   `workdir`; returns report.md's path.
 
   `curves[cell][i]` holds the metrics of the i-th row of that cell; diverged runs are left out
   of the plots. `min_effect` is the accuracy difference (0.01 = 1 point) whose seeds needed the
-  report states (None: no such statement).
+  report states (None: no such statement). `plot_axis` (an axis, "" = none) adds a plot of test
+  accuracy against its values, one line per value of the other axes.
   """
   check_min_effect(min_effect)
   rows = with_status(rows)
   check_provenance(rows)
   text = render_markdown(rows, diagnostics, baseline=baseline, target_accuracy=target_accuracy,
-                         meta=meta, min_effect=min_effect)
+                         meta=meta, min_effect=min_effect, plot_axis=plot_axis)
   summary = cell_summary(rows)
   write_results_csv(os.path.join(workdir, "results.csv"), rows)
   write_results_csv(os.path.join(workdir, "cells.csv"), cells_table(summary))
@@ -393,6 +412,9 @@ def write_report(workdir: str, rows: list[dict], curves: dict[str, list[list[dic
   plots.accuracy(os.path.join(workdir, "accuracy.png"), summary, _finished(rows), baseline)
   plots.curves(os.path.join(workdir, "curves.png"), finished_curves)
   plots.variance_shift(os.path.join(workdir, "variance_shift.png"), diagnostics)
+  if plot_axis:
+    plots.accuracy_by_axis(os.path.join(workdir, f"accuracy_by_{plot_axis}.png"), summary,
+                           _finished(rows), plot_axis)
   path = os.path.join(workdir, "report.md")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

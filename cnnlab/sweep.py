@@ -33,10 +33,10 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from cnnlab import configs, environment, launchers, rundir, seeds as seeds_lib, train
+from cnnlab import configs, environment, launchers, rundir, seeds as seeds_lib, train, transfer
 from cnnlab.locks import CellLock
 from cnnlab.errors import CnnlabError, ConfigError, TrainingDivergedError
-from cnnlab.validation import validate_config, validate_sweep
+from cnnlab.validation import check_key, validate_config, validate_sweep
 
 VMAP_CHOICES = ("auto", "on", "off")
 # Measured (see README, "Performance"): on this 2-core CPU vmapped seeds ran slower than one
@@ -51,6 +51,7 @@ class Cell:
   values: dict[str, Any]
   config: ml_collections.ConfigDict
   digest: str
+  seed_keys: tuple[str, ...] = ()   # Config keys set to the seed too (config.sweep.seed_keys).
 
   @property
   def dirname(self) -> str:
@@ -60,6 +61,8 @@ class Cell:
   def seed_config(self, seed: int) -> ml_collections.ConfigDict:
     config = copy.deepcopy(self.config)
     config.seed = seed
+    for key in self.seed_keys:
+      _set_dotted(config, key, seed, "seed_keys")
     return config
 
 
@@ -91,7 +94,11 @@ def _set_dotted(config: ml_collections.ConfigDict, key: str, value: Any, axis: s
 def expand(config: ml_collections.ConfigDict) -> list[Cell]:
   """The cells of the grid, in product order of the (alphabetically sorted) axes; each cell's
   config is validated, so a bad value fails before anything trains."""
-  axes = sweep_settings(config).axes
+  settings = sweep_settings(config)
+  axes = settings.axes
+  seed_keys = tuple(settings.seed_keys)
+  for key in seed_keys:
+    check_key(config, key)
   names = sorted(axes.keys())
   for name in names:
     if "key" not in axes[name] or "values" not in axes[name] or not axes[name]["values"]:
@@ -109,7 +116,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
     validate_config(cell_config)
     name = ",".join(f"{n}={v}" for n, v in zip(names, combo))
     cells.append(Cell(name, dict(zip(names, combo)), cell_config,
-                      rundir.fingerprint(cell_config, exclude=("seed",))[:8]))
+                      rundir.fingerprint(cell_config, exclude=("seed",))[:8], seed_keys))
   return cells
 
 
@@ -141,6 +148,7 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
   seeds = tuple(settings.seeds)
   degenerate = len(cells) == 1 and len(seeds) == 1 and not settings.axes
   vmapped = use_vmap(settings.vmap_seeds, len(seeds))
+  transfer.pretrain(config, workdir, overrides=overrides, command=command, progress=progress)
   while True:
     waiting = False
     for cell in cells:
@@ -202,6 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     results = train.train_and_evaluate(config, workdir, overrides=overrides, command=command,
                                        progress=progress and jax.process_index() == 0)
   elif single:
+    transfer.check(config, rundir.RunDir(workdir))  # A bad source: fail before the lock file.
     work(config, workdir, overrides=overrides, command=command, progress=progress)
     results = rundir.RunDir(workdir).read_results()
   if single:
@@ -212,9 +221,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     return os.path.join(workdir, "results.json")
 
   names = [c.name for c in cells]
-  if settings.baseline and settings.baseline not in names:
-    raise ConfigError(f"config.sweep.baseline={settings.baseline!r} names no cell; the cells "
-                      f"are: {'; '.join(names)}.")
+  axis, _, value = settings.baseline.partition("=")
+  if settings.baseline and settings.baseline not in names and not any(
+      str(c.values.get(axis)) == value for c in cells):
+    raise ConfigError(f"config.sweep.baseline={settings.baseline!r} names no cell and no "
+                      f"axis=value; the cells are: {'; '.join(names)}.")
+  if settings.plot_axis and settings.plot_axis not in settings.axes:
+    raise ConfigError(f"config.sweep.plot_axis={settings.plot_axis!r} is not an axis; the axes "
+                      f"are: {', '.join(settings.axes)}.")
   os.makedirs(workdir, exist_ok=True)
   rundir.write_json_atomic(os.path.join(workdir, "sweep.json"), {
       "config": rundir.config_to_dict(config), "overrides": list(overrides),
@@ -290,7 +304,7 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           "filter_grids": filter_grids}
   return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
                              target_accuracy=settings.target_accuracy, meta=meta,
-                             min_effect=settings.min_effect)
+                             min_effect=settings.min_effect, plot_axis=settings.plot_axis)
 
 
 def _filter_grids(cells: list[Cell], seeds, workdir: str) -> dict[str, tuple[int, str]]:

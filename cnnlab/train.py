@@ -29,7 +29,7 @@ from flax import struct
 
 from cnnlab import data as data_lib
 from cnnlab import mesh as mesh_lib
-from cnnlab import models, optim, rundir
+from cnnlab import models, optim, rundir, transfer
 from cnnlab.validation import validate_config
 
 DROPOUT_STREAMS = ("dropout", "channel_dropout")
@@ -185,16 +185,19 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     steps_per_epoch = info.num_train // config.batch_size  # Each epoch drops its remainder.
     total_steps = steps_per_epoch * config.num_epochs
     schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps)
+    model, param_labels, lr_scales = transfer.prepare(config, model, info.image_shape)
     _SETUPS[key] = Setup(info, model, steps_per_epoch, total_steps, schedule,
-                         optim.create_optimizer(config.optimizer, schedule))
+                         optim.create_optimizer(config.optimizer, schedule, param_labels,
+                                                lr_scales))
   return _SETUPS[key]
 
 
-def load_trained_state(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """The state of the latest checkpoint in `workdir` (the final one, for a finished run),
-  restored onto this process's devices (replicated), whatever topology wrote it."""
+def load_trained_state(config: ml_collections.ConfigDict, workdir: str,
+                       step: int | None = None) -> TrainState:
+  """The state of checkpoint `step` in `workdir` (None: the latest, the final one for a finished
+  run), restored onto this process's devices (replicated), whatever topology wrote it."""
   from cnnlab import loop  # The loop imports this module.
-  return loop.load_latest_state(config, workdir)
+  return loop.load_latest_state(config, workdir, step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

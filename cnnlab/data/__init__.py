@@ -7,7 +7,8 @@ and a seeded grain index pipeline (cnnlab.data.pipeline).
     for batch in eval_batches(config.dataset, "test", 500): ...   # + "mask": float32 [B]
 
 `data_config` is the `config.dataset` section: `name`, `data_dir` (None: $TFDS_DATA_DIR or
-~/tensorflow_datasets), `manual_dir` (raw files for offline preparation), `augment`.
+~/tensorflow_datasets), `manual_dir` (raw files for offline preparation), `augment`, and
+`resize`, `train_per_class`, `subset_seed`, `subset_repeat` (cnnlab.data.subsets).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
+from cnnlab.data import subsets
 from cnnlab.data.builders import BUILDERS, RECORD_FILE, examples_digest
 from cnnlab.data.pipeline import TrainIterator, eval_batches_from_arrays
 from cnnlab.errors import ConfigError, DatasetError
@@ -152,6 +154,26 @@ def _load_split(name: str, data_dir: str, manual_dir: str | None, split: str) ->
   return Split(images, labels)
 
 
+def _sized_split(name: str, data_dir: str, manual_dir: str | None, split: str,
+                 size: tuple[int, int] | None) -> Split:
+  """A split with its images resized to `size` (None: as stored)."""
+  if size is None:
+    return _load_split(name, data_dir, manual_dir, split)
+  return _resized_split(name, data_dir, manual_dir, split, size)
+
+
+@functools.lru_cache(maxsize=16)
+def _resized_split(name: str, data_dir: str, manual_dir: str | None, split: str,
+                   size: tuple[int, int]) -> Split:
+  data = _load_split(name, data_dir, manual_dir, split)
+  return Split(subsets.resize(data.images, size), data.labels)
+
+
+def _size(data_config) -> tuple[int, int] | None:
+  size = data_config.get("resize")
+  return None if size is None else subsets.check_size(size)
+
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -162,28 +184,43 @@ def validation_fraction(data_config) -> float:
 
 def load_split(data_config, split: str) -> Split:
   """`train` (less the validation examples), `validation` (a seeded, class-stratified
-  `config.dataset.validation_fraction` of the train split) or `test`."""
+  `config.dataset.validation_fraction` of the train split) or `test`, resized (`resize`); the
+  train split cut to `train_per_class` examples per class (`_subset`)."""
   if split not in SPLITS:
     raise ConfigError(f"split={split!r} is not allowed; choose one of: {', '.join(SPLITS)}.")
   _check_name(data_config.name)
   where = (data_config.name, _data_dir(data_config), data_config.get("manual_dir"))
   if split == "test":
-    return _load_split(*where, "test")
+    return _sized_split(*where, "test", _size(data_config))
   fraction = validation_fraction(data_config)
   if split == "validation" and fraction == 0:
     raise ConfigError("config.dataset.validation_fraction=0: there is no validation split; set "
                       "it in (0, 0.5], e.g. 0.1.")
-  train, validation = _carve(*where, fraction, int(data_config.get("validation_seed", 0)))
-  return train if split == "train" else validation
+  train, validation = _carve(*where, _size(data_config), fraction,
+                             int(data_config.get("validation_seed", 0)))
+  return _subset(train, data_config) if split == "train" else validation
+
+
+def _subset(train: Split, data_config) -> Split:
+  """`train_per_class` examples per class drawn with `subset_seed` (None: all); with
+  `subset_repeat`, repeated and cut to the whole split's length."""
+  per_class = data_config.get("train_per_class")
+  if per_class is None:
+    return train
+  seed = data_config.get("subset_seed", 0)
+  idx = subsets.stratified_subset(train.labels, per_class, seed, "dataset.train_per_class")
+  if data_config.get("subset_repeat", True):
+    idx = subsets.repeat_to(idx, len(train.labels), seed)
+  return Split(train.images[idx], train.labels[idx])
 
 
 @functools.lru_cache(maxsize=16)
-def _carve(name: str, data_dir: str, manual_dir: str | None, fraction: float,
-           seed: int) -> tuple[Split, Split]:
+def _carve(name: str, data_dir: str, manual_dir: str | None, size: tuple[int, int] | None,
+           fraction: float, seed: int) -> tuple[Split, Split]:
   """(train, validation): round(fraction x n_c) examples of each class c, drawn with `seed`, go to
   validation; both keep the train split's order. The same for every run seed, so the cells and
   seeds of a sweep are compared on one validation split."""
-  full = _load_split(name, data_dir, manual_dir, "train")
+  full = _sized_split(name, data_dir, manual_dir, "train", size)
   held = np.zeros(len(full.labels), bool)
   rng = np.random.default_rng(seed)
   for c in np.unique(full.labels):
@@ -195,7 +232,7 @@ def _carve(name: str, data_dir: str, manual_dir: str | None, fraction: float,
 
 def clear_caches() -> None:
   """Forgets every split read so far (the next load reads and verifies the files again)."""
-  for cached in (_load_split, _carve, _stats):
+  for cached in (_load_split, _resized_split, _carve, _stats):
     cached.cache_clear()
 
 
@@ -216,8 +253,9 @@ def dataset_info(data_config) -> DatasetInfo:
 
 
 @functools.lru_cache(maxsize=16)
-def _stats(name: str, data_dir: str, manual_dir: str | None, fraction: float, seed: int):
-  train, _ = _carve(name, data_dir, manual_dir, fraction, seed)
+def _stats(name: str, data_dir: str, manual_dir: str | None, size: tuple[int, int] | None,
+           fraction: float, seed: int):
+  train, _ = _carve(name, data_dir, manual_dir, size, fraction, seed)
   x = train.images.astype(np.float64) / 255.0
   mean = x.mean(axis=(0, 1, 2))
   std = x.std(axis=(0, 1, 2))
@@ -225,11 +263,13 @@ def _stats(name: str, data_dir: str, manual_dir: str | None, fraction: float, se
 
 
 def normalisation(data_config) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and std [C] of the train split (without its validation examples) in [0, 1]
-  units: images are fed as (pixel / 255 - mean) / std."""
+  """Per-channel mean and std [C] of the (resized) train split without its validation
+  examples, in [0, 1] units, over all of it even when training on a subset: images are fed as
+  (pixel / 255 - mean) / std."""
   load_split(data_config, "train")
   return _stats(data_config.name, _data_dir(data_config), data_config.get("manual_dir"),
-                validation_fraction(data_config), int(data_config.get("validation_seed", 0)))
+                _size(data_config), validation_fraction(data_config),
+                int(data_config.get("validation_seed", 0)))
 
 
 def train_iterator(data_config, batch_size: int, seed: int,
