@@ -191,12 +191,10 @@ class RunDir:
       owners.append((f"checkpoint {newest[0]}", newest[1].get("config_fingerprint")))
     for source, saved in owners:
       if saved != self.fingerprint:
-        old = previous.get("config", {}) if isinstance(previous, dict) else {}
-        changed = _changed_keys(old, config_to_dict(config)) if old else []
         raise CheckpointError(
             f"workdir {self.workdir} holds a run of a different config (fingerprint {saved} in "
             f"its {source}, this config {self.fingerprint}; differing keys: "
-            f"{', '.join(changed) or 'unknown'}). Use another --workdir, or delete "
+            f"{self._differing_keys(config)}). Use another --workdir, or delete "
             f"{self.workdir} to start over.")
 
   def has_progress(self) -> bool:
@@ -233,15 +231,19 @@ class RunDir:
     want = (fingerprint(config), config.seed)
     got = (results.get("config_fingerprint"), results.get("seed"))
     if got != want:
-      previous = _read_json_or_none(self.config_path)
-      old = previous.get("config", {}) if isinstance(previous, dict) else {}
-      changed = _changed_keys(old, config_to_dict(config)) if old else []
       raise CheckpointError(
           f"{self.results_path} belongs to a run of a different config or seed (fingerprint "
           f"{got[0]}, seed {got[1]}; this config {want[0]}, seed {want[1]}; differing keys: "
-          f"{', '.join(changed) or 'unknown'}). Use another --workdir, or delete that file to "
+          f"{self._differing_keys(config)}). Use another --workdir, or delete that file to "
           f"re-evaluate this workdir's own final checkpoint.")
     return results
+
+  def _differing_keys(self, config: ml_collections.ConfigDict) -> str:
+    """The dotted keys in which `config` differs from the one config.json records ("unknown"
+    when config.json is missing or unreadable)."""
+    previous = _read_json_or_none(self.config_path)
+    old = previous.get("config", {}) if isinstance(previous, dict) else {}
+    return ", ".join(_changed_keys(old, config_to_dict(config)) if old else []) or "unknown"
 
   def read_results(self) -> dict[str, Any]:
     """results.json's dict, after checking it against results.sha256.

@@ -44,9 +44,13 @@ def test_checkpoint_steps_must_be_a_multiple_of_log_steps():
 
 
 def _experiments():
+  """Every experiment file with every variant it declares (`VARIANTS`, else the sweeps')."""
   for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py"))):
     rel = os.path.relpath(path, ROOT)
-    variants = [None] if rel.endswith("default.py") else [None, *configs.SWEEP_VARIANTS]
+    declared = re.search(r"^VARIANTS = \((.*)\)", open(path).read(), re.M)
+    named = (re.findall(r'"(\w+)"', declared.group(1)) if declared
+             else configs.SWEEP_VARIANTS)
+    variants = [None] if rel.endswith("default.py") else [None, *named]
     yield from ((rel, v) for v in variants)
 
 
