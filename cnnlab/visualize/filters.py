@@ -69,12 +69,18 @@ def write_filter_grid(state_or_params: Any, path: str, title: str | None = None)
   rows, cols = grid_shape(len(tiles), FILTER_COLUMNS)
   fig, axes = panel_grid(rows, cols, panel=(max(1.0, 6.0 / cols), 1.1), top=0.75)
   for i, ax in enumerate(axes.flat):
-    ax.set_axis_off()
-    if i < len(tiles):
-      tile = tiles[i]
-      ax.imshow(tile if tile.shape[-1] == 3 else tile[..., 0], cmap="gray", vmin=0, vmax=1,
-                interpolation="nearest")
-      ax.set_title(str(i), fontsize=8, pad=2)
+    if i >= len(tiles):
+      ax.set_axis_off()
+      continue
+    tile = tiles[i]
+    ax.imshow(tile if tile.shape[-1] == 3 else tile[..., 0], cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_title(str(i), fontsize=8, pad=2)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():  # A thin frame: white weights stay visible on the page.
+      spine.set_edgecolor("0.6")
+      spine.set_linewidth(0.6)
   kh, kw, c_in, count = kernel.shape
   colour = "RGB" if c_in == 3 else ("gray" if c_in == 1 else f"gray = mean of {c_in} inputs")
   fig.suptitle(title or f"First conv layer {name}: {count} filters {kh}x{kw}x{c_in} ({colour})\n"
