@@ -93,10 +93,11 @@ def main(argv):
     config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     workdir = _WORKDIR.value or rundir.default_workdir(config_arg)
-    # Checked here, before sweep.run sets process-wide numerics and writes into the workdir.
+    # Checked before numerics are set and anything is written (sweep_settings validates the
+    # sweep section).
     validation.validate_workdir(workdir)
     validation.validate_config(_CONFIG.value)
-    validation.validate_sweep(sweep.sweep_settings(_CONFIG.value))
+    sweep.sweep_settings(_CONFIG.value)
     # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
     environment.apply_numerics(_CONFIG.value.deterministic, _CONFIG.value.matmul_precision)
     environment.enable_compilation_cache()

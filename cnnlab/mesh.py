@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cnnlab import digests
 from cnnlab.errors import ConfigError
 
 AXES = ("seed", "data")
@@ -114,12 +115,8 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
 
 
 def to_host(tree: Any) -> Any:
-  """Numpy copies of (replicated or fully addressable) arrays, on every process."""
-  def get(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(x.addressable_data(0))  # Replicated: any local copy is the whole.
-    return np.asarray(jax.device_get(x))
-  return jax.tree_util.tree_map(get, tree)
+  """Numpy copies of every array of `tree`, on every process (`digests.host_copy`)."""
+  return jax.tree_util.tree_map(digests.host_copy, tree)
 
 
 def describe(mesh: Mesh) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def validate_sweep(settings: ml_collections.ConfigDict) -> None:
     _number("sweep.min_effect", settings.min_effect, low=0, high=1, low_open=True)
   from cnnlab import launchers  # Imports submitit: only when a sweep is checked.
   _choice("sweep.launcher", settings.get("launcher", "local"), launchers.LAUNCHERS)
-  if settings.get("launcher") == "slurm":
+  if "slurm" in settings:  # Checked whatever the launcher: a value set is honoured or refused.
     launchers.slurm_settings(settings.slurm.to_dict())
   if not isinstance(settings.baseline, str):
     raise ConfigError(f"config.sweep.baseline={settings.baseline!r} must be a cell name (a "

@@ -48,3 +48,18 @@ def run_launch(*args, timeout=300):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def wait_for_checkpoint(workdir: str, at_least: int, proc, timeout: float = 300) -> None:
+  """Waits until `workdir` holds a checkpoint of step >= `at_least` while `proc` still runs
+  (AssertionError if it ended first: the run is too short to be interrupted)."""
+  import time
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(
+        ckpt_dir) else []
+    if steps and max(steps) >= at_least:
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before it could be interrupted; make it longer"

@@ -11,20 +11,8 @@ import pytest
 
 from cnnlab import report
 from cnnlab.rundir import RunDir
-from conftest import ROOT
+from conftest import ROOT, wait_for_checkpoint
 from test_train import _launch_args, numbers_of
-
-
-def _wait_for_checkpoint(workdir, at_least, proc, timeout=240):
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + timeout
-  while time.time() < deadline and proc.poll() is None:
-    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(
-        ckpt_dir) else []
-    if steps and max(steps) >= at_least:
-      return
-    time.sleep(0.02)
-  raise AssertionError("the run ended before the signal could be sent; make it longer")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -40,7 +28,7 @@ def test_signal_saves_then_resume_is_bit_identical(tiny_config, tmp_path, signum
 
   proc = subprocess.Popen(cmd + _launch_args(tiny_config, stopped), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for_checkpoint(stopped, 10, proc)
+  wait_for_checkpoint(stopped, 10, proc)
   time.sleep(0.15)  # Somewhere between log points.
   proc.send_signal(signum)
   out, err = proc.communicate(timeout=120)

@@ -16,11 +16,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, wait_for_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METRICS = ("test_accuracy", "test_loss", "train_loss", "train_accuracy")
@@ -104,15 +103,7 @@ def test_kill_on_four_devices_resume_on_one(data_dir, tmp_path, four_device_run)
   workdir = str(tmp_path / "killed")
   proc = subprocess.Popen([sys.executable, *_args(data_dir, workdir)], env=_env(4), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(
-        ckpt_dir) else []
-    if steps and max(steps) >= 20:
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run finished before it could be killed"
+  wait_for_checkpoint(workdir, 20, proc)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   resumed = _launch(_args(data_dir, workdir), 1)

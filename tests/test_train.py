@@ -15,7 +15,7 @@ import pytest
 
 from cnnlab import data, models, optim, train
 from cnnlab.rundir import RunDir
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, wait_for_checkpoint
 
 # Fields of results.json that measure time, not numbers: the only ones allowed to differ.
 TIMING_FIELDS = ("wall_time_s",)
@@ -172,15 +172,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_config, tmp_path):
 
   proc = subprocess.Popen(cmd + _launch_args(tiny_config, killed), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt_dir = os.path.join(killed, "checkpoints")
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(
-        ckpt_dir) else []
-    if steps and max(steps) >= 10:
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+  wait_for_checkpoint(killed, 10, proc, timeout=240)
   time.sleep(0.3)  # Land somewhere between checkpoints, possibly inside a save.
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()

@@ -186,8 +186,14 @@ def test_bad_input_is_one_line_and_writes_nothing(source, tmp_path, data_dir, ca
     config.init.freeze = ("stage9_*",)
   else:
     config.init.recipe = "probe"
+  _assert_refused_in_one_line(config, tmp_path, fragment, ConfigError)
+
+
+def _assert_refused_in_one_line(config, tmp_path, fragment, error_type):
+  """Running `config` raises `error_type` with one line containing `fragment`, and writes
+  nothing."""
   workdir = str(tmp_path / "run")
-  with pytest.raises(ConfigError) as e:
+  with pytest.raises(error_type) as e:
     sweep.run(config, workdir, progress=False)
   assert fragment in str(e.value) and "\n" not in str(e.value)
   assert not os.path.exists(workdir)
@@ -241,11 +247,7 @@ def test_bad_weight_file_is_one_line_and_writes_nothing(data_dir, tmp_path, case
     config.init.arch = ""
   elif case == "model_not_torchvision":
     config.model.stem = "small"
-  workdir = str(tmp_path / "run")
-  with pytest.raises(CnnlabError) as e:
-    sweep.run(config, workdir, progress=False)
-  assert fragment in str(e.value) and "\n" not in str(e.value)
-  assert not os.path.exists(workdir)
+  _assert_refused_in_one_line(config, tmp_path, fragment, CnnlabError)
 
 
 def test_launch_prints_one_line_for_a_missing_source(data_dir, tmp_path):
