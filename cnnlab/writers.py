@@ -31,6 +31,7 @@ import sys
 
 import numpy as np
 
+from cnnlab.errors import WorkdirError
 from cnnlab.rundir import RunDir
 
 
@@ -64,10 +65,13 @@ class MetricWriter:
     self.run = run
     self.resume_step = int(resume_step)
     run.truncate_metrics(after_step=self.resume_step)
-    os.makedirs(run.workdir, exist_ok=True)
     # "events.out.tfevents.<s>.<host>.<ns>.<pid>": name order = creation order, never reused.
-    self._events = EventsWriter(os.path.join(run.workdir, "events"),
-                                f".{time.time_ns():020d}.{os.getpid()}")
+    try:
+      os.makedirs(run.workdir, exist_ok=True)
+      self._events = EventsWriter(os.path.join(run.workdir, "events"),
+                                  f".{time.time_ns():020d}.{os.getpid()}")
+    except OSError as e:
+      raise self._failed(run.workdir, e) from None
     self._write(Event(step=self.resume_step + 1, wall_time=time.time(),
                       session_log=SessionLog(status=SessionLog.START)))
 
@@ -98,11 +102,20 @@ class MetricWriter:
                       summary=tb_summary.Summary(value=values)))
 
   def _write(self, event: Event) -> None:
-    self._events.write_event(event)
-    self._events.flush()
+    try:
+      self._events.write_event(event)
+      self._events.flush()
+    except OSError as e:  # A full or read-only disk: one line, as every workdir write.
+      raise self._failed(self.event_file, e) from None
+
+  def _failed(self, path: str, e: OSError) -> WorkdirError:
+    return WorkdirError.from_os_error(path, e.errno, e.strerror, self.run.resume_step())
 
   def close(self) -> None:
-    self._events.close()
+    try:
+      self._events.close()
+    except OSError as e:
+      raise self._failed(self.event_file, e) from None
 
   def __enter__(self) -> "MetricWriter":
     return self

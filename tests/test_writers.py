@@ -98,3 +98,18 @@ def test_images_read_back(tmp_path):
     assert event.step == 100 and (event.height, event.width) == image.shape[:2]
     np.testing.assert_array_equal(decoded.reshape(image.shape[:2] + (-1,))[..., :image.shape[-1]],
                                   image)
+
+
+def test_full_disk_while_writing_events_is_one_workdir_error(tmp_path, monkeypatch):
+  """An event file that cannot be written (disk full) ends in one WorkdirError line naming it,
+  like every other write to a workdir, not an OSError traceback."""
+  import errno
+  from cnnlab.errors import WorkdirError
+  writer = MetricWriter(RunDir(str(tmp_path)))
+
+  def full(event):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(writer._events, "write_event", full)
+  with pytest.raises(WorkdirError, match=r"cannot write .*events.*No space left on device.*"
+                                         r"free space"):
+    writer.write_scalars(5, "train", {"loss": 1.0})
