@@ -16,6 +16,8 @@ layer of a trained model this module measures, on one fixed batch of training im
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,15 @@ DIAGNOSTIC_BATCH = 512
 def bn_input_variances(model: nn.Module, variables: dict, images: jax.Array, *, train_mode: bool,
                        rngs: dict | None = None) -> dict[str, dict[str, float]]:
   """{BN layer path: {"var": mean per-channel input variance, "running_var": ...}} for one
-  forward pass of `images` [N, H, W, C] in training or evaluation mode (one jitted program)."""
+  forward pass of `images` [N, H, W, C] in training or evaluation mode (one jitted program,
+  compiled once per model and mode: a cell's seeds share it)."""
+  found = _recording_forward(model, train_mode)(variables, images, rngs or {})
+  return {name: {k: float(v) for k, v in d.items()} for name, d in found.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _recording_forward(model: nn.Module, train_mode: bool):
+  """jit(variables, images, rngs -> {BN layer path: {"var", "running_var"}}) for `model`."""
 
   def forward(variables, images, rngs):
     found: dict[str, dict[str, jax.Array]] = {}
@@ -53,8 +63,7 @@ def bn_input_variances(model: nn.Module, variables: dict, images: jax.Array, *, 
         model.apply(variables, images, train=False)
     return found
 
-  found = jax.jit(forward)(variables, images, rngs or {})
-  return {name: {k: float(v) for k, v in d.items()} for name, d in found.items()}
+  return jax.jit(forward)
 
 
 def variance_shift(config, workdir: str) -> list[dict[str, float | str]]:

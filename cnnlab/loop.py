@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from cnnlab import data as data_lib
-from cnnlab import environment, rundir, train, transfer
+from cnnlab import environment, rundir, summary, train, transfer
 from cnnlab import mesh as mesh_lib
 from cnnlab.checkpoint import Checkpointer
 from cnnlab.errors import Interrupted
@@ -144,6 +144,12 @@ def _replicated_steps(mesh, aux_loss_weight: float):
   return train_fn, jax.jit(train.eval_step, out_shardings=state_out)
 
 
+@jax.jit
+def add_trees(a: Any, b: Any) -> Any:
+  """a + b leaf by leaf (metric sums): one dispatch instead of one eager op per leaf."""
+  return jax.tree_util.tree_map(jnp.add, a, b)
+
+
 @contextlib.contextmanager
 def interrupt_guard():
   """Turns the first SIGTERM/SIGINT into a flag the loop checks between steps; a second one
@@ -231,6 +237,7 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
     run.start_metrics(first_step)
   state = placement.combine(states)
   train_fn, eval_fn = placement.steps(float(config.model.aux_loss_weight))
+  learning_rate = jax.jit(schedule)  # Only logged: one call, not a dozen eager ops.
 
   # Learning curves on the validation split when there is one; the test split is then read once,
   # at the end.
@@ -246,7 +253,7 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
                                        eval_multiple, eval_rows):
       batch = mesh_lib.global_batch(local, eval_sharding)
       sums = eval_fn(state, batch)
-      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+      totals = sums if totals is None else add_trees(totals, sums)
     return [{"loss": float(t["loss_sum"] / t["count"]),
              "accuracy": float(t["correct"] / t["count"])}
             for t in placement.split(mesh_lib.to_host(totals))]
@@ -273,11 +280,15 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
       if run.diverged is None:
         run.save(done, run_state, extra)
 
+  step_flops = None
   bar = rundir.progress_bar(total_steps, first_step, enabled=progress, desc=config.name)
   with interrupt_guard() as interrupt:
     for step in range(first_step, total_steps):
-      state, metrics = train_fn(state, placement.batch([next(run.train_iter) for run in runs]))
-      sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
+      batch = placement.batch([next(run.train_iter) for run in runs])
+      state, metrics = train_fn(state, batch)
+      if step == first_step:  # The step's lowering is cached by now: ~30 ms, nothing compiled.
+        step_flops = summary.lowered_flops(train_fn.lower(state, batch)) / len(runs)
+      sums = metrics if sums is None else add_trees(sums, metrics)
       count += 1
       done = step + 1
       bar.update(1)
@@ -289,7 +300,7 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
         continue
       means = placement.split(mesh_lib.to_host(sums))  # The only host sync: at log points.
       sums, count_now, count = None, count, 0
-      epoch, lr = done / steps_per_epoch, float(schedule(step))
+      epoch, lr = done / steps_per_epoch, float(learning_rate(step))
       for run, m in zip(runs, means):
         if run.diverged is not None:
           continue
@@ -317,7 +328,8 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
       if interrupt["signal"]:
         _interrupted(runs, interrupt["signal"], done, bar)
   bar.close()
-  return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, info)
+  return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, info,
+                 step_flops)
 
 
 def _interrupted(runs: list[Run], signame: str, done: int, bar) -> None:
@@ -328,8 +340,8 @@ def _interrupted(runs: list[Run], signame: str, done: int, bar) -> None:
                     f"the same command to resume.")
 
 
-def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh,
-            info) -> list[dict]:
+def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, info,
+            step_flops) -> list[dict]:
   """Final evaluation and every run's results.json (diverged runs record how they ended)."""
   config = runs[0].config
   alive = any(run.diverged is None for run in runs)
@@ -348,6 +360,8 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh,
         "vmapped_seeds": len(runs) if placement.stacked else 1,
         "topology": mesh_lib.describe(mesh), "environment": env, "wall_time_s": wall(),
     }
+    if step_flops is not None:  # XLA's count for one seed's step (none when nothing ran now).
+      results["train_step_flops"] = step_flops
     results.update(transfer.recorded(run.dir.workdir))
     if "topology_changed" in saved:
       results["topology_changed"] = saved["topology_changed"]

@@ -105,8 +105,15 @@ def process_slice(global_rows: int) -> slice:
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
-                 row_axis: int = 0) -> dict[str, jax.Array]:
-  """The global array of each field from this process's rows (axis `row_axis` is the batch)."""
+                 row_axis: int = 0) -> dict[str, jax.Array | np.ndarray]:
+  """The global array of each field from this process's rows (axis `row_axis` is the batch);
+  on a one-device mesh the host arrays themselves, for the jitted step to place."""
+  if jax.process_count() == 1:
+    local = {k: np.asarray(v) for k, v in local.items()}
+    if sharding.mesh.size == 1:  # A jitted step places host arrays itself: 35 us, not 120.
+      return local
+    return jax.device_put(local, sharding)
+
   def build(x):
     shape = list(x.shape)
     shape[row_axis] *= jax.process_count()

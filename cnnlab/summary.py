@@ -263,7 +263,12 @@ def train_step_flops(config: ml_collections.ConfigDict, model: nn.Module,
            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   step = functools.partial(train.train_step,
                            aux_loss_weight=float(config.model.get("aux_loss_weight", 0.3)))
-  cost = jax.jit(step).lower(state, batch).cost_analysis()   # Lowered, not compiled: fast.
+  return lowered_flops(jax.jit(step).lower(state, batch))   # Lowered, not compiled: fast.
+
+
+def lowered_flops(lowered: jax.stages.Lowered) -> float:
+  """XLA's FLOP count of a lowered program (the whole program: every seed and device)."""
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
 

@@ -276,11 +276,15 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
   rows, curves, diagnostics = [], {}, {}
   for cell in cells:
     curves[cell.name] = []
-    cost = summary.summarize(cell.seed_config(seeds[0]))
+    cost = summary.summarize(cell.seed_config(seeds[0]), step_flops=False)
+    step_flops = None  # Recorded by training; counted here only for results without it.
     for seed in seeds:
       run = rundir.RunDir(seed_workdir(workdir, cell, seed, False))
       res, metrics = run.finished_result(cell.seed_config(seed)), run.read_metrics()
       env = res["environment"]
+      if step_flops is None:
+        step_flops = res.get("train_step_flops") or summary.summarize(
+            cell.seed_config(seed)).train_step_flops
       rows.append({
           "cell": cell.name, "cell_hash": cell.digest, "seed": seed,
           **{axis: str(value) for axis, value in cell.values.items()},
@@ -288,7 +292,7 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           "steps_to_target": steps_to_target(metrics, settings.target_accuracy),
           "curve_split": curve_split(metrics),
           "wall_time_s": res["wall_time_s"], "num_params": res["num_params"],
-          "forward_macs": cost.total_macs, "train_step_flops": cost.train_step_flops,
+          "forward_macs": cost.total_macs, "train_step_flops": step_flops,
           **{k: env[k] for k in report.PROVENANCE}, "vmapped_seeds": res["vmapped_seeds"],
           "params_sha256": res.get("params_sha256"), "status": res.get("status", "finished"),
           "diverged_step": res.get("diverged_step"),

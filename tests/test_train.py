@@ -64,6 +64,12 @@ def test_workdir_contents(tiny_config, tmp_path):
   assert [m["step"] for m in test_lines] == [steps_per_epoch * (e + 1) for e in range(2)]
   assert train_lines[-1]["step"] == results["steps"]
   assert os.listdir(run.checkpoint_dir)
+  # XLA's FLOPs of one step, taken from the loop's own (cached) lowering, are the count
+  # `cnnlab.summary` gets by lowering the step afresh (whose stand-in learning-rate schedule
+  # costs a few scalar FLOPs less): the report reads this instead.
+  from cnnlab import summary
+  assert results["train_step_flops"] == pytest.approx(
+      summary.summarize(tiny_config).train_step_flops, rel=1e-4)
 
 
 def test_finished_workdir_is_not_retrained(tiny_config, tmp_path, capsys):
