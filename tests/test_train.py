@@ -242,3 +242,19 @@ def test_validation_split_drives_curves_and_test_is_read_once(tiny_config, tmp_p
   assert 0 < results["validation_accuracy"] <= 1 and 0 < results["test_accuracy"] <= 1
   info = data.dataset_info(tiny_config.dataset)
   assert results["steps"] == info.num_train // tiny_config.batch_size * 2
+
+
+@pytest.mark.parametrize("name", ["lenet5", "vgg_cnn", "resnet20", "nin"])
+def test_init_compiled_for_speed_gives_the_default_compilers_bits(name):
+  """train._init_fn compiles with INIT_COMPILER_OPTIONS (a faster compile): the parameters, BN
+  statistics and optimizer state must be the bits XLA's default compilation gives."""
+  config = load_config("experiments/default.py")
+  config.model.name, config.model.bn_placement = name, "before_act"
+  model = models.get_model(config.model, 10)
+  tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(0.1))
+  fast = train._init_fn(model, tx, (16, 16, 3))
+  default = jax.jit(train.init_program(model, tx, (16, 16, 3)))  # XLA's default options.
+  assert train.INIT_COMPILER_OPTIONS["cpu"], "the test compares against a changed option"
+  key = jax.random.key(7)
+  for a, b in zip(jax.tree_util.tree_leaves(fast(key)), jax.tree_util.tree_leaves(default(key))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
