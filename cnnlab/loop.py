@@ -400,8 +400,7 @@ def load_latest_state(config: ml_collections.ConfigDict, workdir: str,
   be overwritten."""
   s = train.setup(config)
   streams = train.split_seed(config.seed)
-  abstract = jax.eval_shape(
-      lambda: train.create_train_state(s.model, s.tx, streams, s.info.image_shape))
+  abstract = train.create_train_state(s.model, s.tx, streams, s.info.image_shape, abstract=True)
   sharding = mesh_lib.replicated(mesh_lib.make_mesh(1))
   target = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),

@@ -258,7 +258,7 @@ def train_step_flops(config: ml_collections.ConfigDict, model: nn.Module,
   tx = optim.create_optimizer(config.optimizer, optim.learning_rate_schedule(
       config.optimizer, 1, 1))
   streams = train.split_seed(0)
-  state = jax.eval_shape(lambda: train.create_train_state(model, tx, streams, input_shape))
+  state = train.create_train_state(model, tx, streams, input_shape, abstract=True)
   batch = {"image": jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.dtype(config.dtype)),
            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   step = functools.partial(train.train_step,
@@ -268,7 +268,10 @@ def train_step_flops(config: ml_collections.ConfigDict, model: nn.Module,
 
 def lowered_flops(lowered: jax.stages.Lowered) -> float:
   """XLA's FLOP count of a lowered program (the whole program: every seed and device)."""
-  cost = lowered.cost_analysis()
+  try:
+    cost = lowered.cost_analysis()
+  except NotImplementedError:  # PJRT plugin backends (GPUs) count only compiled programs.
+    cost = lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
 

@@ -88,9 +88,14 @@ INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
 def create_train_state(model, tx: optax.GradientTransformation, streams: dict[str, jax.Array],
-                       input_shape: tuple[int, ...]) -> TrainState:
-  """Initialises parameters and BN statistics for inputs of shape `input_shape` = (H, W, C)."""
-  params, batch_stats, opt_state = _init_fn(model, tx, tuple(input_shape))(streams["params"])
+                       input_shape: tuple[int, ...], *, abstract: bool = False) -> TrainState:
+  """Initialises parameters and BN statistics for inputs of shape `input_shape` = (H, W, C);
+  `abstract`: only their shapes and dtypes (`jax.eval_shape`: nothing is computed or compiled)."""
+  if abstract:
+    init = functools.partial(jax.eval_shape, init_program(model, tx, tuple(input_shape)))
+  else:
+    init = _init_fn(model, tx, tuple(input_shape))
+  params, batch_stats, opt_state = init(streams["params"])
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       opt_state=opt_state, rngs={name: streams[name] for name in DROPOUT_STREAMS},
