@@ -77,6 +77,35 @@ def test_spatial_dropout_on_2d_is_elementwise():
   assert 0 < kept.sum() < kept.size
 
 
+@pytest.mark.parametrize("keep_prob", [0.8, 0.5, 0.1])
+def test_keep_mask_rate_and_independence(keep_prob):
+  """layers.keep_mask (the hash every dropout kind draws from): the keep rate, and no
+  dependence between neighbours, channels or successive keys, each within 5 binomial sd."""
+  n = 64 * 28 * 28 * 16  # The ablation net's first activation: 802,816 decisions.
+  key = jax.random.key(11)
+  keep = np.asarray(layers.keep_mask(key, (64, 28, 28, 16), keep_prob)).reshape(-1)
+  sd = np.sqrt(keep_prob * (1 - keep_prob) / n)
+  assert abs(keep.mean() - keep_prob) < 5 * sd
+  # P(both kept) of pairs at flat distance d (1 = next channel, 16 = next column, 448 = next row,
+  # 12544 = next example) is keep_prob^2 as for independent draws.
+  for d in (1, 2, 16, 448, 12544):
+    both = (keep[:-d] & keep[d:]).mean()
+    assert abs(both - keep_prob**2) < 5 * np.sqrt(keep_prob**2 * (1 - keep_prob**2) / (n - d))
+  # Successive steps' keys (fold_in, as train.step_rngs) give independent masks; a key repeats.
+  for step in (1, 2):
+    other = np.asarray(layers.keep_mask(jax.random.fold_in(key, step), (64, 28, 28, 16),
+                                        keep_prob)).reshape(-1)
+    assert abs((keep & other).mean() - keep_prob**2) < 5 * np.sqrt(
+        keep_prob**2 * (1 - keep_prob**2) / n)
+  np.testing.assert_array_equal(keep, np.asarray(layers.keep_mask(key, (64, 28, 28, 16),
+                                                                  keep_prob)).reshape(-1))
+
+
+def test_keep_mask_edges():
+  assert np.asarray(layers.keep_mask(jax.random.key(0), (3, 5), 1.0)).all()
+  assert not np.asarray(layers.keep_mask(jax.random.key(0), (3, 5), 0.0)).any()
+
+
 def test_dropout_bad_values():
   with pytest.raises(ConfigError, match="gaussian"):
     layers.Dropout("gaussian", 0.5).apply({}, jnp.ones((2, 2)), train=False)

@@ -17,7 +17,7 @@ from cnnlab.layers.core import (ACTIVATIONS, BN_CONVENTIONS, BN_PLACEMENTS, DROP
                                 PADDING_MODES, BatchNorm, BlockOptions, channels_last_dims,
                                 check_choice, check_rate, is_int, normalize_padding,
                                 spatial_dims, to_tuple)
-from cnnlab.layers.dropout import Dropout, dropblock_keep_mask
+from cnnlab.layers.dropout import Dropout, dropblock_keep_mask, keep_mask
 from cnnlab.layers.pooling import (POOL_KINDS, AdaptiveAvgPool, GlobalAvgPool, Pool,
                                    adaptive_avg_pool, avg_pool, binomial_filter, blur_pool,
                                    global_avg_pool, max_pool)

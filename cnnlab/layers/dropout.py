@@ -15,6 +15,37 @@ from cnnlab.errors import ConfigError
 from cnnlab.layers.core import DROPOUT_KINDS, check_choice, check_rate, is_int
 
 
+def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.Array:
+  """bool [*shape]: each element True with probability `keep_prob` (to 2^-32), independently.
+
+  A counter-based hash of each element's flat index i under two 32-bit words (k0, k1) drawn from
+  `key` (threefry): h = fmix(fmix(i ^ k0) ^ k1), with fmix murmur3's 32-bit finaliser (a
+  bijection with full avalanche), and keep iff h < round(keep_prob * 2^32). Why not
+  `jax.random.bernoulli`: it runs threefry for every element, ~4 ns each on XLA:CPU, which was 7
+  of the ~16 ms of the ablation net's train step with standard dropout; this costs ~0.3 ns.
+  Same key, same mask; tests/test_layers.py checks the keep rate and the independence of
+  neighbours and of successive keys.
+  """
+  size = math.prod(shape)
+  if size >= 2**32:
+    raise ConfigError(f"a dropout mask of {size} elements is past the 2^32 the hash counts.")
+  threshold = round(keep_prob * 2**32)
+  if threshold >= 2**32:
+    return jnp.ones(shape, bool)
+  k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
+  h = _fmix32(_fmix32(jax.lax.iota(jnp.uint32, size).reshape(shape) ^ k0) ^ k1)
+  return h < jnp.uint32(threshold)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """murmur3's finaliser: a bijection of uint32 whose every output bit depends on every input bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
 def dropblock_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float,
                         block_size: int) -> jax.Array:
   """DropBlock's keep mask (Ghiasi et al. 2018, Algorithm 1): float32 [N, *spatial, C], 1 = keep.
@@ -28,7 +59,7 @@ def dropblock_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float,
   b = tuple(min(block_size, s) for s in spatial)
   valid = math.prod(s - k + 1 for s, k in zip(spatial, b))
   gamma = min(1.0, rate / math.prod(b) * math.prod(spatial) / valid)
-  seeds = jax.random.bernoulli(key, gamma, shape)
+  seeds = keep_mask(key, shape, gamma)
   for axis, (s, k) in enumerate(zip(spatial, b), start=1):
     pos = jnp.arange(s).reshape([-1 if a == axis else 1 for a in range(len(shape))])
     seeds = seeds & (pos >= k // 2) & (pos <= s - k + k // 2)
@@ -61,13 +92,16 @@ class Dropout(nn.Module):
       raise ConfigError(f"dropblock_size={self.block_size!r} must be a positive int.")
     if self.kind == "none" or not train or self.rate == 0:
       return x
+    if self.kind == "dropblock" and x.ndim > 2:
+      keep = dropblock_keep_mask(self.make_rng("channel_dropout"), x.shape, self.rate,
+                                 self.block_size)
+      scale = keep.size / jnp.maximum(keep.sum(), 1.0)
+      return (x.astype(jnp.float32) * (keep * scale)).astype(x.dtype)
+    keep_prob = 1.0 - self.rate
     if self.kind == "standard":
-      return nn.Dropout(self.rate, deterministic=False)(x)
-    if self.kind == "spatial" or x.ndim == 2:
-      spatial_axes = tuple(range(1, x.ndim - 1))
-      return nn.Dropout(self.rate, broadcast_dims=spatial_axes, deterministic=False,
-                        rng_collection="channel_dropout")(x)
-    keep = dropblock_keep_mask(self.make_rng("channel_dropout"), x.shape, self.rate,
-                               self.block_size)
-    scale = keep.size / jnp.maximum(keep.sum(), 1.0)
-    return (x.astype(jnp.float32) * (keep * scale)).astype(x.dtype)
+      keep = keep_mask(self.make_rng("dropout"), x.shape, keep_prob)
+    else:  # spatial (and dropblock on [N, C]): one decision per (example, channel).
+      shape = (x.shape[0], *(1,) * (x.ndim - 2), x.shape[-1])
+      keep = jnp.broadcast_to(keep_mask(self.make_rng("channel_dropout"), shape, keep_prob),
+                              x.shape)
+    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))  # As flax's nn.Dropout.
