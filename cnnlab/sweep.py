@@ -237,7 +237,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   done = lambda: sum(_finished(seed_workdir(workdir, c, s, False)) for c in cells for s in seeds)
   bar = rundir.progress_bar(total, done(), enabled=progress, desc="sweep runs", unit="run")
   advance = lambda: bar.update(done() - bar.n)
-  if settings.launcher == "local" and settings.workers == 1:
+  workers = worker_count(settings, len(cells))
+  if settings.launcher == "local" and workers == 1:
     work(config, workdir, overrides=overrides, command=command, progress=progress,
          on_seed_done=bar.update)
   else:
@@ -248,9 +249,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     if settings.launcher == "slurm":
       launchers.run_slurm_workers(workdir, settings.slurm.to_dict(), advance)
     else:
-      launchers.run_local_workers(workdir, settings.workers, advance)
+      launchers.run_local_workers(workdir, workers, advance, on_core_idle=_import_report)
   bar.close()
   return write_sweep_report(config, cells, seeds, workdir, command=command)
+
+
+def _import_report() -> None:
+  """Imports what `write_sweep_report` needs (matplotlib, scipy.stats, statsmodels: ~4 s) while
+  the last workers train, so the report is written sooner."""
+  from cnnlab import report, summary, visualize  # noqa: F401
+
+
+def worker_count(settings: ml_collections.ConfigDict, num_cells: int) -> int:
+  """`settings.workers`, or for None one per CPU core this process may use (at most one per
+  cell) when JAX runs on CPU with the local launcher, else 1."""
+  if settings.workers is not None:
+    return settings.workers
+  if settings.get("launcher", "local") != "local" or jax.default_backend() != "cpu":
+    return 1
+  return max(1, min(len(os.sched_getaffinity(0)), num_cells))
 
 
 def curve_split(metrics: list[dict]) -> str:

@@ -98,7 +98,8 @@ def validate_sweep(settings: ml_collections.ConfigDict) -> None:
       or len(set(seeds)) != len(seeds)):
     raise ConfigError(f"config.sweep.seeds={_as_tuple(seeds)!r} must be a non-empty tuple of "
                       f"distinct non-negative integers, e.g. (0, 1, 2).")
-  _number("sweep.workers", settings.workers, low=1, integer=True)
+  if settings.workers is not None:  # None: one per CPU core (sweep.worker_count).
+    _number("sweep.workers", settings.workers, low=1, integer=True)
   _choice("sweep.vmap_seeds", settings.vmap_seeds, VMAP_CHOICES)
   _number("sweep.target_accuracy", settings.target_accuracy, low=0, high=1, low_open=True)
   if settings.get("min_effect") is not None:

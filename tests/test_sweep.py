@@ -215,3 +215,18 @@ def test_experiment_files_expand_and_name_their_baseline(path, cells, variant):
   assert config.sweep.baseline in [c.name for c in expanded]
   with pytest.raises(ValueError, match="not a variant"):
     load_config(path, "nope")
+
+
+def test_worker_count_none_is_one_per_cpu_core_at_most_one_per_cell(monkeypatch):
+  settings = sweep.sweep_settings(load_config("experiments/ablation.py"))
+  assert settings.workers is None  # The main job's sweeps use every core.
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+  assert sweep.worker_count(settings, 9) == 4
+  assert sweep.worker_count(settings, 3) == 3
+  settings.launcher = "slurm"
+  assert sweep.worker_count(settings, 9) == 1  # SLURM jobs set their own parallelism.
+  settings.launcher, settings.workers = "local", 2
+  assert sweep.worker_count(settings, 9) == 2
+  quick = sweep.sweep_settings(load_config("experiments/ablation.py", "quick"))
+  assert sweep.worker_count(quick, 9) == 1
+

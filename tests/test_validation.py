@@ -89,6 +89,7 @@ def test_bad_sweep_settings_are_refused(changes, fragment):
 
 def test_good_sweep_settings_pass():
   validation.validate_sweep(_settings(seeds=(3, 0, 7), workers=2, target_accuracy=1.0))
+  validation.validate_sweep(_settings(workers=None))  # One per CPU core (sweep.worker_count).
 
 
 def test_workdir_that_is_a_file_is_refused(tmp_path):

@@ -38,7 +38,7 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.A
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
-  """murmur3's finaliser: a bijection of uint32 whose every output bit depends on every input bit."""
+  """murmur3's finaliser: a uint32 bijection whose every output bit depends on every input bit."""
   h = h ^ (h >> 16)
   h = h * jnp.uint32(0x85EBCA6B)
   h = h ^ (h >> 13)
