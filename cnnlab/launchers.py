@@ -84,13 +84,10 @@ def _job_outcome(job, exception: Exception) -> str:
 
 
 def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None] | None = None,
-                      *, command: Sequence[str] | None = None, poll_s: float = 1.0,
-                      on_core_idle: Callable[[], None] | None = None) -> None:
+                      *, command: Sequence[str] | None = None, poll_s: float = 0.25) -> None:
   """Runs `workers` processes of `command` (default `python -m cnnlab.sweep WORKDIR`), each
   pinned to one core and one XLA thread, with its output in `<workdir>/logs/worker_<i>.log`;
-  returns when all have exited and raises WorkerError (one line) if any failed.
-  `on_core_idle()` is called once, when the first worker has exited and others still run (the
-  caller may use the freed core, e.g. to import what comes next)."""
+  returns when all have exited and raises WorkerError (one line) if any failed."""
   command = list(command or [sys.executable, "-m", "cnnlab.sweep", workdir])
   log_dir = os.path.join(workdir, "logs")
   os.makedirs(log_dir, exist_ok=True)
@@ -110,9 +107,6 @@ def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None
     while any(p.poll() is None for p in procs):
       if on_progress:
         on_progress()
-      if on_core_idle and any(p.poll() is not None for p in procs):
-        on_core_idle()
-        on_core_idle = None
       time.sleep(poll_s)
   finally:  # Interrupted (Ctrl-C) or failed to start one: stop the others.
     for p in procs:

@@ -140,7 +140,7 @@ def _finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> 
 
 
 def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), command: str = "",
-         progress: bool = True, on_seed_done=None, poll_s: float = 2.0) -> None:
+         progress: bool = True, on_seed_done=None, poll_s: float = 0.5) -> None:
   """Trains every unfinished (cell, seed) this process can lock; returns when all are finished
   (waiting for cells other processes hold, and taking over any whose holder died)."""
   settings = sweep_settings(config)
@@ -181,6 +181,8 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
                      if rundir.RunDir(d).read_results().get("status", "finished") == "finished"]
           diagnostics.write_variance_shift(cell, [s for s, _ in trained], [d for _, d in trained],
                                            diag_path)
+        if diag_path:  # Drawn here, in parallel workers, rather than by the report at the end.
+          _filter_grid(cell, seeds, workdir)
       finally:
         lock.release()
     if not waiting:
@@ -233,11 +235,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   rundir.write_json_atomic(os.path.join(workdir, "sweep.json"), {
       "config": rundir.config_to_dict(config), "overrides": list(overrides),
       "command": command})
+  workers = worker_count(settings, len(cells))
   total = len(cells) * len(seeds)
   done = lambda: sum(_finished(seed_workdir(workdir, c, s, False)) for c in cells for s in seeds)
   bar = rundir.progress_bar(total, done(), enabled=progress, desc="sweep runs", unit="run")
-  advance = lambda: bar.update(done() - bar.n)
-  workers = worker_count(settings, len(cells))
+  imported = []
+
+  def advance():
+    bar.update(done() - bar.n)
+    cells_left = sum(not all(_finished(seed_workdir(workdir, c, s, False)) for s in seeds)
+                     for c in cells)
+    if workers > 1 and cells_left < workers and not imported:
+      # A worker with no cell left waits for the others: use its core to import the report's
+      # libraries (matplotlib, scipy.stats, statsmodels: ~4 s) before the report is due.
+      from cnnlab import report, summary, visualize  # noqa: F401
+      imported.append(True)
   if settings.launcher == "local" and workers == 1:
     work(config, workdir, overrides=overrides, command=command, progress=progress,
          on_seed_done=bar.update)
@@ -249,15 +261,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     if settings.launcher == "slurm":
       launchers.run_slurm_workers(workdir, settings.slurm.to_dict(), advance)
     else:
-      launchers.run_local_workers(workdir, workers, advance, on_core_idle=_import_report)
+      launchers.run_local_workers(workdir, workers, advance)
   bar.close()
   return write_sweep_report(config, cells, seeds, workdir, command=command)
-
-
-def _import_report() -> None:
-  """Imports what `write_sweep_report` needs (matplotlib, scipy.stats, statsmodels: ~4 s) while
-  the last workers train, so the report is written sooner."""
-  from cnnlab import report, summary, visualize  # noqa: F401
 
 
 def worker_count(settings: ml_collections.ConfigDict, num_cells: int) -> int:
@@ -329,27 +335,35 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
 
 
 def _filter_grids(cells: list[Cell], seeds, workdir: str) -> dict[str, tuple[int, str]]:
-  """{cell name: (seed, path relative to workdir)} of a picture of the first conv layer's
-  filters of each cell's first finished seed (cells whose model has no conv layer have none)."""
-  from cnnlab import visualize  # Matplotlib: post-processing only.
+  """{cell name: (seed, path relative to workdir)} of each cell's filter picture (`_filter_grid`;
+  cells whose model has no conv layer have none)."""
   grids = {}
   for cell in cells:
-    for seed in seeds:
-      run_dir = seed_workdir(workdir, cell, seed, False)
-      results = rundir.RunDir(run_dir).read_results()
-      if results.get("status", "finished") != "finished":
-        continue
-      path = os.path.join("cells", cell.dirname, "filters.png")
-      if not os.path.exists(os.path.join(workdir, path)):
-        state = train.load_trained_state(cell.seed_config(seed), run_dir)
-        try:
-          visualize.write_filter_grid(state, os.path.join(workdir, path),
-                                      title=f"{cell.name}, seed {seed}: first conv layer")
-        except ValueError:  # No 2-D conv kernel.
-          break
-      grids[cell.name] = (seed, path)
-      break
+    found = _filter_grid(cell, seeds, workdir)
+    if found:
+      grids[cell.name] = found
   return grids
+
+
+def _filter_grid(cell: Cell, seeds, workdir: str) -> tuple[int, str] | None:
+  """(seed, path relative to workdir) of a picture of the first conv layer's filters of the
+  cell's first finished seed, drawn unless it exists (workers draw it when they finish the cell);
+  None when no seed finished or the model has no 2-D conv layer."""
+  from cnnlab import visualize  # Matplotlib: post-processing only.
+  for seed in seeds:
+    run_dir = seed_workdir(workdir, cell, seed, False)
+    if rundir.RunDir(run_dir).read_results().get("status", "finished") != "finished":
+      continue
+    path = os.path.join("cells", cell.dirname, "filters.png")
+    if not os.path.exists(os.path.join(workdir, path)):
+      state = train.load_trained_state(cell.seed_config(seed), run_dir)
+      try:
+        visualize.write_filter_grid(state, os.path.join(workdir, path),
+                                    title=f"{cell.name}, seed {seed}: first conv layer")
+      except ValueError:  # No 2-D conv kernel.
+        return None
+    return seed, path
+  return None
 
 
 def worker_main(workdir: str) -> None:

@@ -82,22 +82,6 @@ def test_workers_are_pinned_to_one_core_and_one_xla_thread(tmp_path):
     assert launchers.SINGLE_THREAD_XLA_FLAGS in text
 
 
-def test_core_idle_hook_runs_once_while_the_last_worker_still_runs(tmp_path, monkeypatch):
-  """The hook the sweep uses to import the report's libraries on a freed core: called once,
-  after the quick worker exited and before the slow one did."""
-  done = tmp_path / "slow_done"
-  slow = python(f"import time\ntime.sleep(1.5)\nopen({str(done)!r}, 'w')")
-  commands = iter([python("pass"), slow])
-  popen = launchers.subprocess.Popen
-  monkeypatch.setattr(launchers.subprocess, "Popen",
-                      lambda command, **kwargs: popen(next(commands), **kwargs))
-  calls = []
-  _, error = run_in_thread(launchers.run_local_workers, str(tmp_path), 2, poll_s=0.05,
-                           command=python("pass"), on_core_idle=lambda: calls.append(done.exists()))
-  assert error is None
-  assert calls == [False] and done.exists()
-
-
 def record_worker(workdir: str) -> None:
   """A stand-in for cnnlab.sweep.worker_main: leaves a file per job."""
   with open(os.path.join(workdir, f"ran_{os.getpid()}"), "w") as f:
