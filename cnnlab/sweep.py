@@ -142,15 +142,21 @@ def _finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> 
 def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), command: str = "",
          progress: bool = True, on_seed_done=None, poll_s: float = 0.5) -> None:
   """Trains every unfinished (cell, seed) this process can lock; returns when all are finished
-  (waiting for cells other processes hold, and taking over any whose holder died)."""
+  (waiting for cells other processes hold, and taking over any whose holder died).
+
+  A process takes whole cells (a cell lock) while there are free ones; once none is free, it
+  helps with the seeds of cells others hold (a seed lock each, unless seeds are vmapped), so the
+  last cells are not left to one process while the others' cores idle. The cell's holder writes
+  its diagnostics once every seed is finished."""
   settings = sweep_settings(config)
   cells = expand(config)
   seeds = tuple(settings.seeds)
   degenerate = len(cells) == 1 and len(seeds) == 1 and not settings.axes
   vmapped = use_vmap(settings.vmap_seeds, len(seeds))
   transfer.pretrain(config, workdir, overrides=overrides, command=command, progress=progress)
+  train_kwargs = dict(overrides=overrides, command=command, progress=progress)
   while True:
-    waiting = False
+    held = []  # Cells other processes hold.
     for cell in cells:
       dirs = [seed_workdir(workdir, cell, s, degenerate) for s in seeds]
       cell_dir = workdir if degenerate else os.path.dirname(dirs[0])
@@ -160,21 +166,19 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
         continue
       lock = CellLock(cell_dir)
       if not lock.acquire():
-        waiting = True
+        held.append((configs, dirs))
         lock.close()
         continue
       try:  # Look again under the lock: another process may have just finished the cell.
         todo = [(c, d) for c, d in zip(configs, dirs) if not _finished(d, c)]
-        groups = [todo] if vmapped else [[t] for t in todo]
-        for group in filter(None, groups):
-          if len(group) == 1:
-            train.train_and_evaluate(group[0][0], group[0][1], overrides=overrides,
-                                     command=command, progress=progress)
-          else:
-            seeds_lib.train_seeds([c for c, _ in group], [d for _, d in group],
-                                  overrides=overrides, command=command, progress=progress)
+        if vmapped and len(todo) > 1:
+          seeds_lib.train_seeds([c for c, _ in todo], [d for _, d in todo], **train_kwargs)
           if on_seed_done:
-            on_seed_done(len(group))
+            on_seed_done(len(todo))
+        else:
+          while not all(_finished(d, c) for c, d in todo):  # Helpers may hold some seeds.
+            if not _train_free_seeds(todo, degenerate, on_seed_done, train_kwargs):
+              time.sleep(poll_s)
         if diag_path and not os.path.exists(diag_path):
           from cnnlab import diagnostics  # Only sweeps need it.
           trained = [(s, d) for s, d in zip(seeds, dirs)  # Diverged runs have no weights.
@@ -185,9 +189,35 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
           _filter_grid(cell, seeds, workdir)
       finally:
         lock.release()
-    if not waiting:
+    if not held:
       return
-    time.sleep(poll_s)
+    helped = not vmapped and not degenerate and any(
+        _train_free_seeds([(c, d) for c, d in zip(configs, dirs) if not _finished(d, c)],
+                          degenerate, on_seed_done, train_kwargs) for configs, dirs in held)
+    if not helped:
+      time.sleep(poll_s)
+
+
+def _train_free_seeds(todo, degenerate: bool, on_seed_done, train_kwargs) -> bool:
+  """Trains the unfinished (config, workdir) runs of `todo` no other process has started, each
+  under its own seed lock (none for a degenerate one-run sweep, whose cell lock is the run's);
+  returns whether it trained any."""
+  trained = False
+  for config, run_dir in todo:
+    lock = None if degenerate else CellLock(run_dir)
+    if lock is not None and not lock.acquire():
+      lock.close()
+      continue
+    try:
+      if not _finished(run_dir, config):  # Look again under the lock.
+        train.train_and_evaluate(config, run_dir, **train_kwargs)
+        trained = True
+        if on_seed_done:
+          on_seed_done(1)
+    finally:
+      if lock is not None:
+        lock.release()
+  return trained
 
 
 def _cell_done(seed_dirs: list[str], configs, diagnostics_path: str | None) -> bool:

@@ -230,3 +230,28 @@ def test_worker_count_none_is_one_per_cpu_core_at_most_one_per_cell(monkeypatch)
   quick = sweep.sweep_settings(load_config("experiments/ablation.py", "quick"))
   assert sweep.worker_count(quick, 9) == 1
 
+
+
+def test_a_free_process_helps_with_the_seeds_of_a_cell_another_holds(quick, tmp_path):
+  """Once no cell is free, a process trains the unstarted seeds of cells others hold (a seed lock
+  each), so the last cell is not left to one process; the holder then writes the diagnostics."""
+  import threading
+  quick.sweep.axes.bn["values"], quick.sweep.axes.dropout["values"] = ("before_act",), ("none",)
+  quick.sweep.seeds, quick.num_epochs = (0, 1), 1
+  (cell,) = sweep.expand(quick)
+  workdir = str(tmp_path / "sweep")
+  dirs = [sweep.seed_workdir(workdir, cell, s, False) for s in (0, 1)]
+  holder = sweep.CellLock(os.path.dirname(dirs[0]))  # Another process holds the cell...
+  assert holder.acquire()
+  helper = threading.Thread(target=sweep.work, args=(quick, workdir),
+                            kwargs=dict(progress=False, poll_s=0.05), daemon=True)
+  helper.start()
+  deadline = time.time() + 300
+  while not all(os.path.exists(os.path.join(d, "results.json")) for d in dirs):
+    assert time.time() < deadline, "the free process did not train the held cell's seeds"
+    time.sleep(0.1)
+  diagnostics = os.path.join(os.path.dirname(dirs[0]), "diagnostics.json")
+  assert helper.is_alive() and not os.path.exists(diagnostics)  # ...and writes them: not it.
+  holder.release()  # (As if the holder died before its diagnostics: the helper takes the cell.)
+  helper.join(timeout=300)
+  assert not helper.is_alive() and os.path.exists(diagnostics)
