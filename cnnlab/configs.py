@@ -207,7 +207,7 @@ def sweep_base(name: str, variant: str = "full") -> config_dict.ConfigDict:
   config.sweep.seeds = (0, 1, 2)
   # One single-threaded process per core: XLA:CPU spreads these small nets' ops over 2 threads at
   # ~73% efficiency (main job 142 s in one process, 118 s in two here).
-  config.sweep.workers = None
+  config.sweep.workers = config_dict.placeholder(int)  # None, still overridable by an int.
   config.sweep.target_accuracy = 0.95
 
   if variant == "quick":

@@ -139,10 +139,13 @@ _SUMMARY = ("--config=experiments/default.py", "--mode=summary")
     ((*_SUMMARY, "--input_shape=0,0,3"), ("input_shape=(0, 0, 3)", "3 positive integers")),
     ((*_SUMMARY, "--input_shape=a,8,1"), ("--input_shape=a,8,1", "3 positive integers")),
     ((*_SUMMARY, "--num_classes=0"), ("num_classes=0", "positive")),
+    # The full ablation's workers default to None (one per core); an int still overrides it.
+    (("--config=experiments/ablation.py", "--config.sweep.workers=0"),
+     ("sweep.workers=0", "out of range")),
 ], ids=["unknown_key", "missing_file", "syntax_error", "no_get_config", "bad_variant",
         "matmul_precision", "workdir_is_file", "fractional_seed", "negative_seed", "nan_momentum",
         "checkpoint_not_multiple", "int_flag_type", "bool_flag_type", "input_shape_in_train",
-        "zero_input_shape", "non_int_input_shape", "zero_num_classes"])
+        "zero_input_shape", "non_int_input_shape", "zero_num_classes", "workers_override"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragments):
   tmp = _bad_config_files(tmp_path)
   args = [a.format(tmp=tmp) for a in args]
