@@ -31,7 +31,6 @@ from cnnlab import data as data_lib
 from cnnlab import rundir, train
 from cnnlab.data.pipeline import normalise
 from cnnlab.errors import CheckpointError
-from cnnlab.visualize import batchnorm, dropout_masks, filters, predictions
 from cnnlab.visualize.filters import filter_grid_image, filter_tiles, write_filter_grid
 
 __all__ = ["filter_grid_image", "filter_tiles", "load_run", "write_filter_grid",
@@ -66,6 +65,9 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, train.TrainState]
 def write_pictures(workdir: str) -> str:
   """Writes every picture of the run in `workdir` and `pictures/index.md`; returns index.md's
   path. Pictures that do not apply to the model (no BatchNorm, no dropout) are listed as such."""
+  # Matplotlib's pyplot is imported here, not with the package: a training run only needs the
+  # numpy filter image (`filter_grid_image`), and pyplot's import costs ~1 s.
+  from cnnlab.visualize import batchnorm, dropout_masks, filters, predictions
   config, state = load_run(workdir)
   out = os.path.join(workdir, PICTURES_DIR)
   os.makedirs(out, exist_ok=True)

@@ -4,21 +4,30 @@ and recording the calls of chosen layers during one forward pass."""
 from __future__ import annotations
 
 import dataclasses
-import matplotlib
+from typing import TYPE_CHECKING
 
-matplotlib.use("Agg")
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import numpy as np
 
-from cnnlab.plots import DPI  # noqa: E402
+if TYPE_CHECKING:
+  import matplotlib.pyplot as plt
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend, imported on first use: it costs ~1 s, and a training
+  run only needs the numpy filter image (`filters.filter_grid_image`)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
 
 
 def save(fig: plt.Figure, path: str) -> str:
   """Writes `fig` as a PNG to `path`, closes it, and returns `path`."""
+  from cnnlab.plots import DPI
   fig.savefig(path, dpi=DPI)
-  plt.close(fig)
+  pyplot().close(fig)
   return path
 
 
@@ -48,7 +57,7 @@ def panel_grid(rows: int, cols: int, panel: tuple[float, float] = (1.2, 1.35),
   with fixed margins in inches and no layout engine: constrained layout spent seconds on grids
   of ~50 image axes. Returns (figure, axes [rows, cols])."""
   width, height = cols * panel[0] + left + right, rows * panel[1] + top + 0.1
-  fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False, gridspec_kw=dict(
+  fig, axes = pyplot().subplots(rows, cols, figsize=(width, height), squeeze=False, gridspec_kw=dict(
       left=left / width, right=1 - right / width, bottom=0.1 / height, top=1 - top / height,
       wspace=wspace, hspace=hspace))
   return fig, axes
