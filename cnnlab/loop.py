@@ -287,7 +287,7 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
       batch = placement.batch([next(run.train_iter) for run in runs])
       state, metrics = train_fn(state, batch)
       if step == first_step:  # The step's lowering is cached by now: ~30 ms, nothing compiled.
-        step_flops = summary.lowered_flops(train_fn.lower(state, batch)) / len(runs)
+        step_flops = _step_flops(train_fn, state, batch, len(runs))
       sums = metrics if sums is None else add_trees(sums, metrics)
       count += 1
       done = step + 1
@@ -328,8 +328,19 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
       if interrupt["signal"]:
         _interrupted(runs, interrupt["signal"], done, bar)
   bar.close()
+  if step_flops is None:  # No step ran here (resumed at the last one): count on a peeked batch.
+    positions = [run.train_iter.get_state() for run in runs]
+    batch = placement.batch([next(run.train_iter) for run in runs])
+    for run, position in zip(runs, positions):
+      run.train_iter.set_state(position)
+    step_flops = _step_flops(train_fn, state, batch, len(runs))
   return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, info,
                  step_flops)
+
+
+def _step_flops(train_fn, state, batch, num_runs: int) -> float:
+  """XLA's FLOPs of one run's train step (the program trains `num_runs` seeds at once)."""
+  return summary.lowered_flops(train_fn.lower(state, batch)) / num_runs
 
 
 def _interrupted(runs: list[Run], signame: str, done: int, bar) -> None:
@@ -360,8 +371,7 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, in
         "vmapped_seeds": len(runs) if placement.stacked else 1,
         "topology": mesh_lib.describe(mesh), "environment": env, "wall_time_s": wall(),
     }
-    if step_flops is not None:  # XLA's count for one seed's step (none when nothing ran now).
-      results["train_step_flops"] = step_flops
+    results["train_step_flops"] = step_flops  # XLA's count for one seed's step.
     results.update(transfer.recorded(run.dir.workdir))
     if "topology_changed" in saved:
       results["topology_changed"] = saved["topology_changed"]
