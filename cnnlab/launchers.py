@@ -21,7 +21,7 @@ from typing import Any
 
 import submitit
 
-from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.errors import CnnlabError, ConfigError, Interrupted
 
 # Pins XLA's CPU backend to one intra-op thread (recorded as threads=1 in every result).
 SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -87,7 +87,13 @@ def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None
                       *, command: Sequence[str] | None = None, poll_s: float = 0.25) -> None:
   """Runs `workers` processes of `command` (default `python -m cnnlab.sweep WORKDIR`), each
   pinned to one core and one XLA thread, with its output in `<workdir>/logs/worker_<i>.log`;
-  returns when all have exited and raises WorkerError (one line) if any failed."""
+  returns when all have exited and raises WorkerError (one line) if any failed.
+
+  SIGTERM/SIGINT (Ctrl-C) to this process reach each worker as one SIGTERM, on which it saves
+  a checkpoint and exits; then this raises `Interrupted` (one line). The workers run in their
+  own session, so a terminal's Ctrl-C reaches them only this way: a second signal to a worker
+  would stop it before its checkpoint is written."""
+  from cnnlab.loop import interrupt_guard  # A sweep's parent has imported JAX already.
   command = list(command or [sys.executable, "-m", "cnnlab.sweep", workdir])
   log_dir = os.path.join(workdir, "logs")
   os.makedirs(log_dir, exist_ok=True)
@@ -96,26 +102,36 @@ def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None
   env = dict(os.environ, XLA_FLAGS=f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip(),
              PYTHONUNBUFFERED="1")
   procs, logs = [], []
-  try:
-    for i in range(workers):
-      cpu = cpus[i % len(cpus)]
-      logs.append(os.path.join(log_dir, f"worker_{i}.log"))
-      with open(logs[-1], "wb") as log:  # The child keeps its own descriptor.
-        procs.append(subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu})))
-    while any(p.poll() is None for p in procs):
-      if on_progress:
-        on_progress()
-      time.sleep(poll_s)
-  finally:  # Interrupted (Ctrl-C) or failed to start one: stop the others.
-    for p in procs:
-      if p.poll() is None:
-        p.terminate()
-    for p in procs:
-      p.wait()
+  with interrupt_guard() as interrupt:
+    try:
+      for i in range(workers):
+        cpu = cpus[i % len(cpus)]
+        logs.append(os.path.join(log_dir, f"worker_{i}.log"))
+        with open(logs[-1], "wb") as log:  # The child keeps its own descriptor.
+          procs.append(subprocess.Popen(
+              command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+              start_new_session=True, preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu})))
+      forwarded = False
+      while any(p.poll() is None for p in procs):
+        if interrupt["signal"] and not forwarded:
+          for p in procs:
+            if p.poll() is None:
+              p.send_signal(signal.SIGTERM)
+          forwarded = True
+        if on_progress:
+          on_progress()
+        time.sleep(poll_s)
+    finally:  # An error here, or failed to start one: stop the others.
+      for p in procs:
+        if p.poll() is None:
+          p.terminate()
+      for p in procs:
+        p.wait()
   if on_progress:
     on_progress()
+  if interrupt["signal"]:
+    raise Interrupted(f"interrupted by {interrupt['signal']}: each worker saved a checkpoint of "
+                      f"the run it was training; rerun the same command to resume.")
   failed = [i for i, p in enumerate(procs) if p.returncode != 0]
   if failed:
     first = failed[0]

@@ -2,9 +2,12 @@
 submitit job array (run here with submitit's local executor)."""
 
 import os
+import signal
 import stat
+import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -145,3 +148,55 @@ def test_bad_slurm_settings_name_the_key(tmp_path):
     launchers.slurm_settings({"array_size": 0})
   with pytest.raises(ConfigError, match=r"partition=3 must be a string"):
     launchers.slurm_settings({"partition": 3})
+
+
+_SIGNALLED_WORKER = """
+import os, signal, sys, time
+out = sys.argv[1]
+def handler(signum, frame):  # Records each signal; exits like cnnlab's loop after a checkpoint.
+  with open(os.path.join(out, f"signals_{os.getpid()}"), "a") as f:
+    f.write(signal.Signals(signum).name + "\\n")
+  time.sleep(0.5)  # Room for a second signal to arrive, if one is sent.
+  sys.exit(130)
+signal.signal(signal.SIGTERM, handler)
+signal.signal(signal.SIGINT, handler)
+open(os.path.join(out, f"up_{os.getpid()}"), "w").close()
+while True:
+  time.sleep(0.05)
+"""
+
+_LAUNCHING_PARENT = """
+import sys
+from cnnlab import launchers
+from cnnlab.errors import CnnlabError
+try:
+  launchers.run_local_workers(sys.argv[1], 2, poll_s=0.05,
+                              command=[sys.executable, "-c", sys.argv[2], sys.argv[1]])
+except CnnlabError as e:
+  print(f"error: {e}")
+  sys.exit(e.exit_code)
+"""
+
+
+def test_ctrl_c_reaches_each_worker_once_and_ends_in_one_line(tmp_path):
+  """Ctrl-C (SIGINT to the terminal's process group) stops a local sweep cleanly: each worker
+  gets exactly one SIGTERM (a second would cut its checkpoint short) and the launcher ends with
+  `Interrupted`'s one line and exit 130. Before, the workers got the terminal's SIGINT and then
+  the launcher's SIGTERM, and the launcher died of KeyboardInterrupt."""
+  parent = subprocess.Popen([sys.executable, "-c", _LAUNCHING_PARENT, str(tmp_path),
+                             _SIGNALLED_WORKER], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+  deadline = time.time() + 60
+  while len([p for p in os.listdir(tmp_path) if p.startswith("up_")]) < 2:
+    assert time.time() < deadline and parent.poll() is None, parent.stderr.read()[-2000:]
+    time.sleep(0.05)
+  os.killpg(parent.pid, signal.SIGINT)
+  out, err = parent.communicate(timeout=60)
+  assert parent.returncode == 130, err[-2000:]
+  assert out.strip().splitlines() == [
+      "error: interrupted by SIGINT: each worker saved a checkpoint of the run it was training; "
+      "rerun the same command to resume."]
+  records = sorted(p for p in os.listdir(tmp_path) if p.startswith("signals_"))
+  assert len(records) == 2
+  assert all((tmp_path / r).read_text() == "SIGTERM\n" for r in records)
