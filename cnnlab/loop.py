@@ -280,14 +280,11 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
       if run.diverged is None:
         run.save(done, run_state, extra)
 
-  step_flops = None
+  step_flops = _step_flops(train_fn, state, placement, runs)
   bar = rundir.progress_bar(total_steps, first_step, enabled=progress, desc=config.name)
   with interrupt_guard() as interrupt:
     for step in range(first_step, total_steps):
-      batch = placement.batch([next(run.train_iter) for run in runs])
-      state, metrics = train_fn(state, batch)
-      if step == first_step:  # The step's lowering is cached by now: ~30 ms, nothing compiled.
-        step_flops = _step_flops(train_fn, state, batch, len(runs))
+      state, metrics = train_fn(state, placement.batch([next(run.train_iter) for run in runs]))
       sums = metrics if sums is None else add_trees(sums, metrics)
       count += 1
       done = step + 1
@@ -328,19 +325,19 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
       if interrupt["signal"]:
         _interrupted(runs, interrupt["signal"], done, bar)
   bar.close()
-  if step_flops is None:  # No step ran here (resumed at the last one): count on a peeked batch.
-    positions = [run.train_iter.get_state() for run in runs]
-    batch = placement.batch([next(run.train_iter) for run in runs])
-    for run, position in zip(runs, positions):
-      run.train_iter.set_state(position)
-    step_flops = _step_flops(train_fn, state, batch, len(runs))
   return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, info,
                  step_flops)
 
 
-def _step_flops(train_fn, state, batch, num_runs: int) -> float:
-  """XLA's FLOPs of one run's train step (the program trains `num_runs` seeds at once)."""
-  return summary.lowered_flops(train_fn.lower(state, batch)) / num_runs
+def _step_flops(train_fn, state, placement, runs: list[Run]) -> float:
+  """XLA's FLOPs of one run's train step (the program trains len(runs) seeds at once), from the
+  lowering the first step then reuses, on a batch peeked from the data iterators (whose positions
+  are put back)."""
+  positions = [run.train_iter.get_state() for run in runs]
+  batch = placement.batch([next(run.train_iter) for run in runs])
+  for run, position in zip(runs, positions):
+    run.train_iter.set_state(position)
+  return summary.lowered_flops(train_fn.lower(state, batch)) / len(runs)
 
 
 def _interrupted(runs: list[Run], signame: str, done: int, bar) -> None:

@@ -267,14 +267,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
       "command": command})
   workers = worker_count(settings, len(cells))
   total = len(cells) * len(seeds)
-  done = lambda: sum(_finished(seed_workdir(workdir, c, s, False)) for c in cells for s in seeds)
-  bar = rundir.progress_bar(total, done(), enabled=progress, desc="sweep runs", unit="run")
+  finished_per_cell = lambda: [sum(_finished(seed_workdir(workdir, c, s, False)) for s in seeds)
+                               for c in cells]
+  bar = rundir.progress_bar(total, sum(finished_per_cell()), enabled=progress,
+                            desc="sweep runs", unit="run")
   imported = []
 
   def advance():
-    bar.update(done() - bar.n)
-    cells_left = sum(not all(_finished(seed_workdir(workdir, c, s, False)) for s in seeds)
-                     for c in cells)
+    per_cell = finished_per_cell()  # Each results.json is looked at once per poll.
+    bar.update(sum(per_cell) - bar.n)
+    cells_left = sum(n < len(seeds) for n in per_cell)
     if workers > 1 and cells_left < workers and not imported:
       # A worker with no cell left waits for the others: use its core to import the report's
       # libraries (matplotlib, scipy.stats, statsmodels: ~4 s) before the report is due.

@@ -70,6 +70,10 @@ def init_program(model, tx: optax.GradientTransformation, input_shape: tuple[int
   return init
 
 
+# XLA options of the jitted initialisation per backend (see `_init_fn`).
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
+
+
 @functools.lru_cache(maxsize=32)
 def _init_fn(model, tx: optax.GradientTransformation, input_shape: tuple[int, ...]):
   """`init_program` jitted, cached so that the seeds of a cell compile it once (run op by op,
@@ -83,8 +87,6 @@ def _init_fn(model, tx: optax.GradientTransformation, input_shape: tuple[int, ..
   return jax.jit(init_program(model, tx, input_shape),
                  compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))
 
-
-INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
 def create_train_state(model, tx: optax.GradientTransformation, streams: dict[str, jax.Array],
