@@ -338,6 +338,8 @@ def markdown(info: dict, rows: list[dict]) -> str:
 
 
 def main(_):
+  # cnnlab's steps run with the XLA:CPU settings a default config gives a training process.
+  environment.apply_xla_cpu_ynn_convolutions(base_config().xla_cpu_ynn_convolutions)
   info = machine()
   info["load_before"] = os.getloadavg()
   start = _cpu_seconds()

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from cnnlab import models, optim, train
+from cnnlab import environment, models, optim, train
 from cnnlab.configs import base_config
 
 _SEEDS = flags.DEFINE_integer("seeds", 4, "Seeds per cell.")
@@ -28,6 +28,8 @@ _STAGES = flags.DEFINE_string("stages", "16;32", "Conv widths per stage, e.g. '3
 
 def main(_):
   config = base_config()
+  environment.apply_numerics(config.deterministic, config.matmul_precision,
+                             config.xla_cpu_ynn_convolutions)
   config.model.name, config.model.bn_placement = "vgg_cnn", "before_act"
   config.model.dropout, config.model.dropout_rate = "spatial", 0.2
   config.model.stages = tuple(tuple(int(w) for w in s.split(",")) for s in _STAGES.value.split(";"))

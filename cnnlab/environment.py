@@ -8,11 +8,13 @@ in `environment.json`; a sweep refuses to mix results computed under different s
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import platform
 import subprocess
 
 import jax
+from jax._src import xla_bridge
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
             "numpy", "scipy", "ml-collections", "cnnlab")
@@ -47,14 +49,54 @@ DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true",)
 MATMUL_PRECISIONS = ("highest", "default")
 
 
-def apply_numerics(deterministic: bool, matmul_precision: str) -> None:
-  """Sets the process-wide numerics a config asks for (see `apply_determinism`), and the
-  float32 matmul/conv precision: `highest` is true float32 everywhere; `default` lets GPUs use
-  TF32 tensor cores (faster, ~1e-3 relative rounding). Measured on an H100: with `default`, a
-  vmapped cell and its seeds run one by one drifted apart by 2 test examples within 88 steps; with
-  `highest` they agreed to 1e-4, as on the CPU."""
+# XLA:CPU hands convolutions, dots and reductions to the YNNPACK library by default. This flag
+# takes convolutions back to XLA's own kernels (dots and reductions stay with YNNPACK), which was
+# faster on the 2-core AVX-512 machine cnnlab is built on: the ablation net's train step 6.8 ->
+# 5.6 ms (2 threads), 9.0 -> 8.5 ms (1 thread); VGG-small and ResNet-20 1.36x and 1.15x at batch
+# 128 (README, "Speed against PyTorch"). With dots and reductions taken from YNNPACK too, XLA's
+# own GEMMs start threads past `--xla_cpu_multi_thread_eigen=false`: a one-core sweep worker's
+# step with standard dropout went from 10 to 14 ms.
+YNN_CONVOLUTIONS_OFF_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def apply_numerics(deterministic: bool, matmul_precision: str,
+                   xla_cpu_ynn_convolutions: bool = True) -> None:
+  """Sets the process-wide numerics a config asks for (see `apply_determinism` and
+  `apply_xla_cpu_ynn_convolutions`), and the float32 matmul/conv precision: `highest` is true
+  float32 everywhere; `default` lets GPUs use TF32 tensor cores (faster, ~1e-3 relative
+  rounding). Measured on an H100: with `default`, a vmapped cell and its seeds run one by one
+  drifted apart by 2 test examples within 88 steps; with `highest` they agreed to 1e-4, as on
+  the CPU."""
   apply_determinism(deterministic)
+  apply_xla_cpu_ynn_convolutions(xla_cpu_ynn_convolutions)
   jax.config.update("jax_default_matmul_precision", matmul_precision)
+
+
+def apply_xla_cpu_ynn_convolutions(enabled: bool) -> None:
+  """With `enabled` False, adds `YNN_CONVOLUTIONS_OFF_XLA_FLAG` to XLA_FLAGS: XLA:CPU then runs
+  convolutions with its own kernels instead of YNNPACK's. That changes the low bits of CPU
+  results (XLA_FLAGS is recorded in every run's environment) and nothing on GPUs. A YNN setting
+  already in XLA_FLAGS (the user's) is kept. Like `apply_determinism` it must run before JAX
+  starts its backend; once the backend runs, XLA_FLAGS is left alone, so what a run records is
+  what XLA was started with."""
+  if enabled or _has_flag("--xla_cpu_experimental_ynn_fusion_type"):
+    return
+  if xla_bridge.backends_are_initialized():
+    logging.warning("XLA has started, so it keeps YNNPACK's convolutions in this process "
+                    "(xla_cpu_ynn_convolutions=False applies from the next process).")
+    return
+  _add_flag(YNN_CONVOLUTIONS_OFF_XLA_FLAG)
+
+
+def _has_flag(name: str) -> bool:
+  return any(f.split("=")[0] == name for f in os.environ.get("XLA_FLAGS", "").split())
+
+
+def _add_flag(flag: str) -> None:
+  """Puts `flag` first in XLA_FLAGS: XLA stops reading at a token that is not a `--` flag (such
+  as the `intra_op_parallelism_threads=1` of `launchers.SINGLE_THREAD_XLA_FLAGS`), so a flag
+  appended after one would be recorded but never applied."""
+  os.environ["XLA_FLAGS"] = " ".join([flag] + os.environ.get("XLA_FLAGS", "").split())
 
 
 def apply_determinism(deterministic: bool) -> None:
@@ -71,8 +113,11 @@ def apply_determinism(deterministic: bool) -> None:
     return
   flags = os.environ.get("XLA_FLAGS", "").split()
   missing = [f for f in DETERMINISTIC_XLA_FLAGS if f not in flags]
-  if missing:
-    os.environ["XLA_FLAGS"] = " ".join(flags + missing)
+  if missing and xla_bridge.backends_are_initialized():
+    logging.warning("XLA has started without %s; it applies from the next process.", missing)
+    return
+  for flag in missing:
+    _add_flag(flag)
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:

@@ -59,6 +59,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice("dtype", config.dtype, DTYPES)
   _choice("deterministic", config.deterministic, (True, False))
   _choice("matmul_precision", config.matmul_precision, environment.MATMUL_PRECISIONS)
+  _choice("xla_cpu_ynn_convolutions", config.get("xla_cpu_ynn_convolutions", True),
+          (True, False))
   _choice("dataset.name", config.dataset.name, data.DATASET_NAMES)
   _number("dataset.validation_fraction", config.dataset.get("validation_fraction", 0.0),
           low=0, high=0.5)

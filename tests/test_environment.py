@@ -1,0 +1,61 @@
+"""Process-wide numerics: XLA flags set before JAX starts, applied by XLA, recorded as set."""
+
+import glob
+import os
+import subprocess
+import sys
+
+from cnnlab import environment, launchers
+
+_PROBE = """
+import os, jax
+from cnnlab import environment
+if {start_first}:
+  jax.devices()
+environment.apply_numerics(True, "highest", xla_cpu_ynn_convolutions={enabled})
+print(repr(os.environ.get("XLA_FLAGS", "")))
+jax.jit(lambda x: x * 2)(jax.numpy.ones(3)).block_until_ready()
+"""
+
+
+def _run(enabled: bool, tmp_path, start_first: bool = False, xla_flags: str = "") -> tuple:
+  """(XLA_FLAGS after apply_numerics, the debug options XLA compiled with, as text)."""
+  dump = tmp_path / f"dump_{len(list(tmp_path.iterdir()))}"
+  env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={dump} {xla_flags}".strip())
+  code = _PROBE.format(enabled=enabled, start_first=start_first)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  options = sorted(glob.glob(str(dump / "**" / "*compile_options*"), recursive=True))
+  assert options, "XLA wrote no dump"
+  flags = eval(proc.stdout.splitlines()[0]).split()
+  flags.remove(f"--xla_dump_to={dump}")
+  return flags, open(options[-1]).read()
+
+
+def test_ynn_convolutions_off_reaches_xla_in_a_single_threaded_worker(tmp_path):
+  # A worker's XLA_FLAGS end with a bare token XLA stops reading at; the flag goes before it.
+  flags, options = _run(False, tmp_path, xla_flags=launchers.SINGLE_THREAD_XLA_FLAGS)
+  assert flags[0] == environment.YNN_CONVOLUTIONS_OFF_XLA_FLAG
+  assert "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION" not in options
+  assert "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT" in options  # Dots stay with YNNPACK.
+  assert "xla_cpu_multi_thread_eigen: false" in options
+  assert "xla_gpu_deterministic_ops: true" in options
+
+
+def test_ynn_convolutions_on_and_users_own_setting_are_kept(tmp_path):
+  flags, options = _run(True, tmp_path)
+  assert flags == list(environment.DETERMINISTIC_XLA_FLAGS)
+  assert "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION" in options
+  users = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
+  flags, options = _run(False, tmp_path, xla_flags=users)
+  assert environment.YNN_CONVOLUTIONS_OFF_XLA_FLAG not in flags and users in flags
+  assert "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION" in options
+  assert "LIBRARY_FUSION_TYPE_REDUCE" not in options
+
+
+def test_ynn_setting_after_jax_started_leaves_the_recorded_flags_true(tmp_path):
+  # XLA read its flags when it started; adding one now would record a flag it never applied.
+  flags, options = _run(False, tmp_path, start_first=True)
+  assert environment.YNN_CONVOLUTIONS_OFF_XLA_FLAG not in flags
+  assert "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION" in options
