@@ -99,8 +99,7 @@ def main(argv):
     validation.validate_config(_CONFIG.value)
     sweep.sweep_settings(_CONFIG.value)
     # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
-    environment.apply_numerics(_CONFIG.value.deterministic, _CONFIG.value.matmul_precision,
-                                _CONFIG.value.xla_cpu_ynn_convolutions)
+    environment.apply_numerics(_CONFIG.value)
     environment.enable_compilation_cache()
     mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     written = sweep.run(

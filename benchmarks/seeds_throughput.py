@@ -28,8 +28,7 @@ _STAGES = flags.DEFINE_string("stages", "16;32", "Conv widths per stage, e.g. '3
 
 def main(_):
   config = base_config()
-  environment.apply_numerics(config.deterministic, config.matmul_precision,
-                             config.xla_cpu_ynn_convolutions)
+  environment.apply_numerics(config)
   config.model.name, config.model.bn_placement = "vgg_cnn", "before_act"
   config.model.dropout, config.model.dropout_rate = "spatial", 0.2
   config.model.stages = tuple(tuple(int(w) for w in s.split(",")) for s in _STAGES.value.split(";"))

@@ -59,17 +59,16 @@ MATMUL_PRECISIONS = ("highest", "default")
 YNN_CONVOLUTIONS_OFF_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
-def apply_numerics(deterministic: bool, matmul_precision: str,
-                   xla_cpu_ynn_convolutions: bool = True) -> None:
-  """Sets the process-wide numerics a config asks for (see `apply_determinism` and
-  `apply_xla_cpu_ynn_convolutions`), and the float32 matmul/conv precision: `highest` is true
-  float32 everywhere; `default` lets GPUs use TF32 tensor cores (faster, ~1e-3 relative
-  rounding). Measured on an H100: with `default`, a vmapped cell and its seeds run one by one
-  drifted apart by 2 test examples within 88 steps; with `highest` they agreed to 1e-4, as on
-  the CPU."""
-  apply_determinism(deterministic)
-  apply_xla_cpu_ynn_convolutions(xla_cpu_ynn_convolutions)
-  jax.config.update("jax_default_matmul_precision", matmul_precision)
+def apply_numerics(config) -> None:
+  """Sets the process-wide numerics `config` asks for: `deterministic` (`apply_determinism`),
+  `xla_cpu_ynn_convolutions` (`apply_xla_cpu_ynn_convolutions`; XLA's default, True, for configs
+  saved before it existed) and the float32 matmul/conv precision: `highest` is true float32
+  everywhere; `default` lets GPUs use TF32 tensor cores (faster, ~1e-3 relative rounding).
+  Measured on an H100: with `default`, a vmapped cell and its seeds run one by one drifted apart
+  by 2 test examples within 88 steps; with `highest` they agreed to 1e-4, as on the CPU."""
+  apply_determinism(config.deterministic)
+  apply_xla_cpu_ynn_convolutions(config.get("xla_cpu_ynn_convolutions", True))
+  jax.config.update("jax_default_matmul_precision", config.matmul_precision)
 
 
 def apply_xla_cpu_ynn_convolutions(enabled: bool) -> None:

@@ -403,8 +403,7 @@ def worker_main(workdir: str) -> None:
   cell is finished (cells other workers hold are waited for)."""
   saved = rundir.read_json(os.path.join(workdir, "sweep.json"))
   config = ml_collections.ConfigDict(saved["config"])
-  environment.apply_numerics(config.deterministic, config.matmul_precision,
-                             config.get("xla_cpu_ynn_convolutions", True))
+  environment.apply_numerics(config)
   environment.enable_compilation_cache()
   try:
     work(config, workdir, overrides=saved["overrides"], command=saved["command"],

@@ -10,9 +10,12 @@ from cnnlab import environment, launchers
 _PROBE = """
 import os, jax
 from cnnlab import environment
+from cnnlab.configs import base_config
 if {start_first}:
   jax.devices()
-environment.apply_numerics(True, "highest", xla_cpu_ynn_convolutions={enabled})
+config = base_config()
+config.xla_cpu_ynn_convolutions = {enabled}
+environment.apply_numerics(config)
 print(repr(os.environ.get("XLA_FLAGS", "")))
 jax.jit(lambda x: x * 2)(jax.numpy.ones(3)).block_until_ready()
 """
