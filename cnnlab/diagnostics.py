@@ -69,6 +69,8 @@ def _recording_forward(model: nn.Module, train_mode: bool):
 def variance_shift(config, workdir: str) -> list[dict[str, float | str]]:
   """The diagnostic records of one trained run (empty for a model without BatchNorm)."""
   state = train.load_trained_state(config, workdir)
+  if not jax.tree_util.tree_leaves(state.batch_stats):
+    return []  # No BatchNorm: nothing to record, and no forward to compile.
   model = train.setup(config).model
   batch = next(iter(data_lib.eval_batches(config.dataset, "train", DIAGNOSTIC_BATCH)))
   images = jnp.asarray(batch["image"])[: int(np.sum(batch["mask"]))]

@@ -30,3 +30,14 @@ def test_bn_input_variance_by_hand_and_one_compilation_per_model():
   again = diagnostics.bn_input_variances(model, variables, 2 * images, train_mode=False)
   assert diagnostics._recording_forward.cache_info().misses == misses
   assert again["stage0_conv0/bn"]["var"] == pytest.approx(4 * by_hand, rel=1e-5)
+
+
+def test_variance_shift_of_a_run_without_batchnorm_is_empty_and_compiles_nothing(tiny_config,
+                                                                                  tmp_path):
+  from cnnlab import train
+  tiny_config.model.bn_placement, tiny_config.num_epochs = "none", 1
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config, workdir, progress=False)
+  misses = diagnostics._recording_forward.cache_info().misses
+  assert diagnostics.variance_shift(tiny_config, workdir) == []
+  assert diagnostics._recording_forward.cache_info().misses == misses
