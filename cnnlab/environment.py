@@ -93,8 +93,8 @@ def _has_flag(name: str) -> bool:
 
 def _add_flag(flag: str) -> None:
   """Puts `flag` first in XLA_FLAGS: XLA stops reading at a token that is not a `--` flag (such
-  as the `intra_op_parallelism_threads=1` of `launchers.SINGLE_THREAD_XLA_FLAGS`), so a flag
-  appended after one would be recorded but never applied."""
+  as the `intra_op_parallelism_threads=1` of a common single-thread recipe), so a flag appended
+  after one would be recorded but never applied."""
   os.environ["XLA_FLAGS"] = " ".join([flag] + os.environ.get("XLA_FLAGS", "").split())
 
 

@@ -23,8 +23,10 @@ import submitit
 
 from cnnlab.errors import CnnlabError, ConfigError, Interrupted
 
-# Pins XLA's CPU backend to one intra-op thread (recorded as threads=1 in every result).
-SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# Pins XLA's CPU backend to one intra-op thread (recorded as threads=1 in every result). Not
+# the common recipe's extra `intra_op_parallelism_threads=1`: that is no XLA flag, and XLA stops
+# reading XLA_FLAGS at it, so any flag after it was recorded but never applied.
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"
 LOG_TAIL_BYTES = 65536  # Of a log, only its end is read for the error message...
 QUOTED_LINE_CHARS = 500  # ...and of the line it quotes, at most this much.
 CLUSTERS = ("slurm", "local")

@@ -37,9 +37,13 @@ def _run(enabled: bool, tmp_path, start_first: bool = False, xla_flags: str = ""
 
 
 def test_ynn_convolutions_off_reaches_xla_in_a_single_threaded_worker(tmp_path):
-  # A worker's XLA_FLAGS end with a bare token XLA stops reading at; the flag goes before it.
-  flags, options = _run(False, tmp_path, xla_flags=launchers.SINGLE_THREAD_XLA_FLAGS)
+  # What a worker starts with: the parent's flags, then the single-thread flags, and a user's
+  # flag after those still applies (XLA stops reading at a bare token such as the common recipe's
+  # intra_op_parallelism_threads=1, which cnnlab does not use).
+  flags, options = _run(False, tmp_path, xla_flags=f"{launchers.SINGLE_THREAD_XLA_FLAGS} "
+                        "--xla_dump_hlo_as_text")
   assert flags[0] == environment.YNN_CONVOLUTIONS_OFF_XLA_FLAG
+  assert "xla_dump_hlo_as_text: true" in options
   assert "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION" not in options
   assert "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT" in options  # Dots stay with YNNPACK.
   assert "xla_cpu_multi_thread_eigen: false" in options
