@@ -78,24 +78,29 @@ def apply_xla_cpu_ynn_convolutions(enabled: bool) -> None:
   already in XLA_FLAGS (the user's) is kept. Like `apply_determinism` it must run before JAX
   starts its backend; once the backend runs, XLA_FLAGS is left alone, so what a run records is
   what XLA was started with."""
-  if enabled or _has_flag("--xla_cpu_experimental_ynn_fusion_type"):
-    return
-  if xla_bridge.backends_are_initialized():
-    logging.warning("XLA has started, so it keeps YNNPACK's convolutions in this process "
-                    "(xla_cpu_ynn_convolutions=False applies from the next process).")
-    return
-  _add_flag(YNN_CONVOLUTIONS_OFF_XLA_FLAG)
+  if not enabled and not _has_flag("--xla_cpu_experimental_ynn_fusion_type"):
+    _add_flags([YNN_CONVOLUTIONS_OFF_XLA_FLAG], "xla_cpu_ynn_convolutions=False")
 
 
 def _has_flag(name: str) -> bool:
   return any(f.split("=")[0] == name for f in os.environ.get("XLA_FLAGS", "").split())
 
 
-def _add_flag(flag: str) -> None:
-  """Puts `flag` first in XLA_FLAGS: XLA stops reading at a token that is not a `--` flag (such
-  as the `intra_op_parallelism_threads=1` of a common single-thread recipe), so a flag appended
-  after one would be recorded but never applied."""
-  os.environ["XLA_FLAGS"] = " ".join([flag] + os.environ.get("XLA_FLAGS", "").split())
+def _add_flags(new: list[str], setting: str) -> None:
+  """Puts the flags of `new` not yet in XLA_FLAGS first in it: XLA stops reading at a token that
+  is not a `--` flag (such as the `intra_op_parallelism_threads=1` of a common single-thread
+  recipe), so a flag appended after one would be recorded but never applied. Once XLA has
+  started it read its flags already: then XLA_FLAGS is left as it is (a run records what XLA
+  started with) and `setting` applies from the next process, with a warning."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  missing = [f for f in new if f not in flags]
+  if not missing:
+    return
+  if xla_bridge.backends_are_initialized():
+    logging.warning("XLA has started without %s, so %s applies from the next process.",
+                    " ".join(missing), setting)
+    return
+  os.environ["XLA_FLAGS"] = " ".join(missing + flags)
 
 
 def apply_determinism(deterministic: bool) -> None:
@@ -108,15 +113,8 @@ def apply_determinism(deterministic: bool) -> None:
   XLA reads XLA_FLAGS when the backend starts, so this must run before the first JAX
   computation of the process (cnnlab's entry points call it first).
   """
-  if not deterministic:
-    return
-  flags = os.environ.get("XLA_FLAGS", "").split()
-  missing = [f for f in DETERMINISTIC_XLA_FLAGS if f not in flags]
-  if missing and xla_bridge.backends_are_initialized():
-    logging.warning("XLA has started without %s; it applies from the next process.", missing)
-    return
-  for flag in missing:
-    _add_flag(flag)
+  if deterministic:
+    _add_flags(list(DETERMINISTIC_XLA_FLAGS), "deterministic=True")
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import submitit
 
 from cnnlab.errors import CnnlabError, ConfigError, Interrupted
+from cnnlab.interrupts import interrupt_guard
 
 # Pins XLA's CPU backend to one intra-op thread (recorded as threads=1 in every result). Not
 # the common recipe's extra `intra_op_parallelism_threads=1`: that is no XLA flag, and XLA stops
@@ -95,7 +96,6 @@ def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None
   a checkpoint and exits; then this raises `Interrupted` (one line). The workers run in their
   own session, so a terminal's Ctrl-C reaches them only this way: a second signal to a worker
   would stop it before its checkpoint is written."""
-  from cnnlab.loop import interrupt_guard  # A sweep's parent has imported JAX already.
   command = list(command or [sys.executable, "-m", "cnnlab.sweep", workdir])
   log_dir = os.path.join(workdir, "logs")
   os.makedirs(log_dir, exist_ok=True)

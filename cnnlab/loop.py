@@ -17,11 +17,7 @@ the step and what went non-finite first), while the other runs of a program go o
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -35,6 +31,7 @@ from cnnlab import environment, rundir, summary, train, transfer
 from cnnlab import mesh as mesh_lib
 from cnnlab.checkpoint import Checkpointer
 from cnnlab.errors import Interrupted
+from cnnlab.interrupts import interrupt_guard
 from cnnlab.writers import MetricWriter
 
 RESULT_METRICS = ("test_accuracy", "test_loss", "train_loss", "train_accuracy")
@@ -148,29 +145,6 @@ def _replicated_steps(mesh, aux_loss_weight: float):
 def add_trees(a: Any, b: Any) -> Any:
   """a + b leaf by leaf (metric sums): one dispatch instead of one eager op per leaf."""
   return jax.tree_util.tree_map(jnp.add, a, b)
-
-
-@contextlib.contextmanager
-def interrupt_guard():
-  """Turns the first SIGTERM/SIGINT into a flag the loop checks between steps; a second one
-  exits at once. Yields a dict whose "signal" is the signal's name once one arrived."""
-  caught: dict[str, Any] = {"signal": None}
-  if threading.current_thread() is not threading.main_thread():
-    yield caught
-    return
-
-  def handler(signum, frame):
-    if caught["signal"]:  # The second signal: do what the user asks, now.
-      signal.signal(signum, signal.SIG_DFL)
-      os.kill(os.getpid(), signum)
-    caught["signal"] = signal.Signals(signum).name
-
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield caught
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
 
 
 def _restore(runs, fresh_states, placement, total_steps):

@@ -57,9 +57,10 @@ def panel_grid(rows: int, cols: int, panel: tuple[float, float] = (1.2, 1.35),
   with fixed margins in inches and no layout engine: constrained layout spent seconds on grids
   of ~50 image axes. Returns (figure, axes [rows, cols])."""
   width, height = cols * panel[0] + left + right, rows * panel[1] + top + 0.1
-  fig, axes = pyplot().subplots(rows, cols, figsize=(width, height), squeeze=False, gridspec_kw=dict(
-      left=left / width, right=1 - right / width, bottom=0.1 / height, top=1 - top / height,
-      wspace=wspace, hspace=hspace))
+  fig, axes = pyplot().subplots(rows, cols, figsize=(width, height), squeeze=False,
+                                gridspec_kw=dict(left=left / width, right=1 - right / width,
+                                                 bottom=0.1 / height, top=1 - top / height,
+                                                 wspace=wspace, hspace=hspace))
   return fig, axes
 
 
