@@ -3,6 +3,7 @@
   core      option names and checks, `BlockOptions` (what every block shares), BatchNorm
   dropout   Dropout: none / standard / spatial (channels) / dropblock
   conv      ConvBlock (1-3-D, groups, dilation), TableConv (LeNet-5's C3), DenseBlock
+  tap_conv  a conv on one channel as a sum of shifted views (fast MNIST first layers on CPU)
   pooling   max / avg / blur (anti-aliased) / adaptive / global pooling, as functions and modules
   blocks    ResidualUnit (He 2016b's five orderings), Inception
 
@@ -10,6 +11,7 @@ One `train` flag drives both BN (batch vs running statistics) and dropout (on vs
 RNG streams: `dropout` (element-wise), `channel_dropout` (spatial and DropBlock).
 """
 
+from cnnlab.layers import tap_conv
 from cnnlab.layers.blocks import (RESIDUAL_UNITS, RESNET_BN_PLACEMENTS, SHORTCUTS, Inception,
                                   ResidualUnit)
 from cnnlab.layers.conv import ConvBlock, DenseBlock, TableConv, dropout_layer, norm_act_dropout

@@ -16,6 +16,7 @@ import flax.linen as nn
 from cnnlab.errors import ConfigError
 from cnnlab.layers.core import (BlockOptions, channels_last_dims, is_int, normalize_padding,
                                 spatial_dims, to_tuple)
+from cnnlab.layers import tap_conv
 from cnnlab.layers.dropout import Dropout
 
 
@@ -73,7 +74,8 @@ class ConvBlock(nn.Module):
                   dtype=self.options.dtype, param_dtype=jnp.float32)
     if self.connections is None:
       x = nn.Conv(self.features, kernel_dilation=to_tuple(self.dilation, n, "dilation"),
-                  feature_group_count=self.groups, name="conv", **kwargs)(x)
+                  feature_group_count=self.groups, name="conv",
+                  conv_general_dilated=tap_conv.conv_general_dilated, **kwargs)(x)
     else:
       x = TableConv(self.connections, name="conv", **kwargs)(x)
       if x.shape[-1] != self.features:

@@ -70,7 +70,8 @@ class ResNet(nn.Module):
     stem_bn = opts.use_bn and self.unit != "full_preact"
     x = nn.Conv(self.widths[0], (kernel,) * 2, (stride,) * 2, padding=((kernel // 2,) * 2,) * 2,
                 use_bias=opts.layer_bias(opts.use_bn), dtype=opts.dtype,
-                param_dtype=jnp.float32, name="stem_conv")(x)
+                param_dtype=jnp.float32, name="stem_conv",
+                conv_general_dilated=layers.tap_conv.conv_general_dilated)(x)
     if stem_bn:
       x = opts.norm("stem_bn")(x, train)
     if self.unit not in ("full_preact", "relu_only_preact"):
