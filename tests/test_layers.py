@@ -359,6 +359,24 @@ def test_fast_max_pool_gradient_splits_ties_as_autodiff_does():
   np.testing.assert_array_equal(g, g_ref)
 
 
+@pytest.mark.parametrize("shape, window", [((2, 6, 3), (2,)), ((2, 4, 6, 3), (2, 3)),
+                                           ((1, 4, 2, 4, 2), (2, 1, 2))])
+def test_fast_max_pool_backward_is_elementwise_with_autodiff_ties(shape, window):
+  """The custom VJP: no tie count (autodiff of max keeps a full-size mask and a summed count from
+  the forward pass), and autodiff's gradient bit for bit, ties included (1-3-D)."""
+  x = jnp.asarray(NP.integers(-1, 2, shape), jnp.float32)
+  out = tuple(s // w for s, w in zip(shape[1:-1], window))
+  blocked = (shape[0], *(v for o, w in zip(out, window) for v in (o, w)), shape[-1])
+  plain = lambda x, win: x.reshape(blocked).max(axis=tuple(range(2, 2 * len(window) + 1, 2)))
+  w = normal(shape[0], *out, shape[-1])
+  grad = jax.make_jaxpr(lambda x: jax.vjp(lambda x: layers.max_pool(x, window), x)[1](w))(x)
+  assert "reduce_sum" not in str(grad)   # Autodiff of max counts the ties with one.
+  y, g = _pool_value_and_grad(layers.max_pool, window, x, w)
+  y_ref, g_ref = _pool_value_and_grad(plain, window, x, w)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(g, g_ref)
+
+
 def test_fast_avg_pool_matches_flax():
   x = normal(2, 7, 9, 3)
   np.testing.assert_allclose(layers.avg_pool(x, 3), nn.avg_pool(x, (3, 3), (3, 3), "VALID"),

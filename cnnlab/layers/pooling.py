@@ -6,6 +6,7 @@ Functions take channels-last x [N, *spatial, C]; the `Pool`, `AdaptiveAvgPool` a
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -56,8 +57,44 @@ def max_pool(x: jax.Array, window, strides=None, padding="VALID") -> jax.Array:
   window, strides, padding = _pool_args(x, window, strides, padding)
   blocks = _blocked(x, window, strides, padding)
   if blocks is not None:
-    return blocks.max(axis=_window_axes(len(window)))
+    return _block_max(blocks)
   return nn.max_pool(x, window, strides, padding)
+
+
+@jax.custom_vjp
+def _block_max(blocks: jax.Array) -> jax.Array:
+  """[N, o1, w1, o2, w2, ..., C] -> [N, o1, o2, ..., C], the max over each window.
+
+  Same gradient as autodiff of `max` (dy split equally among tied maxima; bit for bit alone,
+  tested), but the backward pass is elementwise over the w1*w2*... window offsets, which XLA
+  fuses into one pass that reads x, y and dy; autodiff keeps a full-size tie mask and a summed
+  count from the forward pass. The ablation net's step on one thread (BN before act): 10.0 ->
+  9.2 ms with standard dropout, 8.65 -> 8.43 with spatial, 7.68 -> 7.77 without dropout.
+  """
+  return blocks.max(axis=_window_axes((blocks.ndim - 2) // 2))
+
+
+def _block_max_fwd(blocks):
+  y = _block_max(blocks)
+  return y, (blocks, y)
+
+
+def _block_max_bwd(residuals, dy):
+  blocks, y = residuals
+  n = (blocks.ndim - 2) // 2
+  window = blocks.shape[2:-1:2]
+  offsets = list(itertools.product(*(range(w) for w in window)))
+  views = [blocks[(slice(None), *(v for k in ks for v in (slice(None), k)), slice(None))]
+           for ks in offsets]                                    # each [N, o1, o2, ..., C]
+  hits = [view == y for view in views]
+  share = dy / sum(hit.astype(dy.dtype) for hit in hits)
+  grads = jnp.stack([jnp.where(hit, share, 0) for hit in hits])  # [w1*w2*..., N, o1, ..., C]
+  grads = grads.reshape(*window, *y.shape)
+  order = (n, *(a for i in range(n) for a in (n + 1 + i, i)), 2 * n + 1)
+  return (grads.transpose(order).astype(blocks.dtype),)
+
+
+_block_max.defvjp(_block_max_fwd, _block_max_bwd)
 
 
 def avg_pool(x: jax.Array, window, strides=None, padding="VALID") -> jax.Array:
