@@ -6,6 +6,7 @@ be lax's call unchanged.
 """
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -133,3 +134,27 @@ def test_conv_block_on_one_channel_takes_the_sum():
   np.testing.assert_allclose(
       block.apply(params, x, train=False),
       jax.nn.relu(reference.apply({"params": params["params"]["conv"]}, x)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_sum_stays_out_of_ynnpack_fusions():
+  """In an eval forward (BN an affine map) followed by a max pool, XLA:CPU fused the nine views,
+  BN, ReLU and the pool into one YNNPACK reduction that took each view and tap as an operand
+  (23 operands here) and ran 3x slower; the sum must reach YNNPACK as one stored array."""
+  block = layers.ConvBlock(16, options=layers.BlockOptions(bn_placement="before_act"))
+  x = jnp.ones((8, 28, 28, 1))
+  variables = block.init(jax.random.key(0), x, train=False)
+  forward = jax.jit(lambda v, x: layers.max_pool(block.apply(v, x, train=False), 2))
+  text = forward.lower(variables, x).compile().as_text()
+  for line in text.splitlines():
+    if "__ynn_fusion" in line:
+      operands = re.search(r"fusion\((.*?)\), kind", line).group(1)
+      assert len(re.findall(r"%[\w.\-]+", operands)) < 9, line
+
+
+def test_nan_and_inf_propagate_as_in_lax():
+  x, w = _data((6, 6), 1, (3, 3))
+  x = x.at[0, 2, 3, 0].set(jnp.nan).at[1, 0, 0, 0].set(jnp.inf)
+  ours, theirs = _both(x, w)
+  np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+  np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
+  assert np.isnan(ours).sum() == 9 * 5
