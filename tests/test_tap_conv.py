@@ -18,7 +18,7 @@ from jax import lax
 from cnnlab import layers
 from cnnlab.layers import tap_conv
 
-NHWC = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+NHWC = {n: layers.channels_last_dims(n) for n in (1, 2, 3)}
 
 
 def _data(spatial, channels, kernel, features=5, seed=0):
