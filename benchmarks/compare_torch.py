@@ -7,13 +7,20 @@ decay 5e-4 on kernels only, as cnnlab's base config):
   vgg_small  conv32-32-pool-64-64-pool-128-pool-GAP-dense, batch 128, 32x32x3
   resnet20   He et al. 2016a's CIFAR ResNet-20 (zero-padding shortcuts), batch 128, 32x32x3
   main       the main job's vgg_cnn stages (16,),(32,),(64,), batch 64, 28x28x1
-Variants: cnnlab (per --dtypes), torch eager NCHW, torch channels_last, torch.compile
-(channels_last; reported as failed where it does not work here). Every repeat times every
-variant for --steps steps, in an order rotated per repeat, so a load change hits all of them.
+Variants: cnnlab (per --dtypes; float32 at true float32 precision, cnnlab's default), torch
+eager NCHW, torch channels_last, torch channels_last under bfloat16 autocast (when --dtypes has
+bfloat16), torch.compile (channels_last; reported as failed where it does not work here). On a
+GPU (used when JAX and torch both see one) both run there, cuDNN autotuned (torch's
+`cudnn.benchmark`, XLA's autotuner), float32 without TF32 unless the variant's name says TF32;
+--tf32 adds cnnlab and torch channels_last with TF32 tensor cores (cnnlab's
+`matmul_precision="default"`). --deterministic=false drops cnnlab's default
+`--xla_gpu_deterministic_ops=true` (a process-wide XLA flag: run the script twice to see its
+cost). Every repeat times every variant for --steps steps, in an order rotated per repeat, so a
+load change hits all of them.
 Reports images/s (min/median/max over repeats), achieved GFLOP/s (6 x multiply-adds per
 training example, 2 x per eval example, from cnnlab.summary) against the measured float32 matmul
-peak of this machine (numpy and jax, the best), the first call (compile) time, and the ratio to
-torch channels_last. CPU contention: the load average before/after, and per timed window the
+peak of this machine (numpy and jax, the best; on a GPU jax's float32 without TF32), the first
+call (compile) time, and the ratio to torch channels_last (float32). CPU contention: the load average before/after, and per timed window the
 CPU share other processes took (/proc/stat busy time minus this process's); a window where they
 used more than --noisy_share of a core is marked noisy. Prints a markdown table for the README.
 Only a quiet machine gives numbers to publish: interleaving does not cancel contention, because
@@ -48,6 +55,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds over all variants.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per variant per round.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32"], "cnnlab activation dtypes to time.")
 _COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time torch.compile (slow to compile).")
+_TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch variants (false: cnnlab's alone).")
+_TF32 = flags.DEFINE_bool("tf32", False, "Also time float32 with TF32 tensor cores (GPUs).")
+_DETERMINISTIC = flags.DEFINE_bool("deterministic", True, "cnnlab's config.deterministic: XLA's "
+                                   "deterministic GPU ops (no effect on the CPU).")
 _NOISY = flags.DEFINE_float("noisy_share", 0.1, "Other processes' cores above which a window "
                             "is noisy.")
 _OUT = flags.DEFINE_string("out", None, "Write all measurements as JSON here.")
@@ -93,9 +104,12 @@ def cnnlab_config(net: str, dtype: str):
 
 
 class CnnlabRunner:
-  """cnnlab's `train.train_step` (jitted, state donated) and `train.eval_step` on fixed batches."""
+  """cnnlab's `train.train_step` (jitted, state donated) and `train.eval_step` on fixed batches,
+  traced and run under float32 matmul/conv `precision` (cnnlab's `config.matmul_precision`)."""
 
-  def __init__(self, net: str, dtype: str, images: np.ndarray, labels: np.ndarray):
+  def __init__(self, net: str, dtype: str, images: np.ndarray, labels: np.ndarray,
+               precision: str = "highest"):
+    self.precision = precision
     config = cnnlab_config(net, dtype)
     self.model = models.get_model(config.model, NUM_CLASSES, dtype=jnp.dtype(dtype))
     tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(LEARNING_RATE))
@@ -107,13 +121,15 @@ class CnnlabRunner:
     self._eval = jax.jit(train.eval_step)
 
   def train(self, steps: int) -> None:
-    for _ in range(steps):
-      self.state, metrics = self._train(self.state, self.batch)
+    with jax.default_matmul_precision(self.precision):
+      for _ in range(steps):
+        self.state, metrics = self._train(self.state, self.batch)
     jax.block_until_ready(metrics)
 
   def eval(self, steps: int) -> None:
-    for _ in range(steps):
-      metrics = self._eval(self.state, self.eval_batch)
+    with jax.default_matmul_precision(self.precision):
+      for _ in range(steps):
+        metrics = self._eval(self.state, self.eval_batch)
     jax.block_until_ready(metrics)
 
 
@@ -171,16 +187,21 @@ def torch_net(net: str, channels: int) -> nn.Module:
 
 
 class TorchRunner:
-  """A PyTorch train step (SGD nesterov, decay on kernels only) and eval step, CPU."""
+  """A PyTorch train step (SGD nesterov, decay on kernels only) and eval step on `device`;
+  `autocast`: a dtype for torch.autocast (mixed precision), else float32; `tf32`: let cuDNN and
+  cuBLAS use TF32 tensor cores (global switches, set before every timed window)."""
 
   def __init__(self, net: str, images: np.ndarray, labels: np.ndarray, layout: str,
-               compiled: bool):
+               compiled: bool, device: str = "cpu", autocast: torch.dtype | None = None,
+               tf32: bool = False):
     torch.manual_seed(0)
+    self.device, self.autocast, self.tf32 = device, autocast, tf32
     self.model = torch_net(net, images.shape[-1])
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    self.model = self.model.to(memory_format=fmt)
-    self.x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=fmt)
-    self.y = torch.from_numpy(labels.astype(np.int64))
+    self.model = self.model.to(device=device, memory_format=fmt)
+    self.x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device).contiguous(
+        memory_format=fmt)
+    self.y = torch.from_numpy(labels.astype(np.int64)).to(device)
     params = list(self.model.parameters())
     self.opt = torch.optim.SGD(
         [{"params": [p for p in params if p.ndim > 1], "weight_decay": 5e-4},
@@ -188,18 +209,24 @@ class TorchRunner:
         lr=LEARNING_RATE, momentum=0.9, nesterov=True)
     self.forward = torch.compile(self.model) if compiled else self.model
 
+  def _numerics(self):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+    return torch.autocast(self.device.split(":")[0], dtype=self.autocast,
+                          enabled=self.autocast is not None)
+
   def train(self, steps: int) -> None:
     self.model.train()
-    for _ in range(steps):
-      self.opt.zero_grad(set_to_none=True)
-      loss = F.cross_entropy(self.forward(self.x), self.y)
-      loss.backward()
-      self.opt.step()
+    with self._numerics():
+      for _ in range(steps):
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.forward(self.x), self.y)
+        loss.backward()
+        self.opt.step()
     loss.item()
 
   def eval(self, steps: int) -> None:
     self.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), self._numerics():
       for _ in range(steps):
         logits = self.forward(self.x)
         loss_sum = F.cross_entropy(logits, self.y, reduction="sum")
@@ -210,11 +237,18 @@ class TorchRunner:
 # ----------------------------------------------------------------------------------------------
 # Measurement.
 
+def on_gpu() -> bool:
+  """Whether cnnlab and torch both run on a GPU here (else both on the CPU)."""
+  return jax.default_backend() == "gpu" and torch.cuda.is_available()
+
+
 def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-  """Best float32 GFLOP/s of an n x n matmul in numpy and in jax (XLA:CPU)."""
+  """Best float32 GFLOP/s of an n x n matmul in numpy and in jax (its default device; on a GPU
+  n = 8192 and true float32, no TF32)."""
+  n = 8192 if on_gpu() else n
   a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
   ja = jnp.asarray(a)
-  jdot = jax.jit(jnp.dot)
+  jdot = jax.jit(functools.partial(jnp.dot, precision="highest"))
   jdot(ja, ja).block_until_ready()
   best = {"numpy": 0.0, "jax": 0.0}
   for _ in range(repeats):
@@ -240,10 +274,20 @@ def build_variants(net: str) -> dict[str, object]:
   images = rng.standard_normal((batch, *shape)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
   makers = {f"cnnlab {d}": lambda d=d: CnnlabRunner(net, d, images, labels) for d in _DTYPES.value}
-  makers["torch NCHW"] = lambda: TorchRunner(net, images, labels, "nchw", False)
-  makers["torch channels_last"] = lambda: TorchRunner(net, images, labels, "channels_last", False)
-  if _COMPILE.value:
-    makers["torch.compile"] = lambda: TorchRunner(net, images, labels, "channels_last", True)
+  if _TF32.value:
+    makers["cnnlab float32 TF32"] = lambda: CnnlabRunner(net, "float32", images, labels, "default")
+  device = "cuda" if on_gpu() else "cpu"
+  torch_runner = functools.partial(TorchRunner, net, images, labels, device=device)
+  if _TORCH.value:
+    makers["torch NCHW"] = lambda: torch_runner("nchw", False)
+    makers["torch channels_last"] = lambda: torch_runner("channels_last", False)
+    if _TF32.value:
+      makers["torch channels_last TF32"] = lambda: torch_runner("channels_last", False, tf32=True)
+    if "bfloat16" in _DTYPES.value:
+      makers["torch channels_last bfloat16"] = lambda: torch_runner(
+          "channels_last", False, autocast=torch.bfloat16)
+    if _COMPILE.value:
+      makers["torch.compile"] = lambda: torch_runner("channels_last", True)
   variants = {}
   for name, make in makers.items():
     try:
@@ -302,7 +346,8 @@ def machine() -> dict:
   with open("/proc/cpuinfo") as f:
     cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown")
   env = environment.describe("float32")
-  return {"cpu": cpu, "threads": env["threads"], "platform": env["platform"],
+  return {"cpu": cpu, "accelerator": env["device_kind"] if on_gpu() else "none",
+          "threads": env["threads"], "platform": env["platform"],
           "python": env["python"], "jax": env["packages"]["jax"],
           "jaxlib": env["packages"]["jaxlib"], "flax": env["packages"]["flax"],
           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -313,7 +358,8 @@ def markdown(info: dict, rows: list[dict]) -> str:
   fmt = lambda s: f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
   ratio = lambda v: "" if v is None else f"{v:.2f}x"
   lines = [
-      f"Machine: {info['cpu']}, {info['threads']} threads; jax {info['jax']} (jaxlib "
+      f"Machine: {info['cpu']}, {info['threads']} threads, accelerator "
+      f"{info['accelerator']}; jax {info['jax']} (jaxlib "
       f"{info['jaxlib']}), flax {info['flax']}, torch {info['torch']} ({info['torch_threads']} "
       f"threads), numpy {info['numpy']}; XLA_FLAGS='{info['xla_flags']}'; cnnlab "
       f"{info['git_commit'][:12]}. float32 matmul peak {info['peak_gflop_s']:.0f} GFLOP/s "
@@ -338,8 +384,11 @@ def markdown(info: dict, rows: list[dict]) -> str:
 
 
 def main(_):
-  # cnnlab's steps run with the XLA:CPU settings a default config gives a training process.
-  environment.apply_xla_cpu_ynn_convolutions(base_config().xla_cpu_ynn_convolutions)
+  # cnnlab's steps run with the XLA settings a default config gives a training process.
+  config = base_config()
+  config.deterministic = _DETERMINISTIC.value
+  environment.apply_numerics(config)
+  torch.backends.cudnn.benchmark = True
   info = machine()
   info["load_before"] = os.getloadavg()
   start = _cpu_seconds()

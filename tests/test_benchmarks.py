@@ -1,0 +1,38 @@
+"""benchmarks/zoo_determinism.py, the GPU determinism check, run here on the CPU: a model that
+trains gives a row with equal digests; a model that fails gives an error row, not a crash."""
+
+import json
+import os
+import subprocess
+import sys
+
+from cnnlab import models
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import zoo_determinism  # noqa: E402
+
+
+def test_every_zoo_model_has_an_input_size():
+  names = set(models.MODEL_NAMES)
+  assert set(zoo_determinism.IMAGENET) <= names and set(zoo_determinism.MNIST) <= names
+  assert zoo_determinism.input_shape("resnet50") == (224, 224, 3)
+  assert zoo_determinism.input_shape("resnet20") == (32, 32, 3)
+  assert zoo_determinism.input_shape("lenet5") == (28, 28, 1)
+
+
+def test_zoo_determinism_rows_and_error_row(tmp_path):
+  out = tmp_path / "zoo.json"
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "zoo_determinism.py"),
+       "--models=lenet5,no_such_model", "--steps=2", "--batch_size=2", f"--out={out}"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = json.loads(out.read_text())["rows"]
+  lenet, bad = rows
+  assert lenet["model"] == "lenet5" and lenet["input"] == "28x28x1"
+  assert lenet["bit_identical"] and len(set(lenet["digests"])) == 1
+  assert lenet["compile_s"] > 0 and lenet["step_ms"] > 0
+  assert bad["error"].startswith("ConfigError: model.name='no_such_model'")
+  assert "| lenet5 | 28x28x1 | yes |" in result.stdout
+  assert "| no_such_model | 32x32x3 | no: ConfigError" in result.stdout
