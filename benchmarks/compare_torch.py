@@ -396,7 +396,10 @@ def main(_):
   rows = []
   for net in _NETS.value:
     rows += run_net(net)
-    print(json.dumps(rows[-1]["net"]), "done", flush=True)
+    for r in [row for row in rows if row["net"] == net]:  # Printed at once: kept if cut short.
+      print(f"{net}: {r['variant']}: train {r['train_img_s']['median']:.0f} img/s, eval "
+            f"{r['eval_img_s']['median']:.0f} img/s, first train call {r['first_train_s']:.1f} s",
+            flush=True)
   info["matmul_after"] = matmul_peak()
   info["peak_gflop_s"] = max(*info["matmul"].values(), *info["matmul_after"].values())
   info["load_after"] = os.getloadavg()
