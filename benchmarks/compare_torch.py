@@ -20,9 +20,10 @@ load change hits all of them.
 Reports images/s (min/median/max over repeats), achieved GFLOP/s (6 x multiply-adds per
 training example, 2 x per eval example, from cnnlab.summary) against the measured float32 matmul
 peak of this machine (numpy and jax, the best; on a GPU jax's float32 without TF32), the first
-call (compile) time, and the ratio to torch channels_last (float32). CPU contention: the load average before/after, and per timed window the
-CPU share other processes took (/proc/stat busy time minus this process's); a window where they
-used more than --noisy_share of a core is marked noisy. Prints a markdown table for the README.
+call (compile) time, and the ratio to torch channels_last (float32). CPU contention: the load
+average before/after, and per timed window the CPU share other processes took (/proc/stat busy
+time minus this process's); a window where they used more than --noisy_share of a core is
+marked noisy. Prints a markdown table for the README.
 Only a quiet machine gives numbers to publish: interleaving does not cancel contention, because
 the two runtimes suffer differently (measured on 2 shared cores with ~1.7 cores taken by others:
 torch's OpenMP steps slowed 10-25x, XLA's 2-3x, so the ratios flipped in cnnlab's favour).
@@ -388,6 +389,10 @@ def main(_):
   config = base_config()
   config.deterministic = _DETERMINISTIC.value
   environment.apply_numerics(config)
+  if jax.default_backend() != "cpu" and not on_gpu():
+    raise app.UsageError(f"cnnlab runs on {jax.default_backend()} but torch sees no CUDA GPU, so "
+                         "the two would run on different devices; install torch with CUDA or "
+                         "run both on the CPU with JAX_PLATFORMS=cpu.")
   torch.backends.cudnn.benchmark = True
   info = machine()
   info["load_before"] = os.getloadavg()
