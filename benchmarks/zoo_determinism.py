@@ -58,8 +58,7 @@ def check_model(name: str, steps: int, batch_size: int,
   """Trains `name` for `steps` steps twice from one initial state on one random batch
   [batch_size, *shape]; returns compile seconds, ms per step, both digests and the last loss."""
   config = base_config()
-  config.model.name, config.model.bn_placement, config.model.dropout = name, "before_act", \
-      "standard"
+  config.model.update(name=name, bn_placement="before_act", dropout="standard")
   shape = shape or input_shape(name)
   model = models.get_model(config.model, 10)
   tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(0.01))
