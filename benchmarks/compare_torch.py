@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -48,12 +49,12 @@ import torch.nn.functional as F
 from absl import app, flags
 from torch import nn
 
-from cnnlab import environment, models, optim, summary, train
+from cnnlab import cli, environment, models, optim, summary, train
 from cnnlab.configs import base_config
 
 _NETS = flags.DEFINE_list("nets", ["vgg_small", "resnet20", "main"], "Nets to time.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds over all variants.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Steps per variant per round.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds over all variants.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 10, "Steps per variant per round.", lower_bound=1)
 _DTYPES = flags.DEFINE_list("dtypes", ["float32"], "cnnlab activation dtypes to time.")
 _COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time torch.compile (slow to compile).")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch variants (false: cnnlab's alone).")
@@ -72,6 +73,10 @@ NETS = {
                  shape=(28, 28, 1)),
 }
 NUM_CLASSES, LEARNING_RATE = 10, 0.01
+flags.register_validator("nets", lambda v: set(v) <= set(NETS),
+                         f"takes a comma-separated list of {', '.join(NETS)}")
+flags.register_validator("dtypes", lambda v: set(v) <= {"float32", "bfloat16"},
+                         "takes a comma-separated list of float32, bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,9 +395,10 @@ def main(_):
   config.deterministic = _DETERMINISTIC.value
   environment.apply_numerics(config)
   if jax.default_backend() != "cpu" and not on_gpu():
-    raise app.UsageError(f"cnnlab runs on {jax.default_backend()} but torch sees no CUDA GPU, so "
-                         "the two would run on different devices; install torch with CUDA or "
-                         "run both on the CPU with JAX_PLATFORMS=cpu.")
+    print(f"error: cnnlab runs on {jax.default_backend()} but torch sees no CUDA GPU, so the two "
+          "would run on different devices; install torch with CUDA or run both on the CPU with "
+          "JAX_PLATFORMS=cpu.", file=sys.stderr)
+    sys.exit(2)
   torch.backends.cudnn.benchmark = True
   info = machine()
   info["load_before"] = os.getloadavg()
@@ -421,4 +427,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -17,12 +17,12 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from cnnlab import environment, models, optim, train
+from cnnlab import cli, environment, models, optim, train
 from cnnlab.configs import base_config
 
-_SEEDS = flags.DEFINE_integer("seeds", 4, "Seeds per cell.")
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size per seed.")
-_STEPS = flags.DEFINE_integer("steps", 50, "Timed steps (after 3 warm-up steps).")
+_SEEDS = flags.DEFINE_integer("seeds", 4, "Seeds per cell.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size per seed.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 50, "Timed steps (after 3 warm-up steps).", lower_bound=1)
 _STAGES = flags.DEFINE_string("stages", "16;32", "Conv widths per stage, e.g. '32,32;64,64'.")
 
 
@@ -65,4 +65,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -31,12 +31,13 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from cnnlab import environment, models, optim, train
+from cnnlab import cli, environment, models, optim, train
 from cnnlab.configs import base_config
 
 _MODELS = flags.DEFINE_list("models", list(models.MODEL_NAMES), "Zoo models to train.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Train steps per run (two runs per model).")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Examples per step.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Train steps per run (two runs per model).",
+                              lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Examples per step.", lower_bound=1)
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", True, "config.deterministic (XLA's "
                                    "deterministic GPU ops).")
 _OUT = flags.DEFINE_string("out", None, "Write the rows as JSON here.")
@@ -118,4 +119,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

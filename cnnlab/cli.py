@@ -7,6 +7,8 @@ value and what it allows instead (an unknown config key lists the fields that ex
 
 from __future__ import annotations
 
+import sys
+
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
@@ -45,6 +47,17 @@ def flag_error_line(error: Exception, argv: list[str], flag_values: flags.FlagVa
   if name in flag_values and flag_values[name].flag_type() in _KINDS:
     return f"{flag_and_value}: {reason}; --{name} takes {_KINDS[flag_values[name].flag_type()]}."
   return f"{flag_and_value}: {reason}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for scripts without a config file (the benchmarks; pass it as
+  `app.run(main, flags_parser=cli.parse_flags)`): a bad flag ends in one `error:` line naming
+  it and what it takes, and exit status 2, instead of absl's usage dump and exit 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {flag_error_line(e, argv, flags.FLAGS)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def config_spec(argv: list[str]) -> str | None:

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from cnnlab import models
 from conftest import ROOT
 
@@ -36,3 +38,15 @@ def test_zoo_determinism_rows_and_error_row(tmp_path):
   assert bad["error"].startswith("ConfigError: model.name='no_such_model'")
   assert "| lenet5 | 28x28x1 | yes |" in result.stdout
   assert "| no_such_model | 32x32x3 | no: ConfigError" in result.stdout
+
+
+@pytest.mark.parametrize("arg, named", [("--steps=0", "--steps=0"),
+                                        ("--batch_size=-3", "--batch_size=-3"),
+                                        ("--deterministic=maybe", "--deterministic=maybe")])
+def test_zoo_determinism_bad_flag_is_one_line_exit_2(arg, named):
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "zoo_determinism.py"), arg],
+      capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), result.stderr
