@@ -406,8 +406,9 @@ def main(_):
   info["matmul"] = matmul_peak()
   rows = []
   for net in _NETS.value:
-    rows += run_net(net)
-    for r in [row for row in rows if row["net"] == net]:  # Printed at once: kept if cut short.
+    net_rows = run_net(net)
+    rows += net_rows
+    for r in net_rows:  # Printed at once: kept if the run is cut short.
       print(f"{net}: {r['variant']}: train {r['train_img_s']['median']:.0f} img/s, eval "
             f"{r['eval_img_s']['median']:.0f} img/s, first train call {r['first_train_s']:.1f} s",
             flush=True)

@@ -54,13 +54,13 @@ def input_shape(name: str) -> tuple[int, int, int]:
   return (28, 28, 1) if name in MNIST else (32, 32, 3)
 
 
-def check_model(name: str, steps: int, batch_size: int,
-                shape: tuple[int, int, int] | None = None) -> dict:
+def check_model(name: str, steps: int, batch_size: int) -> dict:
   """Trains `name` for `steps` steps twice from one initial state on one random batch
-  [batch_size, *shape]; returns compile seconds, ms per step, both digests and the last loss."""
+  [batch_size, *input_shape(name)]; returns compile seconds, ms per step, both digests and the
+  last loss."""
   config = base_config()
   config.model.update(name=name, bn_placement="before_act", dropout="standard")
-  shape = shape or input_shape(name)
+  shape = input_shape(name)
   model = models.get_model(config.model, 10)
   tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(0.01))
   start = train.create_train_state(model, tx, train.split_seed(0), shape)
