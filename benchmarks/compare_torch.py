@@ -33,11 +33,9 @@ torch is a benchmark-only dependency (the `torch` extra); cnnlab itself never im
 from __future__ import annotations
 
 import functools
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -395,10 +393,9 @@ def main(_):
   config.deterministic = _DETERMINISTIC.value
   environment.apply_numerics(config)
   if jax.default_backend() != "cpu" and not on_gpu():
-    print(f"error: cnnlab runs on {jax.default_backend()} but torch sees no CUDA GPU, so the two "
-          "would run on different devices; install torch with CUDA or run both on the CPU with "
-          "JAX_PLATFORMS=cpu.", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f"cnnlab runs on {jax.default_backend()} but torch sees no CUDA GPU, so the two "
+             "would run on different devices; install torch with CUDA or run both on the CPU "
+             "with JAX_PLATFORMS=cpu.")
   torch.backends.cudnn.benchmark = True
   info = machine()
   info["load_before"] = os.getloadavg()
@@ -421,10 +418,9 @@ def main(_):
   for row in rows:
     for kind in ("train", "eval"):
       row[f"{kind}_peak_share"] = row[f"{kind}_gflop_s"] / info["peak_gflop_s"]
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump({"machine": info, "rows": rows}, f, indent=1)
   print(markdown(info, rows))
+  if _OUT.value:
+    cli.write_json_or_fail("out", _OUT.value, {"machine": info, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ the digests of params and batch_stats after both runs are equal, and the final l
 from __future__ import annotations
 
 import functools
-import json
 import statistics
 import time
 
@@ -112,10 +111,9 @@ def main(_):
       rows.append({"model": name, "input": "x".join(map(str, input_shape(name))),
                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
     print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump({"environment": env, "rows": rows}, f, indent=1)
   print(markdown(rows))
+  if _OUT.value:
+    cli.write_json_or_fail("out", _OUT.value, {"environment": env, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ value and what it allows instead (an unknown config key lists the fields that ex
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import ml_collections
 from absl import flags
@@ -56,8 +57,23 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {flag_error_line(e, argv, flags.FLAGS)}", file=sys.stderr)
-    sys.exit(2)
+    fail(flag_error_line(e, argv, flags.FLAGS))
+
+
+def write_json_or_fail(flag: str, path: str, obj) -> None:
+  """A script's `--<flag>=path` JSON output, written atomically (`rundir.write_json_atomic`); a
+  failed write (missing folder, full disk, no permission) is one `error:` line and exit 2."""
+  from cnnlab import rundir  # Only the scripts that write use it.
+  try:
+    rundir.write_json_atomic(path, obj)
+  except errors.WorkdirError as e:
+    fail(f"--{flag}={path}: cannot write it ({getattr(e.__cause__, 'strerror', None) or e}).")
+
+
+def fail(message: str) -> NoReturn:
+  """How a script reports a problem a user can act on: one `error:` line, exit status 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def config_spec(argv: list[str]) -> str | None:

@@ -50,3 +50,16 @@ def test_zoo_determinism_bad_flag_is_one_line_exit_2(arg, named):
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), result.stderr
+
+
+def test_zoo_determinism_unwritable_out_is_one_line_after_the_table(tmp_path):
+  out = tmp_path / "missing_dir" / "zoo.json"
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "zoo_determinism.py"), "--models=linear",
+       "--steps=1", "--batch_size=2", f"--out={out}"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "| linear | 28x28x1 | yes |" in result.stdout  # The measurement is printed first.
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and str(out) in lines[0], result.stderr[-2000:]
+  assert not out.parent.exists()
