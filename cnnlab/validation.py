@@ -61,6 +61,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice("matmul_precision", config.matmul_precision, environment.MATMUL_PRECISIONS)
   _choice("xla_cpu_ynn_convolutions", config.get("xla_cpu_ynn_convolutions", True),
           (True, False))
+  _choice("xla_cpu_vector_width",
+          config.get("xla_cpu_vector_width", environment.XLA_DEFAULT_CPU_VECTOR_WIDTH),
+          environment.XLA_CPU_VECTOR_WIDTHS)
   _choice("dataset.name", config.dataset.name, data.DATASET_NAMES)
   _number("dataset.validation_fraction", config.dataset.get("validation_fraction", 0.0),
           low=0, high=0.5)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from cnnlab import environment, launchers
+from cnnlab.configs import base_config
 
 _PROBE = """
 import os, jax
@@ -15,17 +16,19 @@ if {start_first}:
   jax.devices()
 config = base_config()
 config.xla_cpu_ynn_convolutions = {enabled}
+config.xla_cpu_vector_width = {width}
 environment.apply_numerics(config)
 print(repr(os.environ.get("XLA_FLAGS", "")))
 jax.jit(lambda x: x * 2)(jax.numpy.ones(3)).block_until_ready()
 """
 
 
-def _run(enabled: bool, tmp_path, start_first: bool = False, xla_flags: str = "") -> tuple:
+def _run(enabled: bool, tmp_path, start_first: bool = False, xla_flags: str = "",
+         width: int = environment.XLA_DEFAULT_CPU_VECTOR_WIDTH) -> tuple:
   """(XLA_FLAGS after apply_numerics, the debug options XLA compiled with, as text)."""
   dump = tmp_path / f"dump_{len(list(tmp_path.iterdir()))}"
   env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={dump} {xla_flags}".strip())
-  code = _PROBE.format(enabled=enabled, start_first=start_first)
+  code = _PROBE.format(enabled=enabled, start_first=start_first, width=width)
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                         timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -66,3 +69,19 @@ def test_ynn_setting_after_jax_started_leaves_the_recorded_flags_true(tmp_path):
   flags, options = _run(False, tmp_path, start_first=True)
   assert environment.YNN_CONVOLUTIONS_OFF_XLA_FLAG not in flags
   assert "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION" in options
+
+
+def test_vector_width_reaches_xla_and_users_own_width_is_kept(tmp_path):
+  # The base config's 512 is applied (XLA's own default is 256) and recorded in XLA_FLAGS.
+  assert base_config().xla_cpu_vector_width == 512
+  flags, options = _run(False, tmp_path, width=512,
+                        xla_flags=launchers.SINGLE_THREAD_XLA_FLAGS)
+  assert "--xla_cpu_prefer_vector_width=512" in flags
+  assert "xla_cpu_prefer_vector_width: 512" in options
+  assert "xla_cpu_multi_thread_eigen: false" in options
+  flags, options = _run(False, tmp_path, width=256)
+  assert not any("vector_width" in f for f in flags)
+  assert "xla_cpu_prefer_vector_width: 256" in options
+  flags, options = _run(False, tmp_path, width=512, xla_flags="--xla_cpu_prefer_vector_width=128")
+  assert "--xla_cpu_prefer_vector_width=512" not in flags
+  assert "xla_cpu_prefer_vector_width: 128" in options

@@ -37,9 +37,11 @@ def test_override_reaches_config_json_and_bad_value_fails_cleanly(data_dir, tmp_
   assert saved["config"]["model"]["hidden"] == [16]
   assert "model.dropout='standard'" in saved["overrides"]
   assert os.path.exists(os.path.join(workdir, "results.json"))
-  # The default xla_cpu_ynn_convolutions=False is in the flags XLA started with, as recorded.
+  # The default xla_cpu_ynn_convolutions=False and xla_cpu_vector_width=512 are in the flags
+  # XLA started with, as recorded.
   recorded = json.load(open(os.path.join(workdir, "environment.json")))["xla_flags"].split()
   assert environment.YNN_CONVOLUTIONS_OFF_XLA_FLAG in recorded
+  assert "--xla_cpu_prefer_vector_width=512" in recorded
 
   # The same workdir with a different config: refused, naming the differing key.
   proc = run_launch("--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
@@ -133,6 +135,8 @@ _SUMMARY = ("--config=experiments/default.py", "--mode=summary")
     ((*_TRAIN, "--config.matmul_precision=bogus"), ("matmul_precision='bogus'", "highest")),
     ((*_TRAIN, "--config.xla_cpu_ynn_convolutions=maybe"),
      ("--config.xla_cpu_ynn_convolutions=maybe", "true or false")),
+    ((*_TRAIN, "--config.xla_cpu_vector_width=384"),
+     ("xla_cpu_vector_width=384", "128, 256, 512")),
     ((*_TRAIN, "--workdir={tmp}/syntax.py"), ("syntax.py' is an existing file",)),
     ((*_QUICK_SWEEP, "--config.sweep.seeds=(0, 1.5)"), ("seeds=(0, 1.5)", "non-negative integers")),
     ((*_QUICK_SWEEP, "--config.sweep.seeds=(-1, 0)"), ("seeds=(-1, 0)", "non-negative integers")),
@@ -148,8 +152,8 @@ _SUMMARY = ("--config=experiments/default.py", "--mode=summary")
     (("--config=experiments/ablation.py", "--config.sweep.workers=0"),
      ("sweep.workers=0", "out of range")),
 ], ids=["unknown_key", "missing_file", "syntax_error", "no_get_config", "bad_variant",
-        "matmul_precision", "ynn_convolutions", "workdir_is_file", "fractional_seed",
-        "negative_seed", "nan_momentum",
+        "matmul_precision", "ynn_convolutions", "vector_width", "workdir_is_file",
+        "fractional_seed", "negative_seed", "nan_momentum",
         "checkpoint_not_multiple", "int_flag_type", "bool_flag_type", "input_shape_in_train",
         "zero_input_shape", "non_int_input_shape", "zero_num_classes", "workers_override"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragments):
