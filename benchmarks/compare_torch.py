@@ -16,7 +16,12 @@ GPU (used when JAX and torch both see one) both run there, cuDNN autotuned (torc
 `matmul_precision="default"`). --deterministic=false drops cnnlab's default
 `--xla_gpu_deterministic_ops=true` (a process-wide XLA flag: run the script twice to see its
 cost). Every repeat times every variant for --steps steps, in an order rotated per repeat, so a
-load change hits all of them.
+load change hits all of them. Each timed window follows --warmup_steps untimed steps of the same
+variant: a training loop never switches frameworks, but here the first step after the other
+framework's window pays for its threads (measured on the 2-core CPU: cnnlab's first step after a
+torch window took 9.9 ms against 4.7 in steady state, torch's first after cnnlab's 6.7 against
+5.0: torch's OpenMP threads spin on after their work, XLA's pool wakes its own), which is 5-10%
+of a 10-step window.
 Reports images/s (min/median/max over repeats), achieved GFLOP/s (6 x multiply-adds per
 training example, 2 x per eval example, from cnnlab.summary) against the measured float32 matmul
 peak of this machine (numpy and jax, the best; on a GPU jax's float32 without TF32), the first
@@ -53,6 +58,8 @@ from cnnlab.configs import base_config
 _NETS = flags.DEFINE_list("nets", ["vgg_small", "resnet20", "main"], "Nets to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds over all variants.", lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per variant per round.", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup_steps", 2, "Untimed steps of a variant right before each "
+                               "of its timed windows.", lower_bound=0)
 _DTYPES = flags.DEFINE_list("dtypes", ["float32"], "cnnlab activation dtypes to time.")
 _COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time torch.compile (slow to compile).")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch variants (false: cnnlab's alone).")
@@ -325,8 +332,11 @@ def run_net(net: str) -> list[dict]:
     order = names[r % len(names):] + names[:r % len(names)]
     for name in order:
       runner = variants[name][0]
-      windows[name]["train"].append(timed(runner.train, _STEPS.value))
-      windows[name]["eval"].append(timed(runner.eval, _STEPS.value))
+      for kind in ("train", "eval"):
+        step = getattr(runner, kind)
+        if _WARMUP.value:
+          step(_WARMUP.value)
+        windows[name][kind].append(timed(step, _STEPS.value))
   rows = []
   for name in names:
     row = {"net": net, "variant": name, "batch": batch, **variants[name][1]}
