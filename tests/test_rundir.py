@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 
+import ml_collections
 import orbax.checkpoint as ocp
 import pytest
 
@@ -205,3 +206,20 @@ def test_fingerprint_covers_only_the_model_fields_its_architecture_reads():
   with_stages = rundir.fingerprint(config)
   config.model.stages = ((2,),)
   assert rundir.fingerprint(config) != with_stages
+
+
+def test_a_run_saved_before_xla_cpu_vector_width_existed_resumes_when_given_its_value(tmp_path):
+  # Runs saved before the field existed ran with XLA's default width, 256: at that value the
+  # field is left out of the fingerprint, and the refusal names the value that resumes them.
+  from conftest import load_config
+  config = load_config("experiments/default.py")
+  saved = rundir.config_to_dict(config)
+  del saved["xla_cpu_vector_width"]
+  older = rundir.fingerprint(ml_collections.ConfigDict(saved))
+  assert config.xla_cpu_vector_width == 512 and rundir.fingerprint(config) != older
+  assert rundir.fingerprint(other(config, xla_cpu_vector_width=256)) == older
+  with open(os.path.join(tmp_path, "config.json"), "w") as f:
+    json.dump({"fingerprint": older, "config": saved}, f)
+  keys = RunDir(str(tmp_path))._differing_keys(config)
+  assert keys == ("xla_cpu_vector_width (the saved run predates it and ran with 256: "
+                  "--config.xla_cpu_vector_width=256 resumes it)")
