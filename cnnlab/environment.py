@@ -69,11 +69,17 @@ XLA_CPU_VECTOR_WIDTHS = (128, 256, 512)
 XLA_DEFAULT_CPU_VECTOR_WIDTH = 256
 
 
+# The config fields `apply_numerics` sets for a whole process (XLA reads its flags once, when it
+# starts): every run a process trains shares them, so a sweep cannot vary them between cells.
+PROCESS_WIDE_FIELDS = ("deterministic", "matmul_precision", "xla_cpu_ynn_convolutions",
+                       "xla_cpu_vector_width")
+
+
 def apply_numerics(config) -> None:
   """Sets the process-wide numerics `config` asks for: `deterministic` (`apply_determinism`),
   `xla_cpu_ynn_convolutions` and `xla_cpu_vector_width` (XLA's defaults, True and 256, for
-  configs saved before they existed) and the float32 matmul/conv precision: `highest` is true float32
-  everywhere; `default` lets GPUs use TF32 tensor cores (faster, ~1e-3 relative rounding).
+  configs saved before they existed) and the float32 matmul/conv precision: `highest` is true
+  float32 everywhere; `default` lets GPUs use TF32 tensor cores (faster, ~1e-3 relative rounding).
   Measured on an H100: with `default`, a vmapped cell and its seeds run one by one drifted apart
   by 2 test examples within 88 steps; with `highest` they agreed to 1e-4, as on the CPU."""
   apply_determinism(config.deterministic)

@@ -104,6 +104,12 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
     if "key" not in axes[name] or "values" not in axes[name] or not axes[name]["values"]:
       raise ConfigError(f"config.sweep.axes.{name} needs a `key` (dotted config key) and a "
                         f"non-empty tuple of `values`.")
+    if axes[name].key in environment.PROCESS_WIDE_FIELDS:
+      raise ConfigError(
+          f"config.sweep.axes.{name}: key={axes[name].key!r} is set for a whole process (the XLA "
+          f"flags and matmul precision every worker starts with), so the cells of one sweep "
+          f"cannot differ in it; run one sweep per value, e.g. --config.{axes[name].key}=... "
+          f"with its own --workdir.")
   base = copy.deepcopy(config)
   if "sweep" in base:
     with base.unlocked():

@@ -53,6 +53,19 @@ def test_bad_axes_fail_before_training(quick):
     sweep.run(quick, "/nonexistent/never-written", progress=False)
 
 
+@pytest.mark.parametrize("key, values", [
+    ("xla_cpu_vector_width", (256, 512)), ("xla_cpu_ynn_convolutions", (True, False)),
+    ("deterministic", (True, False)), ("matmul_precision", ("highest", "default"))])
+def test_an_axis_over_a_process_wide_setting_is_refused(quick, key, values):
+  # Workers start with the sweep's XLA flags and precision: such cells would all have run with
+  # one value while their configs named another (a 256 cell's xla_flags said 512, and the two
+  # cells' digests were equal).
+  quick.sweep.axes.bn.key = key
+  quick.sweep.axes.bn["values"] = values
+  with pytest.raises(ConfigError, match=f"axes.bn: key='{key}' is set for a whole process"):
+    sweep.expand(quick)
+
+
 def test_vmapped_seeds_match_sequential_runs(quick, tmp_path):
   """Tolerance: vmapping turns each conv into a batched conv whose float32 sums run in another
   order, so results differ from the one-by-one runs at the rounding level (measured ~1e-7
