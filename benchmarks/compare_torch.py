@@ -28,7 +28,10 @@ peak of this machine (numpy and jax, the best; on a GPU jax's float32 without TF
 call (compile) time, and the ratio to torch channels_last (float32). CPU contention: the load
 average before/after, and per timed window the CPU share other processes took (/proc/stat busy
 time minus this process's); a window where they used more than --noisy_share of a core is
-marked noisy. Prints a markdown table for the README.
+marked noisy. A drift probe, cnnlab's train step of the ablation net timed before and after
+all nets, shows a change of the machine's speed that no other process explains (this machine has
+slow phases that slow XLA by 25-50% and PyTorch barely); a change above --drift_warning marks
+the table. Prints a markdown table for the README.
 Only a quiet machine gives numbers to publish: interleaving does not cancel contention, because
 the two runtimes suffer differently (measured on 2 shared cores with ~1.7 cores taken by others:
 torch's OpenMP steps slowed 10-25x, XLA's 2-3x, so the ratios flipped in cnnlab's favour).
@@ -68,6 +71,9 @@ _DETERMINISTIC = flags.DEFINE_bool("deterministic", True, "cnnlab's config.deter
                                    "deterministic GPU ops (no effect on the CPU).")
 _NOISY = flags.DEFINE_float("noisy_share", 0.1, "Other processes' cores above which a window "
                             "is noisy.")
+_DRIFT = flags.DEFINE_float("drift_warning", 0.15, "Relative change of the drift probe (before "
+                            "against after the run) above which the table is marked.",
+                            lower_bound=0)
 _OUT = flags.DEFINE_string("out", None, "Write all measurements as JSON here.")
 
 NETS = {
@@ -356,6 +362,24 @@ def run_net(net: str) -> list[dict]:
   return rows
 
 
+def probe_step_ms() -> float:
+  """cnnlab's train step of the ablation's net (batch 64) in ms, the best of 5 windows of 20
+  steps: a fixed XLA program timed before and after all nets. This machine has slow phases in
+  which XLA's steps run 25-50% slower while torch's barely change and /proc/stat shows no other
+  process, so a change of this probe is the one sign that one began during the run."""
+  batch, shape = NETS["main"]["batch"], NETS["main"]["shape"]
+  rng = np.random.default_rng(1)
+  runner = CnnlabRunner("main", "float32", rng.standard_normal((batch, *shape)).astype(np.float32),
+                        rng.integers(0, NUM_CLASSES, batch).astype(np.int32))
+  runner.train(3)
+  windows = []
+  for _ in range(5):
+    start = time.perf_counter()
+    runner.train(20)
+    windows.append((time.perf_counter() - start) / 20 * 1e3)
+  return min(windows)
+
+
 def machine() -> dict:
   with open("/proc/cpuinfo") as f:
     cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown")
@@ -380,10 +404,16 @@ def markdown(info: dict, rows: list[dict]) -> str:
       f"(numpy {info['matmul']['numpy']:.0f}, jax {info['matmul']['jax']:.0f}). Load average "
       f"{info['load_before'][0]:.2f} before, {info['load_after'][0]:.2f} after; "
       f"{info['noisy_windows']} of {info['windows']} timed windows noisy (other processes > "
-      f"{_NOISY.value:g} core).",
+      f"{_NOISY.value:g} core). Drift probe (cnnlab's train step of the ablation net, batch 64): "
+      f"{info['probe_ms_before']:.2f} ms before, {info['probe_ms_after']:.2f} ms after.",
       *([f"WARNING: other processes used up to {max(r['train_other_cores_max'] for r in rows):.1f}"
          " cores while timing; these numbers and ratios are not those of a quiet machine."]
         if info["noisy_windows"] else []),
+      *([f"WARNING: the drift probe changed by {100 * (drift - 1):+.0f}% during the run: the "
+         "machine's speed changed while timing (in its slow phases XLA runs 25-50% slower and "
+         "PyTorch barely changes), so the ratios of different nets are not comparable."]
+        if abs((drift := info["probe_ms_after"] / info["probe_ms_before"]) - 1) > _DRIFT.value
+        else []),
       "",
       "| net | variant | train img/s median (min-max) | train GFLOP/s (% peak) | vs torch "
       "channels_last | eval img/s | eval vs channels_last | first train call s |",
@@ -411,6 +441,7 @@ def main(_):
   info["load_before"] = os.getloadavg()
   start = _cpu_seconds()
   info["matmul"] = matmul_peak()
+  info["probe_ms_before"] = probe_step_ms()
   rows = []
   for net in _NETS.value:
     net_rows = run_net(net)
@@ -419,6 +450,7 @@ def main(_):
       print(f"{net}: {r['variant']}: train {r['train_img_s']['median']:.0f} img/s, eval "
             f"{r['eval_img_s']['median']:.0f} img/s, first train call {r['first_train_s']:.1f} s",
             flush=True)
+  info["probe_ms_after"] = probe_step_ms()
   info["matmul_after"] = matmul_peak()
   info["peak_gflop_s"] = max(*info["matmul"].values(), *info["matmul_after"].values())
   info["load_after"] = os.getloadavg()
