@@ -3,7 +3,7 @@
     python benchmarks/compare_torch.py --repeats=5 --steps=10 --out=/tmp/compare_torch.json
 
 Nets (BN before the activation, 10 classes, random inputs, SGD momentum 0.9 nesterov, weight
-decay 5e-4 on kernels only, as cnnlab's base config):
+decay 5e-4 on kernels only, as cnnlab's base config; the PyTorch twins are in torch_nets.py):
   vgg_small  conv32-32-pool-64-64-pool-128-pool-GAP-dense, batch 128, 32x32x3
   resnet20   He et al. 2016a's CIFAR ResNet-20 (zero-padding shortcuts), batch 128, 32x32x3
   main       the main job's vgg_cnn stages (16,),(32,),(64,), batch 64, 28x28x1
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import statistics
 import time
 
@@ -51,10 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-import torch.nn.functional as F
 from absl import app, flags
-from torch import nn
 
+import torch_nets
 from cnnlab import cli, environment, models, optim, summary, train
 from cnnlab.configs import base_config
 
@@ -151,107 +149,6 @@ class CnnlabRunner:
 
 
 # ----------------------------------------------------------------------------------------------
-# The same nets in PyTorch, by hand.
-
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
-  return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)]
-
-
-def torch_vgg(stages, channels: int) -> nn.Module:
-  """conv3x3 -> BN -> ReLU per width, a 2x2 max pool after each stage, GAP, dense."""
-  body = []
-  for widths in stages:
-    for width in widths:
-      body += [*_conv_bn(channels, width), nn.ReLU(inplace=True)]
-      channels = width
-    body.append(nn.MaxPool2d(2))
-  return nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                       nn.Linear(channels, NUM_CLASSES))
-
-
-class _BasicUnit(nn.Module):
-  """He 2016a's basic unit, option A shortcut: subsample, zero channels appended at the end."""
-
-  def __init__(self, cin: int, cout: int, stride: int):
-    super().__init__()
-    self.stride, self.extra = stride, cout - cin
-    self.conv1, self.bn1 = _conv_bn(cin, cout, stride)
-    self.conv2, self.bn2 = _conv_bn(cout, cout)
-
-  def forward(self, x):
-    y = F.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
-    shortcut = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
-    if self.extra:
-      shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra))
-    return F.relu(y + shortcut)
-
-
-def torch_resnet20(channels: int) -> nn.Module:
-  units, cin = [], 16
-  for i, width in enumerate((16, 32, 64)):
-    for j in range(3):
-      units.append(_BasicUnit(cin, width, 2 if i > 0 and j == 0 else 1))
-      cin = width
-  return nn.Sequential(*_conv_bn(channels, 16), nn.ReLU(inplace=True), *units,
-                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, NUM_CLASSES))
-
-
-def torch_net(net: str, channels: int) -> nn.Module:
-  if net == "resnet20":
-    return torch_resnet20(channels)
-  return torch_vgg(NETS[net]["model"]["stages"], channels)
-
-
-class TorchRunner:
-  """A PyTorch train step (SGD nesterov, decay on kernels only) and eval step on `device`;
-  `autocast`: a dtype for torch.autocast (mixed precision), else float32; `tf32`: let cuDNN and
-  cuBLAS use TF32 tensor cores (global switches, set before every timed window)."""
-
-  def __init__(self, net: str, images: np.ndarray, labels: np.ndarray, layout: str,
-               compiled: bool, device: str = "cpu", autocast: torch.dtype | None = None,
-               tf32: bool = False):
-    torch.manual_seed(0)
-    self.device, self.autocast, self.tf32 = device, autocast, tf32
-    self.model = torch_net(net, images.shape[-1])
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    self.model = self.model.to(device=device, memory_format=fmt)
-    self.x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device).contiguous(
-        memory_format=fmt)
-    self.y = torch.from_numpy(labels.astype(np.int64)).to(device)
-    params = list(self.model.parameters())
-    self.opt = torch.optim.SGD(
-        [{"params": [p for p in params if p.ndim > 1], "weight_decay": 5e-4},
-         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-        lr=LEARNING_RATE, momentum=0.9, nesterov=True)
-    self.forward = torch.compile(self.model) if compiled else self.model
-
-  def _numerics(self):
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
-    return torch.autocast(self.device.split(":")[0], dtype=self.autocast,
-                          enabled=self.autocast is not None)
-
-  def train(self, steps: int) -> None:
-    self.model.train()
-    with self._numerics():
-      for _ in range(steps):
-        self.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.forward(self.x), self.y)
-        loss.backward()
-        self.opt.step()
-    loss.item()
-
-  def eval(self, steps: int) -> None:
-    self.model.eval()
-    with torch.no_grad(), self._numerics():
-      for _ in range(steps):
-        logits = self.forward(self.x)
-        loss_sum = F.cross_entropy(logits, self.y, reduction="sum")
-        correct = (logits.argmax(-1) == self.y).sum()
-    loss_sum.item(), correct.item()
-
-
-# ----------------------------------------------------------------------------------------------
 # Measurement.
 
 def on_gpu() -> bool:
@@ -294,7 +191,10 @@ def build_variants(net: str) -> dict[str, object]:
   if _TF32.value:
     makers["cnnlab float32 TF32"] = lambda: CnnlabRunner(net, "float32", images, labels, "default")
   device = "cuda" if on_gpu() else "cpu"
-  torch_runner = functools.partial(TorchRunner, net, images, labels, device=device)
+  make_model = functools.partial(torch_nets.torch_net, net, NETS[net]["model"].get("stages"),
+                                 num_classes=NUM_CLASSES)
+  torch_runner = functools.partial(torch_nets.TorchRunner, make_model, images, labels,
+                                   learning_rate=LEARNING_RATE, device=device)
   if _TORCH.value:
     makers["torch NCHW"] = lambda: torch_runner("nchw", False)
     makers["torch channels_last"] = lambda: torch_runner("channels_last", False)
