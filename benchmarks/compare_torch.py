@@ -41,6 +41,7 @@ torch is a benchmark-only dependency (the `torch` extra); cnnlab itself never im
 from __future__ import annotations
 
 import functools
+import math
 import os
 import statistics
 import time
@@ -68,7 +69,7 @@ _TF32 = flags.DEFINE_bool("tf32", False, "Also time float32 with TF32 tensor cor
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", True, "cnnlab's config.deterministic: XLA's "
                                    "deterministic GPU ops (no effect on the CPU).")
 _NOISY = flags.DEFINE_float("noisy_share", 0.1, "Other processes' cores above which a window "
-                            "is noisy.")
+                            "is noisy.", lower_bound=0)
 _DRIFT = flags.DEFINE_float("drift_warning", 0.15, "Relative change of the drift probe (before "
                             "against after the run) above which the table is marked.",
                             lower_bound=0)
@@ -86,6 +87,9 @@ flags.register_validator("nets", lambda v: set(v) <= set(NETS),
                          f"takes a comma-separated list of {', '.join(NETS)}")
 flags.register_validator("dtypes", lambda v: set(v) <= {"float32", "bfloat16"},
                          "takes a comma-separated list of float32, bfloat16")
+# absl's bounds let nan and inf through.
+flags.register_validator("noisy_share", math.isfinite, "takes a finite number")
+flags.register_validator("drift_warning", math.isfinite, "takes a finite number")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,12 +276,7 @@ def probe_step_ms() -> float:
   runner = CnnlabRunner("main", "float32", rng.standard_normal((batch, *shape)).astype(np.float32),
                         rng.integers(0, NUM_CLASSES, batch).astype(np.int32))
   runner.train(3)
-  windows = []
-  for _ in range(5):
-    start = time.perf_counter()
-    runner.train(20)
-    windows.append((time.perf_counter() - start) / 20 * 1e3)
-  return min(windows)
+  return min(timed(runner.train, 20)["seconds"] for _ in range(5)) / 20 * 1e3
 
 
 def machine() -> dict:

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
   return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)]
 

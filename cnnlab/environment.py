@@ -68,6 +68,16 @@ YNN_CONVOLUTIONS_OFF_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individ
 XLA_CPU_VECTOR_WIDTHS = (128, 256, 512)
 XLA_DEFAULT_CPU_VECTOR_WIDTH = 256
 
+# Numerics fields added to the config after runs were saved without them, with the value such
+# runs had (XLA's own defaults): `numerics_setting` reads a saved config through this.
+SAVED_BEFORE_THE_FIELD = {"xla_cpu_ynn_convolutions": True,
+                          "xla_cpu_vector_width": XLA_DEFAULT_CPU_VECTOR_WIDTH}
+
+
+def numerics_setting(config, key: str):
+  """`config`'s value of a field of SAVED_BEFORE_THE_FIELD, or the value runs had before it."""
+  return config.get(key, SAVED_BEFORE_THE_FIELD[key])
+
 
 # The config fields `apply_numerics` sets for a whole process (XLA reads its flags once, when it
 # starts): every run a process trains shares them, so a sweep cannot vary them between cells.
@@ -83,8 +93,8 @@ def apply_numerics(config) -> None:
   Measured on an H100: with `default`, a vmapped cell and its seeds run one by one drifted apart
   by 2 test examples within 88 steps; with `highest` they agreed to 1e-4, as on the CPU."""
   apply_determinism(config.deterministic)
-  apply_xla_cpu_ynn_convolutions(config.get("xla_cpu_ynn_convolutions", True))
-  apply_xla_cpu_vector_width(config.get("xla_cpu_vector_width", XLA_DEFAULT_CPU_VECTOR_WIDTH))
+  apply_xla_cpu_ynn_convolutions(numerics_setting(config, "xla_cpu_ynn_convolutions"))
+  apply_xla_cpu_vector_width(numerics_setting(config, "xla_cpu_vector_width"))
   jax.config.update("jax_default_matmul_precision", config.matmul_precision)
 
 

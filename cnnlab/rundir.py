@@ -36,10 +36,11 @@ from cnnlab.errors import CheckpointError, WorkdirError
 # Config fields that only change how a run is observed, never its numbers.
 _NOT_FINGERPRINTED = ("log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep")
 
-# Fields added to the config after runs were saved without them, with the value those runs had.
-# At that value a field is left out of the fingerprint, so an older run resumes when given it.
-# (xla_cpu_ynn_convolutions predates this rule: runs saved with it hash it at every value.)
-_ADDED_FIELDS = {"xla_cpu_vector_width": environment.XLA_DEFAULT_CPU_VECTOR_WIDTH}
+# Fields added to the config after runs were saved without them, with the value those runs had
+# (environment.SAVED_BEFORE_THE_FIELD). At that value a field is left out of the fingerprint, so
+# an older run resumes when given it. (xla_cpu_ynn_convolutions predates this rule: runs saved
+# with it hash it at every value, so it is not here.)
+_ADDED_FIELDS = ("xla_cpu_vector_width",)
 
 
 def default_workdir(config_arg: str, root: str = "runs") -> str:
@@ -60,8 +61,8 @@ def fingerprint(config: ml_collections.ConfigDict, exclude: tuple[str, ...] = ()
   from cnnlab import models  # Heavy (flax): only where a fingerprint is taken.
   skip = _NOT_FINGERPRINTED + tuple(exclude)
   d = {k: v for k, v in config_to_dict(config).items() if k not in skip}
-  for key, value in _ADDED_FIELDS.items():
-    if d.get(key) == value:
+  for key in _ADDED_FIELDS:
+    if d.get(key) == environment.SAVED_BEFORE_THE_FIELD[key]:
       del d[key]
   d.pop("sweep", None)  # How a run was scheduled does not change it.
   if "model" in d:  # Only the model fields its architecture reads.
@@ -252,10 +253,15 @@ class RunDir:
     previous = _read_json_or_none(self.config_path)
     old = previous.get("config", {}) if isinstance(previous, dict) else {}
     keys = _changed_keys(old, config_to_dict(config)) if old else []
-    return ", ".join(
-        f"{k} (the saved run predates it and ran with {_ADDED_FIELDS[k]}: "
-        f"--config.{k}={_ADDED_FIELDS[k]} resumes it)" if k in _ADDED_FIELDS and k not in old
-        else k for k in keys) or "unknown"
+    named = []
+    for key in keys:
+      if key in _ADDED_FIELDS and key not in old:
+        value = environment.SAVED_BEFORE_THE_FIELD[key]
+        named.append(f"{key} (the saved run predates it and ran with {value}: "
+                     f"--config.{key}={value} resumes it)")
+      else:
+        named.append(key)
+    return ", ".join(named) or "unknown"
 
   def read_results(self) -> dict[str, Any]:
     """results.json's dict, after checking it against results.sha256.

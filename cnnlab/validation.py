@@ -59,10 +59,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice("dtype", config.dtype, DTYPES)
   _choice("deterministic", config.deterministic, (True, False))
   _choice("matmul_precision", config.matmul_precision, environment.MATMUL_PRECISIONS)
-  _choice("xla_cpu_ynn_convolutions", config.get("xla_cpu_ynn_convolutions", True),
-          (True, False))
-  _choice("xla_cpu_vector_width",
-          config.get("xla_cpu_vector_width", environment.XLA_DEFAULT_CPU_VECTOR_WIDTH),
+  _choice("xla_cpu_ynn_convolutions",
+          environment.numerics_setting(config, "xla_cpu_ynn_convolutions"), (True, False))
+  _choice("xla_cpu_vector_width", environment.numerics_setting(config, "xla_cpu_vector_width"),
           environment.XLA_CPU_VECTOR_WIDTHS)
   _choice("dataset.name", config.dataset.name, data.DATASET_NAMES)
   _number("dataset.validation_fraction", config.dataset.get("validation_fraction", 0.0),
