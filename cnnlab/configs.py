@@ -162,7 +162,7 @@ def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
   sweep.workers = 1
   # "Steps to reach" this end-of-epoch accuracy, per cell.
   sweep.target_accuracy = 0.9
-  # A pretraining stage (cnnlab.transfer): overrides of the config (nested, e.g.
+  # A pretraining stage (cnnlab.pretrain): overrides of the config (nested, e.g.
   # {"dataset": {"name": "mnist5k"}}) for runs trained once per seed into
   # <workdir>/pretrain/seed_<s> before any cell; cells start from them with
   # init.source="sweep:pretrain". Empty: no stage.

@@ -33,7 +33,8 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from cnnlab import configs, environment, launchers, rundir, seeds as seeds_lib, train, transfer
+from cnnlab import (configs, environment, launchers, pretrain, rundir, seeds as seeds_lib, train,
+                    transfer)
 from cnnlab.locks import CellLock
 from cnnlab.errors import CnnlabError, ConfigError, TrainingDivergedError
 from cnnlab.validation import check_key, validate_config, validate_sweep
@@ -136,7 +137,7 @@ def use_vmap(setting: str, num_seeds: int) -> bool:
   return setting == "on" or VMAP_AUTO.get(jax.default_backend(), False)
 
 
-def _finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> bool:
+def finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> bool:
   """Whether `workdir` holds results (of `config`, if given: results that do not prove they are
   this config's raise CheckpointError rather than count as finished or not)."""
   run = rundir.RunDir(workdir)
@@ -159,7 +160,7 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
   seeds = tuple(settings.seeds)
   degenerate = len(cells) == 1 and len(seeds) == 1 and not settings.axes
   vmapped = use_vmap(settings.vmap_seeds, len(seeds))
-  transfer.pretrain(config, workdir, overrides=overrides, command=command, progress=progress)
+  pretrain.run_stage(config, workdir, overrides=overrides, command=command, progress=progress)
   train_kwargs = dict(overrides=overrides, command=command, progress=progress)
   while True:
     held = []  # Cells other processes hold.
@@ -176,13 +177,13 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
         lock.close()
         continue
       try:  # Look again under the lock: another process may have just finished the cell.
-        todo = [(c, d) for c, d in zip(configs, dirs) if not _finished(d, c)]
+        todo = [(c, d) for c, d in zip(configs, dirs) if not finished(d, c)]
         if vmapped and len(todo) > 1:
           seeds_lib.train_seeds([c for c, _ in todo], [d for _, d in todo], **train_kwargs)
           if on_seed_done:
             on_seed_done(len(todo))
         else:
-          while not all(_finished(d, c) for c, d in todo):  # Helpers may hold some seeds.
+          while not all(finished(d, c) for c, d in todo):  # Helpers may hold some seeds.
             if not _train_free_seeds(todo, degenerate, on_seed_done, train_kwargs):
               time.sleep(poll_s)
         if diag_path and not os.path.exists(diag_path):
@@ -198,7 +199,7 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
     if not held:
       return
     helped = not vmapped and not degenerate and any(
-        _train_free_seeds([(c, d) for c, d in zip(configs, dirs) if not _finished(d, c)],
+        _train_free_seeds([(c, d) for c, d in zip(configs, dirs) if not finished(d, c)],
                           degenerate, on_seed_done, train_kwargs) for configs, dirs in held)
     if not helped:
       time.sleep(poll_s)
@@ -215,7 +216,7 @@ def _train_free_seeds(todo, degenerate: bool, on_seed_done, train_kwargs) -> boo
       lock.close()
       continue
     try:
-      if not _finished(run_dir, config):  # Look again under the lock.
+      if not finished(run_dir, config):  # Look again under the lock.
         train.train_and_evaluate(config, run_dir, **train_kwargs)
         trained = True
         if on_seed_done:
@@ -227,7 +228,7 @@ def _train_free_seeds(todo, degenerate: bool, on_seed_done, train_kwargs) -> boo
 
 
 def _cell_done(seed_dirs: list[str], configs, diagnostics_path: str | None) -> bool:
-  return all(map(_finished, seed_dirs, configs)) and (
+  return all(map(finished, seed_dirs, configs)) and (
       diagnostics_path is None or os.path.exists(diagnostics_path))
 
 
@@ -273,7 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
       "command": command})
   workers = worker_count(settings, len(cells))
   total = len(cells) * len(seeds)
-  finished_per_cell = lambda: [sum(_finished(seed_workdir(workdir, c, s, False)) for s in seeds)
+  finished_per_cell = lambda: [sum(finished(seed_workdir(workdir, c, s, False)) for s in seeds)
                                for c in cells]
   bar = rundir.progress_bar(total, sum(finished_per_cell()), enabled=progress,
                             desc="sweep runs", unit="run")

@@ -23,20 +23,18 @@ whose parameters are all frozen runs on its running statistics and keeps them (`
 calls it with train=False). `init.body_lr_scale` scales the rate of all but the head and `reinit`.
 
 In a sweep, `init.source = "sweep:pretrain"` names the sweep's pretraining run of the cell's
-seed, <sweep workdir>/pretrain/seed_<s>, which `pretrain` trains (once, under a lock) before any
-cell; `config.sweep.pretrain` holds the overrides that make the pretraining config.
+seed, <sweep workdir>/pretrain/seed_<s>, which `cnnlab.pretrain` trains (once, under a lock)
+before any cell; `config.sweep.pretrain` holds the overrides that make the pretraining config.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import functools
 import hashlib
 import inspect
 import os
-import time
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -46,7 +44,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from cnnlab import configs, layers, rundir
+from cnnlab import configs, layers, pretrain, rundir
 from cnnlab.errors import ConfigError
 
 SWEEP_PRETRAIN = "sweep:pretrain"
@@ -207,7 +205,7 @@ def source_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   if os.path.basename(cells) != "cells":
     raise ConfigError(f"config.init.source={SWEEP_PRETRAIN!r} names a sweep's pretraining run; "
                       f"{workdir} is not a sweep cell's run (use a workdir path instead).")
-  return os.path.join(os.path.dirname(cells), "pretrain", f"seed_{config.seed}")
+  return pretrain.run_dir(os.path.dirname(cells), config.seed)
 
 
 def _source_step(path: str, step: int | None) -> int:
@@ -390,47 +388,3 @@ def recorded(workdir: str) -> dict[str, Any]:
   """{"transfer": record} of a run that started from a source, else {} (for results.json)."""
   path = os.path.join(workdir, RECORD_FILE)
   return {"transfer": rundir.read_json(path)} if os.path.exists(path) else {}
-
-
-# ----------------------------------------------------------------------------------------------
-# A sweep's pretraining stage.
-
-def pretrain_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-  """The pretraining run of every sweep seed: `config` without its sweep and init sections,
-  updated with `config.sweep.pretrain` (empty: no stage, [])."""
-  from cnnlab import sweep
-  s = sweep.sweep_settings(config)
-  if not s.pretrain:
-    return []
-  base = copy.deepcopy(config)
-  with base.unlocked():
-    del base["sweep"]
-    base.init = configs.init_defaults()
-    base.update(s.pretrain)
-  out = []
-  for seed in s.seeds:
-    seeded = copy.deepcopy(base)
-    seeded.seed = seed
-    out.append(seeded)
-  return out
-
-
-def pretrain(config: ml_collections.ConfigDict, workdir: str, *, poll_s: float = 2.0,
-             **train_kwargs) -> None:
-  """Trains the sweep's pretraining runs into <workdir>/pretrain/seed_<s> (resumable; one
-  process at a time holds <workdir>/pretrain/.lock, the others wait until they are done)."""
-  from cnnlab import sweep, train
-  runs = [(c, os.path.join(workdir, "pretrain", f"seed_{c.seed}"))
-          for c in pretrain_configs(config)]
-  while not all(sweep._finished(d, c) for c, d in runs):
-    lock = sweep.CellLock(os.path.join(workdir, "pretrain"))
-    if not lock.acquire():
-      lock.close()
-      time.sleep(poll_s)
-      continue
-    try:
-      for c, d in runs:
-        if not sweep._finished(d, c):
-          train.train_and_evaluate(c, d, **train_kwargs)
-    finally:
-      lock.release()
