@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,6 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 DPI = 120
+
+
+def save(fig: plt.Figure, path: str) -> str:
+  """Writes `fig` as a PNG to `path` atomically (a reader sees the old file or the whole new
+  one; a failed write is one WorkdirError), closes it, and returns `path`."""
+  from cnnlab import rundir  # Heavy (orbax): only when a picture is written.
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=DPI)
+  plt.close(fig)
+  rundir.write_bytes_atomic(path, buffer.getvalue())
+  return path
 
 
 def accuracy(path: str, summary: list[dict], rows: list[dict], baseline: str) -> None:
@@ -34,8 +47,7 @@ def accuracy(path: str, summary: list[dict], rows: list[dict], baseline: str) ->
   ax.set_xlabel("test accuracy (%)")
   ax.set_title("Test accuracy: mean with 95% t-interval; gray dots: finished seeds")
   ax.grid(axis="x", alpha=0.3)
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
+  save(fig, path)
 
 
 def accuracy_by_axis(path: str, summary: list[dict], rows: list[dict], axis: str) -> None:
@@ -61,8 +73,7 @@ def accuracy_by_axis(path: str, summary: list[dict], rows: list[dict], axis: str
          title=f"Test accuracy by {axis}: mean over seeds, bars = 95% t-interval")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
+  save(fig, path)
 
 
 def _band(runs: list[list[dict]], split: str, key: str):
@@ -98,8 +109,7 @@ def curves(path: str, curves_by_cell: dict[str, list[list[dict]]]) -> None:
     ax.grid(alpha=0.3)
   handles, labels = left.get_legend_handles_labels()
   fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
+  save(fig, path)
 
 
 def variance_shift(path: str, diagnostics: dict[str, list[dict]]) -> None:
@@ -121,5 +131,4 @@ def variance_shift(path: str, diagnostics: dict[str, list[dict]]) -> None:
     ax.set(ylabel="Var[BN input] train / eval (ratio)", xlabel="BatchNorm layer",
            title="Variance shift per BN layer (1 = no shift; dropout before BN moves it)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
+  save(fig, path)

@@ -18,7 +18,9 @@ comparisons.csv hold the computed statistics under self-explanatory column names
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -163,14 +165,17 @@ def check_provenance(rows: list[dict]) -> None:
 
 
 def write_results_csv(path: str, rows: list[dict]) -> None:
-  """Rows as CSV: the union of their keys as columns, floats exact (repr), None as empty."""
+  """Rows as CSV: the union of their keys as columns, floats exact (repr), None as empty.
+  Written atomically; a failed write raises WorkdirError and leaves the old file."""
+  from cnnlab import rundir  # Heavy (orbax): only when files are written.
   columns = list(dict.fromkeys(k for row in rows for k in row))
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: "" if row.get(k) is None else repr(row[k])
-                       if isinstance(row[k], float) else row[k] for k in columns})
+  text = io.StringIO()
+  writer = csv.DictWriter(text, columns, lineterminator="\n")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: "" if row.get(k) is None else repr(row[k])
+                     if isinstance(row[k], float) else row[k] for k in columns})
+  rundir.write_text_atomic(path, text.getvalue())  # The old file or the whole new one.
 
 
 def read_results_csv(path: str) -> list[dict]:
@@ -395,10 +400,17 @@ def write_report(workdir: str, rows: list[dict], curves: dict[str, list[list[dic
   of the plots. `min_effect` is the accuracy difference (0.01 = 1 point) whose seeds needed the
   report states (None: no such statement). `plot_axis` (an axis, "" = none) adds a plot of test
   accuracy against its values, one line per value of the other axes.
+
+  Each file is written atomically; report.md is removed first and written last, so one on disk
+  always describes the files beside it. A failed write (a full disk) raises WorkdirError.
   """
+  from cnnlab import rundir  # Heavy (orbax): only when files are written.
   check_min_effect(min_effect)
   rows = with_status(rows)
   check_provenance(rows)
+  path = os.path.join(workdir, "report.md")
+  with contextlib.suppress(FileNotFoundError):  # An interrupted rewrite leaves no stale report.
+    os.remove(path)
   text = render_markdown(rows, diagnostics, baseline=baseline, target_accuracy=target_accuracy,
                          meta=meta, min_effect=min_effect, plot_axis=plot_axis)
   summary = cell_summary(rows)
@@ -415,9 +427,5 @@ def write_report(workdir: str, rows: list[dict], curves: dict[str, list[list[dic
   if plot_axis:
     plots.accuracy_by_axis(os.path.join(workdir, f"accuracy_by_{plot_axis}.png"), summary,
                            _finished(rows), plot_axis)
-  path = os.path.join(workdir, "report.md")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)  # Last: a report.md on disk is always a complete one.
+  rundir.write_text_atomic(path, text)  # Last: report.md describes the files beside it.
   return path

@@ -82,11 +82,16 @@ def write_json_atomic(path: str, obj: Any, resume_step: int | None = None) -> No
 
 
 def write_text_atomic(path: str, text: str, resume_step: int | None = None) -> None:
-  """`write_json_atomic` for text: a temporary file, fsync'ed, then renamed over `path`."""
+  """`write_json_atomic` for text (UTF-8)."""
+  write_bytes_atomic(path, text.encode(), resume_step)
+
+
+def write_bytes_atomic(path: str, data: bytes, resume_step: int | None = None) -> None:
+  """`write_json_atomic` for bytes: a temporary file, fsync'ed, then renamed over `path`."""
   tmp = f"{path}.tmp{os.getpid()}"
   try:
-    with open(tmp, "w") as f:
-      f.write(text)
+    with open(tmp, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -1,12 +1,18 @@
 """Report statistics against hand-computed numbers; tables and errors on synthetic rows."""
 
 import math
+import os
+import re
+import subprocess
+import sys
 import warnings
 
 import pytest
 
 from cnnlab import report, stats
 from cnnlab.errors import CnnlabError, ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mean_ci_by_hand():
@@ -222,3 +228,50 @@ def test_bad_status_or_missing_numbers_are_refused():
     report.with_status([dict(row, status="crashed")])
   with pytest.raises(CnnlabError, match="finished but has no test_accuracy"):
     report.with_status([dict(row, test_accuracy=None)])
+
+
+FULL_DISK_SCRIPT = """
+import os, resource, signal, sys
+from cnnlab import report
+from cnnlab.errors import WorkdirError
+workdir, limit = sys.argv[1], int(sys.argv[2])
+meta = {"config": {"name": "synthetic"}, "command": "python launch.py", "git_commit": "abc",
+        "environment": {}, "packages": {}}
+def write(num_seeds):
+  rows = [{"cell": cell, "seed": s, "test_accuracy": 0.9 + 0.01 * s + (cell == "b") * 0.003 * s,
+           "test_loss": 0.3 - 0.01 * s, "train_loss": 0.1, "steps_to_target": 10,
+           **{k: "x" for k in report.PROVENANCE}}
+          for cell in ("a", "b") for s in range(num_seeds)]
+  curves = {c: [[{"step": 1, "split": "test", "accuracy": 0.5, "loss": 1.0}]] * num_seeds
+            for c in ("a", "b")}
+  report.write_report(workdir, rows, curves, {}, baseline="a", target_accuracy=0.9, meta=meta)
+write(3)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # A write past the limit fails with EFBIG instead.
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+  write(40)
+except WorkdirError as e:
+  print("error:", e)
+"""
+
+
+@pytest.mark.parametrize("limit", [1_000, 12_000])  # results.csv fails / a PNG fails.
+def test_a_report_rewritten_on_a_full_disk_is_one_line_and_leaves_no_stale_report(tmp_path,
+                                                                                   limit):
+  """A rerun's report that cannot be written (the disk fills: here the file-size limit) ends in
+  one WorkdirError line; every file left is a whole one (the old or the new), and the old
+  report.md is gone, so no report.md sits beside results it does not describe."""
+  done = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(tmp_path), str(limit)],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert re.fullmatch(rf"error: cannot write {re.escape(str(tmp_path))}/\S+ \(File too large\); "
+                      r"free space on the disk holding .*\n", done.stdout), done.stdout
+  names = sorted(os.listdir(tmp_path))
+  assert "report.md" not in names and not [n for n in names if ".tmp" in n], names
+  for name in names:
+    if name.endswith(".csv"):
+      rows = report.read_results_csv(str(tmp_path / name))
+      assert rows and len(rows[0]) == len(rows[-1])
+    else:
+      with open(tmp_path / name, "rb") as f:
+        assert f.read().endswith(b"IEND\xaeB`\x82"), name  # A whole PNG.

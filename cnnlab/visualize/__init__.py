@@ -156,6 +156,5 @@ def _write_index(out: str, config, state, workdir: str, entries) -> str:
     if png:
       lines += [f"![{heading}]({png})", ""]
   path = os.path.join(out, "index.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+  rundir.write_text_atomic(path, "\n".join(lines))
   return path

@@ -24,11 +24,9 @@ def pyplot():
 
 
 def save(fig: plt.Figure, path: str) -> str:
-  """Writes `fig` as a PNG to `path`, closes it, and returns `path`."""
-  from cnnlab.plots import DPI
-  fig.savefig(path, dpi=DPI)
-  pyplot().close(fig)
-  return path
+  """Writes `fig` as a PNG to `path` (atomically, `plots.save`), closes it, returns `path`."""
+  from cnnlab import plots
+  return plots.save(fig, path)
 
 
 def show_image(ax: plt.Axes, image: np.ndarray, title: str | None = None, **title_kw) -> None:
