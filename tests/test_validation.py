@@ -33,6 +33,18 @@ def test_non_finite_numbers_are_refused(key, value):
     validation.validate_config(config)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -1e-5])
+def test_bn_epsilon_must_be_positive_and_finite(value):
+  """An infinite epsilon would zero every BN output silently: (x - mean) / sqrt(var + inf)."""
+  config = configs.base_config()
+  config.model.bn_placement, config.model.bn_epsilon = "before_act", value
+  with pytest.raises(ConfigError, match=rf"config\.model\.bn_epsilon={value!r} is not allowed; "
+                                        r"use None \(the model's default\) or a positive finite"):
+    validation.validate_config(config)
+  config.model.bn_epsilon = 1e-3
+  validation.validate_config(config)
+
+
 def test_checkpoint_steps_must_be_a_multiple_of_log_steps():
   config = configs.base_config()
   config.log_every_steps, config.checkpoint_every_steps = 50, 120

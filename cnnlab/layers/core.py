@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -160,9 +161,9 @@ class BlockOptions:
                         "None (automatic), True, False.")
     eps = self.bn_epsilon
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
-                            or not eps > 0):
+                            or not 0 < eps < math.inf):
       raise ConfigError(f"{prefix}bn_epsilon={eps!r} is not allowed; use None (the model's "
-                        "default) or a positive number.")
+                        "default) or a positive finite number.")
 
   @property
   def use_bn(self) -> bool:
