@@ -40,10 +40,11 @@ def flag_error_line(error: Exception, argv: list[str], flag_values: flags.FlagVa
     return flag_and_value
   name = flag_and_value.lstrip("-").partition("=")[0]
   if name.startswith("config.") and config is not None:
-    field = config
-    for part in name.split(".")[1:]:
-      field = field[part]
-    kind = type(field).__name__
+    *parents, leaf = name.split(".")[1:]
+    node = config
+    for part in parents:
+      node = node[part]
+    kind = node.get_ref(leaf).get_type().__name__  # The declared type, also of a None field.
     return f"{flag_and_value}: {reason}; config.{name[7:]} takes {_KINDS.get(kind, kind)}."
   if name in flag_values and flag_values[name].flag_type() in _KINDS:
     return f"{flag_and_value}: {reason}; --{name} takes {_KINDS[flag_values[name].flag_type()]}."

@@ -68,6 +68,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           low=0, high=0.5)
   _number("dataset.validation_seed", config.dataset.get("validation_seed", 0), low=0,
           integer=True)
+  _number("dataset.subset_seed", config.dataset.get("subset_seed", 0), low=0, integer=True)
   validate_model(config.model)
   opt = config.optimizer
   _choice("optimizer.name", opt.name, optim.OPTIMIZERS)

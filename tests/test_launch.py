@@ -143,6 +143,10 @@ _SUMMARY = ("--config=experiments/default.py", "--mode=summary")
     ((*_TRAIN, "--config.optimizer.momentum=nan"), ("momentum=nan", "finite number in [0, 1)")),
     ((*_TRAIN, "--config.checkpoint_every_steps=120"), ("checkpoint_every_steps=120", "multiple")),
     ((*_TRAIN, "--config.batch_size=abc"), ("--config.batch_size=abc", "takes an integer")),
+    ((*_TRAIN, "--config.dataset.train_per_class=nan"),
+     ("--config.dataset.train_per_class=nan", "takes an integer")),
+    ((*_TRAIN, "--config.dataset.train_per_class=5", "--config.dataset.subset_seed=-1"),
+     ("subset_seed=-1", "out of range; allowed: [0, inf)")),
     ((*_TRAIN, "--progress=maybe"), ("--progress=maybe", "true or false")),
     ((*_TRAIN, "--input_shape=8,8,1"), ("--input_shape", "--mode=summary only")),
     ((*_SUMMARY, "--input_shape=0,0,3"), ("input_shape=(0, 0, 3)", "3 positive integers")),
@@ -154,7 +158,8 @@ _SUMMARY = ("--config=experiments/default.py", "--mode=summary")
 ], ids=["unknown_key", "missing_file", "syntax_error", "no_get_config", "bad_variant",
         "matmul_precision", "ynn_convolutions", "vector_width", "workdir_is_file",
         "fractional_seed", "negative_seed", "nan_momentum",
-        "checkpoint_not_multiple", "int_flag_type", "bool_flag_type", "input_shape_in_train",
+        "checkpoint_not_multiple", "int_flag_type", "placeholder_int_type", "negative_subset_seed",
+        "bool_flag_type", "input_shape_in_train",
         "zero_input_shape", "non_int_input_shape", "zero_num_classes", "workers_override"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragments):
   tmp = _bad_config_files(tmp_path)

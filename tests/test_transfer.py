@@ -284,6 +284,18 @@ def test_stratified_subset_and_resize(data_dir):
   assert np.bincount(split.labels).min() >= np.bincount(split.labels).max() - 10
 
 
+def test_a_resize_beyond_the_memory_is_one_line_not_an_abort(monkeypatch):
+  """XLA aborts the process (a CHECK failure, no exception) when the resize's buffers do not fit:
+  `--config.dataset.resize=(100000,100000)` on mnist5k died with SIGABRT. It is refused first."""
+  images = np.zeros((10, 4, 4, 1), np.uint8)
+  monkeypatch.setattr(subsets, "available_memory", lambda: 2**20)  # 1 MiB free.
+  with pytest.raises(ConfigError, match=r"config.dataset.resize=\(300, 300\) needs 4 MiB to "
+                                        r"resize the 10 images of the split; 1 MiB of memory is "
+                                        r"available. Use a smaller size.$"):
+    subsets.resize(images, (300, 300))
+  assert subsets.resize(images, (8, 8)).shape == (10, 8, 8, 1)  # ~3 KiB: fits.
+
+
 def test_study_quick_end_to_end(data_dir, tmp_path):
   workdir = str(tmp_path / "study")
   proc = run_launch("--config=experiments/transfer.py:quick", f"--workdir={workdir}",

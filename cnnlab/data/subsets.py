@@ -30,9 +30,33 @@ def resize(images: np.ndarray, size) -> np.ndarray:
   h, w = check_size(size)
   if images.shape[1:3] == (h, w):
     return images
+  n, height, width, channels = images.shape
+  # float32 buffers XLA holds at once: the input, the image resized along H, the output.
+  need = 4 * n * channels * (height * width + h * width + h * w) + n * h * w * channels
+  free = available_memory()
+  if free is not None and need > free:  # XLA would abort the process, not raise.
+    raise ConfigError(f"config.dataset.resize={size!r} needs {_bytes(need)} to resize the {n} "
+                      f"images of the split; {_bytes(free)} of memory is available. Use a "
+                      f"smaller size.")
   out = jax.image.resize(images.astype(np.float32), (len(images), h, w, images.shape[3]),
                          method="linear", antialias=True)
   return np.clip(np.rint(np.asarray(out)), 0, 255).astype(np.uint8)
+
+
+def available_memory() -> int | None:
+  """Bytes of memory available to a new allocation (Linux's MemAvailable), or None if unknown."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def _bytes(count: int) -> str:
+  return f"{count / 2**30:,.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 def stratified_subset(labels: np.ndarray, per_class: int, seed: int, key: str) -> np.ndarray:
