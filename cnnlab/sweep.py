@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import re
 import subprocess
@@ -272,8 +273,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   rundir.write_json_atomic(os.path.join(workdir, "sweep.json"), {
       "config": rundir.config_to_dict(config), "overrides": list(overrides),
       "command": command})
-  workers = worker_count(settings, len(cells))
   total = len(cells) * len(seeds)
+  workers = worker_count(settings, len(cells), total)
   finished_per_cell = lambda: [sum(finished(seed_workdir(workdir, c, s, False)) for s in seeds)
                                for c in cells]
   bar = rundir.progress_bar(total, sum(finished_per_cell()), enabled=progress,
@@ -305,14 +306,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   return write_sweep_report(config, cells, seeds, workdir, command=command)
 
 
-def worker_count(settings: ml_collections.ConfigDict, num_cells: int) -> int:
+def worker_count(settings: ml_collections.ConfigDict, num_cells: int, num_runs: int) -> int:
   """`settings.workers`, or for None one per CPU core this process may use (at most one per
-  cell) when JAX runs on CPU with the local launcher, else 1."""
-  if settings.workers is not None:
+  cell) when JAX runs on CPU with the local launcher, else 1. A number beyond what can help is
+  lowered, with a warning: more workers than runs, or on CPU with the local launcher (each
+  worker pinned to one core) more than the cores."""
+  local_cpu = settings.get("launcher", "local") == "local" and jax.default_backend() == "cpu"
+  cores = len(os.sched_getaffinity(0))
+  if settings.workers is None:
+    return max(1, min(cores, num_cells)) if local_cpu else 1
+  useful = min(num_runs, cores) if local_cpu else num_runs
+  if settings.workers <= useful:
     return settings.workers
-  if settings.get("launcher", "local") != "local" or jax.default_backend() != "cpu":
-    return 1
-  return max(1, min(len(os.sched_getaffinity(0)), num_cells))
+  pinned = f", {cores} CPU cores with one worker pinned to each" if local_cpu else ""
+  logging.warning("config.sweep.workers=%d is more than can help (%d runs%s); starting %d.",
+                  settings.workers, num_runs, pinned, useful)
+  return useful
 
 
 def curve_split(metrics: list[dict]) -> str:

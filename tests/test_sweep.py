@@ -234,14 +234,29 @@ def test_worker_count_none_is_one_per_cpu_core_at_most_one_per_cell(monkeypatch)
   settings = sweep.sweep_settings(load_config("experiments/ablation.py"))
   assert settings.workers is None  # The main job's sweeps use every core.
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-  assert sweep.worker_count(settings, 9) == 4
-  assert sweep.worker_count(settings, 3) == 3
+  assert sweep.worker_count(settings, 9, 45) == 4
+  assert sweep.worker_count(settings, 3, 15) == 3
   settings.launcher = "slurm"
-  assert sweep.worker_count(settings, 9) == 1  # SLURM jobs set their own parallelism.
+  assert sweep.worker_count(settings, 9, 45) == 1  # SLURM jobs set their own parallelism.
   settings.launcher, settings.workers = "local", 2
-  assert sweep.worker_count(settings, 9) == 2
+  assert sweep.worker_count(settings, 9, 45) == 2
   quick = sweep.sweep_settings(load_config("experiments/ablation.py", "quick"))
-  assert sweep.worker_count(quick, 9) == 1
+  assert sweep.worker_count(quick, 9, 9) == 1
+
+
+def test_more_workers_than_can_help_are_not_started(monkeypatch, caplog):
+  """`--config.sweep.workers=99` on a 2-core machine started 99 processes of ~400 MB each, about
+  50 pinned to each core, for a sweep of 9 runs; it was killed with 9 of 23 GiB left."""
+  settings = sweep.sweep_settings(load_config("experiments/ablation.py", "quick"))
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+  settings.workers = 99
+  with caplog.at_level("WARNING"):
+    assert sweep.worker_count(settings, 9, 9) == 2
+  assert "config.sweep.workers=99 is more than can help (9 runs, 2 CPU cores with one worker " \
+         "pinned to each); starting 2." in caplog.text
+  assert sweep.worker_count(settings, 1, 1) == 1
+  settings.workers = 2
+  assert sweep.worker_count(settings, 9, 9) == 2
 
 
 
