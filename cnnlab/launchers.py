@@ -86,6 +86,13 @@ def _job_outcome(job, exception: Exception) -> str:
   return f"did not finish (state {job.state})"
 
 
+# A worker is pinned to its core by a fresh, single-threaded interpreter that then execs it (the
+# mask is inherited). Pinning in a preexec_fn runs Python between fork and exec in the sweep's
+# process, whose JAX threads make that unsafe (Python's docs: it can deadlock; JAX warns).
+_PIN_AND_EXEC = ("import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); "
+                 "os.execvp(sys.argv[2], sys.argv[2:])")
+
+
 def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None] | None = None,
                       *, command: Sequence[str] | None = None, poll_s: float = 0.25) -> None:
   """Runs `workers` processes of `command` (default `python -m cnnlab.sweep WORKDIR`), each
@@ -111,8 +118,9 @@ def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None
         logs.append(os.path.join(log_dir, f"worker_{i}.log"))
         with open(logs[-1], "wb") as log:  # The child keeps its own descriptor.
           procs.append(subprocess.Popen(
-              command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-              start_new_session=True, preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu})))
+              [sys.executable, "-c", _PIN_AND_EXEC, str(cpu), *command], env=env,
+              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+              start_new_session=True))
       forwarded = False
       while any(p.poll() is None for p in procs):
         if interrupt["signal"] and not forwarded:

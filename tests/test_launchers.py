@@ -85,6 +85,19 @@ def test_workers_are_pinned_to_one_core_and_one_xla_thread(tmp_path):
     assert launchers.SINGLE_THREAD_XLA_FLAGS in text
 
 
+def test_workers_start_without_forking_a_multithreaded_jax_process(tmp_path):
+  """The pinning ran Python between fork and exec (a preexec_fn) in the sweep's process, where
+  JAX's threads run: Python's docs say that can deadlock, and JAX printed "os.fork() was called
+  ... will likely lead to a deadlock" on every sweep with workers."""
+  code = ("import sys, jax; jax.numpy.zeros(1).block_until_ready()\n"
+          "from cnnlab import launchers\n"
+          "launchers.run_local_workers(sys.argv[1], 2, command=[sys.executable, '-c', 'pass'])")
+  done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                        text=True, cwd=ROOT, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "fork" not in done.stderr, done.stderr[-2000:]
+
+
 def record_worker(workdir: str) -> None:
   """A stand-in for cnnlab.sweep.worker_main: leaves a file per job."""
   with open(os.path.join(workdir, f"ran_{os.getpid()}"), "w") as f:
