@@ -103,7 +103,8 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
     check_key(config, key)
   names = sorted(axes.keys())
   for name in names:
-    if "key" not in axes[name] or "values" not in axes[name] or not axes[name]["values"]:
+    if ("key" not in axes[name] or not isinstance(axes[name].key, str)
+        or "values" not in axes[name] or not axes[name]["values"]):
       raise ConfigError(f"config.sweep.axes.{name} needs a `key` (dotted config key) and a "
                         f"non-empty tuple of `values`.")
     if axes[name].key in environment.PROCESS_WIDE_FIELDS:

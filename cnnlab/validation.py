@@ -17,6 +17,7 @@ from cnnlab import data, environment, models, optim
 from cnnlab.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
+SEED_MAX = 2**63 - 1  # numpy's and JAX's seeds are 64-bit integers.
 
 
 def _choice(key: str, value, allowed) -> None:
@@ -55,7 +56,7 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid value in `config`."""
-  _number("seed", config.seed, low=0, integer=True)
+  _number("seed", config.seed, low=0, high=SEED_MAX, integer=True)
   _choice("dtype", config.dtype, DTYPES)
   _choice("deterministic", config.deterministic, (True, False))
   _choice("matmul_precision", config.matmul_precision, environment.MATMUL_PRECISIONS)
@@ -66,9 +67,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice("dataset.name", config.dataset.name, data.DATASET_NAMES)
   _number("dataset.validation_fraction", config.dataset.get("validation_fraction", 0.0),
           low=0, high=0.5)
-  _number("dataset.validation_seed", config.dataset.get("validation_seed", 0), low=0,
-          integer=True)
-  _number("dataset.subset_seed", config.dataset.get("subset_seed", 0), low=0, integer=True)
+  for key in ("validation_seed", "subset_seed"):
+    _number(f"dataset.{key}", config.dataset.get(key, 0), low=0, high=SEED_MAX, integer=True)
   validate_model(config.model)
   opt = config.optimizer
   _choice("optimizer.name", opt.name, optim.OPTIMIZERS)
@@ -98,11 +98,15 @@ def validate_sweep(settings: ml_collections.ConfigDict) -> None:
   from cnnlab.sweep import VMAP_CHOICES  # Here, not at the top: cnnlab.sweep imports this module.
   seeds = settings.seeds
   if (not isinstance(seeds, (tuple, list)) or not seeds
-      or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0
-                 for s in seeds)
+      or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                 and 0 <= s <= SEED_MAX for s in seeds)
       or len(set(seeds)) != len(seeds)):
     raise ConfigError(f"config.sweep.seeds={_as_tuple(seeds)!r} must be a non-empty tuple of "
-                      f"distinct non-negative integers, e.g. (0, 1, 2).")
+                      f"distinct non-negative integers below 2**63, e.g. (0, 1, 2).")
+  keys = settings.get("seed_keys", ())
+  if not isinstance(keys, (tuple, list)) or not all(isinstance(k, str) and k for k in keys):
+    raise ConfigError(f"config.sweep.seed_keys={_as_tuple(keys)!r} must be a tuple of dotted "
+                      f"config keys, e.g. ('dataset.subset_seed',).")
   if settings.workers is not None:  # None: one per CPU core (sweep.worker_count).
     _number("sweep.workers", settings.workers, low=1, integer=True)
   _choice("sweep.vmap_seeds", settings.vmap_seeds, VMAP_CHOICES)

@@ -146,7 +146,7 @@ _SUMMARY = ("--config=experiments/default.py", "--mode=summary")
     ((*_TRAIN, "--config.dataset.train_per_class=nan"),
      ("--config.dataset.train_per_class=nan", "takes an integer")),
     ((*_TRAIN, "--config.dataset.train_per_class=5", "--config.dataset.subset_seed=-1"),
-     ("subset_seed=-1", "out of range; allowed: [0, inf)")),
+     ("subset_seed=-1", "out of range; allowed: [0, 9223372036854775807]")),
     ((*_TRAIN, "--progress=maybe"), ("--progress=maybe", "true or false")),
     ((*_TRAIN, "--input_shape=8,8,1"), ("--input_shape", "--mode=summary only")),
     ((*_SUMMARY, "--input_shape=0,0,3"), ("input_shape=(0, 0, 3)", "3 positive integers")),

@@ -47,7 +47,12 @@ def test_bad_axes_fail_before_training(quick):
   quick.sweep.axes.dropout.key = "model.dropuot"
   with pytest.raises(ConfigError, match="model.dropuot"):
     sweep.expand(quick)
-  quick.sweep.axes.dropout.key = "model.dropout"
+  with quick.sweep.axes.dropout.ignore_type():  # A config file may set any type.
+    quick.sweep.axes.dropout.key = 3
+  with pytest.raises(ConfigError, match=r"axes.dropout needs a `key` \(dotted config key\)"):
+    sweep.expand(quick)  # It was an AttributeError traceback.
+  with quick.sweep.axes.dropout.ignore_type():
+    quick.sweep.axes.dropout.key = "model.dropout"
   quick.sweep.baseline = "bn=none,dropout=standard"
   with pytest.raises(ConfigError, match="baseline.*bn=none,dropout=none"):
     sweep.run(quick, "/nonexistent/never-written", progress=False)

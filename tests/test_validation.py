@@ -45,6 +45,18 @@ def test_bn_epsilon_must_be_positive_and_finite(value):
   validation.validate_config(config)
 
 
+@pytest.mark.parametrize("key", ["seed", "dataset.validation_seed", "dataset.subset_seed"])
+def test_seeds_must_fit_in_64_bits(key):
+  """A seed of 2**63 or more ended in numpy's OverflowError traceback."""
+  config = configs.base_config()
+  _set(config, key, 2**63)
+  with pytest.raises(ConfigError, match=rf"config\.{re.escape(key)}=9223372036854775808 is out of "
+                                        r"range; allowed: \[0, 9223372036854775807\]"):
+    validation.validate_config(config)
+  _set(config, key, 2**63 - 1)
+  validation.validate_config(config)
+
+
 def test_checkpoint_steps_must_be_a_multiple_of_log_steps():
   config = configs.base_config()
   config.log_every_steps, config.checkpoint_every_steps = 50, 120
@@ -86,6 +98,8 @@ def _settings(**changes):
     ({"seeds": (0, 0)}, r"seeds=\(0, 0\) must be"),
     ({"seeds": (True, 2)}, r"seeds=\(True, 2\) must be"),
     ({"seeds": ()}, r"seeds=\(\) must be a non-empty"),
+    ({"seeds": (2**63,)}, r"seeds=\(9223372036854775808,\) must be .*integers below 2\*\*63"),
+    ({"seed_keys": (1,)}, r"sweep\.seed_keys=\(1,\) must be a tuple of dotted config keys"),
     ({"workers": 0}, r"sweep\.workers=0 is out of range; allowed: \[1, inf\)"),
     ({"workers": 1.5}, r"sweep\.workers=1\.5 must be an integer"),
     ({"vmap_seeds": "maybe"}, r"sweep\.vmap_seeds='maybe' is not allowed; choose one of: auto"),
