@@ -307,16 +307,27 @@ class RunDir:
                  self.resume_step())
 
   def read_metrics(self) -> list[dict[str, Any]]:
-    """The complete lines of metrics.jsonl (a line cut short by a kill is skipped)."""
+    """The records of metrics.jsonl; a last line a kill cut short (no newline yet) is skipped.
+
+    Raises:
+      CheckpointError: another line is not a metrics record (the file was damaged or edited).
+    """
     if not os.path.exists(self.metrics_path):
       return []
+    with open(self.metrics_path, "rb") as f:
+      lines = f.read().split(b"\n")
     records = []
-    with open(self.metrics_path) as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except ValueError:
-          continue
+    for number, line in enumerate(lines[:-1], 1):  # lines[-1]: b"", or the line cut short.
+      try:
+        record = json.loads(line)
+      except ValueError:
+        record = None
+      if not (isinstance(record, dict) and "step" in record and "split" in record):
+        raise CheckpointError(
+            f"{self.metrics_path} line {number} is not a metrics record ({line[:60]!r}): the "
+            f"file was damaged or edited. Delete {self.workdir} to train the run again, or use "
+            f"another --workdir.")
+      records.append(record)
     return records
 
   def truncate_metrics(self, after_step: int) -> None:

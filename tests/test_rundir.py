@@ -6,6 +6,7 @@ import copy
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -114,7 +115,7 @@ def no_space(*_args, **_kwargs):
 @pytest.mark.parametrize("write", ["log", "truncate_metrics", "write_results"])
 def test_a_full_disk_is_one_line_and_leaves_files_as_they_were(tmp_path, monkeypatch, write):
   run = RunDir(str(tmp_path))
-  run.log({"step": 1, "loss": 1.0})
+  run.log({"step": 1, "split": "train", "loss": 1.0})
   run.write_results({"seed": 0})
   before = {name: open(tmp_path / name, "rb").read() for name in os.listdir(tmp_path)}
   real_write = os.write
@@ -126,7 +127,7 @@ def test_a_full_disk_is_one_line_and_leaves_files_as_they_were(tmp_path, monkeyp
   monkeypatch.setattr(os, "write", half_then_full)
   monkeypatch.setattr(os, "fsync", no_space)  # The atomic rewrites fail at fsync.
   with pytest.raises(errors.WorkdirError) as info:
-    {"log": lambda: run.log({"step": 2, "loss": 0.5}),
+    {"log": lambda: run.log({"step": 2, "split": "train", "loss": 0.5}),
      "truncate_metrics": lambda: run.truncate_metrics(after_step=0),
      "write_results": lambda: run.write_results({"seed": 1})}[write]()
   path = run.results_digest_path if write == "write_results" else run.metrics_path
@@ -223,3 +224,25 @@ def test_a_run_saved_before_xla_cpu_vector_width_existed_resumes_when_given_its_
   keys = RunDir(str(tmp_path))._differing_keys(config)
   assert keys == ("xla_cpu_vector_width (the saved run predates it and ran with 256: "
                   "--config.xla_cpu_vector_width=256 resumes it)")
+
+
+def test_a_damaged_metrics_line_is_refused_but_a_line_cut_by_a_kill_is_skipped(tmp_path):
+  """A garbled line inside metrics.jsonl was skipped silently, so a learning curve and its steps
+  to target could lose an epoch unseen; only the last line, which a kill can cut short, may be
+  incomplete."""
+  run = RunDir(str(tmp_path))
+  for step in (10, 20, 30):
+    run.log({"step": step, "split": "train", "loss": 1.0 / step})
+  with open(run.metrics_path, "ab") as f:
+    f.write(b'{"step": 40, "split": "tr')  # A kill in the middle of an append.
+  assert [r["step"] for r in run.read_metrics()] == [10, 20, 30]
+  whole = open(run.metrics_path, "rb").read()
+  for damaged, line in ((whole.replace(b'{"loss": 0.05', b'{"loss": 0.0#', 1), 2),
+                        (whole.replace(b'{"loss": 0.1,', b'3\n{"loss": 0.1,', 1), 1)):
+    with open(run.metrics_path, "wb") as f:
+      f.write(damaged)
+    with pytest.raises(errors.CheckpointError,
+                       match=rf"{re.escape(run.metrics_path)} line {line} is not a metrics record "
+                             rf".*damaged or edited.*Delete {re.escape(str(tmp_path))} to train "
+                             r"the run again"):
+      run.read_metrics()
