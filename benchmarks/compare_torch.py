@@ -2,11 +2,9 @@
 
     python benchmarks/compare_torch.py --repeats=5 --steps=10 --out=/tmp/compare_torch.json
 
-Nets (BN before the activation, 10 classes, random inputs, SGD momentum 0.9 nesterov, weight
-decay 5e-4 on kernels only, as cnnlab's base config; the PyTorch twins are in torch_nets.py):
-  vgg_small  conv32-32-pool-64-64-pool-128-pool-GAP-dense, batch 128, 32x32x3
-  resnet20   He et al. 2016a's CIFAR ResNet-20 (zero-padding shortcuts), batch 128, 32x32x3
-  main       the main job's vgg_cnn stages (16,),(32,),(64,), batch 64, 28x28x1
+Nets (nets.py: vgg_small, resnet20 and the main job's net; BN before the activation, 10 classes,
+random inputs, SGD momentum 0.9 nesterov, weight decay 5e-4 on kernels only, as cnnlab's base
+config; the PyTorch twins are in torch_nets.py).
 Variants: cnnlab (per --dtypes; float32 at true float32 precision, cnnlab's default), torch
 eager NCHW, torch channels_last, torch channels_last under bfloat16 autocast (when --dtypes has
 bfloat16), torch.compile (channels_last; reported as failed where it does not work here). On a
@@ -49,13 +47,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 from absl import app, flags
 
 import torch_nets
-from cnnlab import cli, environment, models, optim, summary, train
+from cnnlab import cli, environment, models, summary
 from cnnlab.configs import base_config
+from nets import LEARNING_RATE, NETS, NUM_CLASSES, CnnlabRunner, cnnlab_config
 
 _NETS = flags.DEFINE_list("nets", ["vgg_small", "resnet20", "main"], "Nets to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds over all variants.", lower_bound=1)
@@ -75,14 +73,6 @@ _DRIFT = flags.DEFINE_float("drift_warning", 0.15, "Relative change of the drift
                             lower_bound=0)
 _OUT = flags.DEFINE_string("out", None, "Write all measurements as JSON here.")
 
-NETS = {
-    "vgg_small": dict(model=dict(name="vgg_cnn", stages=((32, 32), (64, 64), (128,))),
-                      batch=128, shape=(32, 32, 3)),
-    "resnet20": dict(model=dict(name="resnet20"), batch=128, shape=(32, 32, 3)),
-    "main": dict(model=dict(name="vgg_cnn", stages=((16,), (32,), (64,))), batch=64,
-                 shape=(28, 28, 1)),
-}
-NUM_CLASSES, LEARNING_RATE = 10, 0.01
 flags.register_validator("nets", lambda v: set(v) <= set(NETS),
                          f"takes a comma-separated list of {', '.join(NETS)}")
 flags.register_validator("dtypes", lambda v: set(v) <= {"float32", "bfloat16"},
@@ -113,44 +103,6 @@ def _other_cores(before, after) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # cnnlab side.
-
-def cnnlab_config(net: str, dtype: str):
-  config = base_config()
-  config.model.update(NETS[net]["model"])
-  config.model.bn_placement, config.model.dropout = "before_act", "none"
-  config.dtype, config.batch_size = dtype, NETS[net]["batch"]
-  return config
-
-
-class CnnlabRunner:
-  """cnnlab's `train.train_step` (jitted, state donated) and `train.eval_step` on fixed batches,
-  traced and run under float32 matmul/conv `precision` (cnnlab's `config.matmul_precision`)."""
-
-  def __init__(self, net: str, dtype: str, images: np.ndarray, labels: np.ndarray,
-               precision: str = "highest"):
-    self.precision = precision
-    config = cnnlab_config(net, dtype)
-    self.model = models.get_model(config.model, NUM_CLASSES, dtype=jnp.dtype(dtype))
-    tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(LEARNING_RATE))
-    self.state = train.create_train_state(self.model, tx, train.split_seed(0), images.shape[1:])
-    self.batch = {"image": jnp.asarray(images, jnp.dtype(dtype)), "label": jnp.asarray(labels)}
-    self.eval_batch = dict(self.batch, mask=jnp.ones(len(labels), jnp.float32))
-    self._train = jax.jit(functools.partial(train.train_step, aux_loss_weight=0.0),
-                          donate_argnums=0)
-    self._eval = jax.jit(train.eval_step)
-
-  def train(self, steps: int) -> None:
-    with jax.default_matmul_precision(self.precision):
-      for _ in range(steps):
-        self.state, metrics = self._train(self.state, self.batch)
-    jax.block_until_ready(metrics)
-
-  def eval(self, steps: int) -> None:
-    with jax.default_matmul_precision(self.precision):
-      for _ in range(steps):
-        metrics = self._eval(self.state, self.eval_batch)
-    jax.block_until_ready(metrics)
-
 
 # ----------------------------------------------------------------------------------------------
 # Measurement.
