@@ -1,5 +1,6 @@
 """benchmarks/zoo_determinism.py, the GPU determinism check, run here on the CPU: a model that
-trains gives a row with equal digests; a model that fails gives an error row, not a crash."""
+trains gives a row with equal digests; a model that fails gives an error row, not a crash.
+benchmarks/conv_kernels.py finds every convolution of a train step."""
 
 import json
 import os
@@ -63,3 +64,19 @@ def test_zoo_determinism_unwritable_out_is_one_line_after_the_table(tmp_path):
   lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and str(out) in lines[0], result.stderr[-2000:]
   assert not out.parent.exists()
+
+
+def test_conv_kernels_finds_every_convolution_of_the_train_step():
+  """The main job's net: its first layer (one input channel) is a sum of shifted views
+  (layers.tap_conv) whose backward pass keeps only lax's weight gradient; layers 2 and 3 are XLA
+  convolutions with a forward pass, an input gradient and a weight gradient: 7 in all."""
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "conv_kernels.py"), "--nets=main",
+       "--repeats=1", "--steps=1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-2000:]
+  table = result.stdout[result.stdout.index("| net |"):]
+  kinds = [line.split(" | ")[1] for line in table.splitlines()[2:] if not line.startswith("| **")]
+  assert sorted(kinds) == ["forward"] * 2 + ["input gradient"] * 2 + ["weight gradient"] * 3
+  assert "| main | weight gradient | 64x28x28x1 * 64x28x28x16 | 1 |" in table
+  assert "| **main** | **all convolutions** | 7 distinct |" in table
+  assert "| **main** | **whole train step** | batch 64 |" in table
