@@ -10,6 +10,25 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _start_jax_under_the_default_numerics() -> None:
+  """In-process tests, the PyTorch parity tests above all, run under the XLA flags and precision
+  a default config gives a training process (`environment.apply_numerics`), so CI checks the
+  numerics users run. XLA reads XLA_FLAGS once, when its backend starts; the variable is then
+  restored, so subprocess tests start from this shell's environment, as a user's command does."""
+  from cnnlab import configs, environment
+  environment.apply_numerics(configs.base_config())
+  import jax
+  jax.devices()
+  if SHELL_XLA_FLAGS is None:
+    os.environ.pop("XLA_FLAGS", None)
+  else:
+    os.environ["XLA_FLAGS"] = SHELL_XLA_FLAGS
+
+
+SHELL_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+_start_jax_under_the_default_numerics()
+
+
 def load_config(path: str, arg: str | None = None):
   """Calls `get_config(arg)` of an experiment file, as `--config=path[:arg]` would."""
   spec = importlib.util.spec_from_file_location("experiment_config", os.path.join(ROOT, path))

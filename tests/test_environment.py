@@ -7,6 +7,7 @@ import sys
 
 from cnnlab import environment, launchers
 from cnnlab.configs import base_config
+from conftest import SHELL_XLA_FLAGS
 
 _PROBE = """
 import os, jax
@@ -85,3 +86,45 @@ def test_vector_width_reaches_xla_and_users_own_width_is_kept(tmp_path):
   flags, options = _run(False, tmp_path, width=512, xla_flags="--xla_cpu_prefer_vector_width=128")
   assert "--xla_cpu_prefer_vector_width=512" not in flags
   assert "xla_cpu_prefer_vector_width: 128" in options
+
+
+_STEP_DIGEST = """
+import functools
+import jax, jax.numpy as jnp, numpy as np, optax
+from cnnlab import digests, environment, models, optim, train
+from cnnlab.configs import base_config
+
+
+def step_digest():
+  \"\"\"The params' digest after one train step of a small BN net on a fixed random batch.\"\"\"
+  config = base_config()
+  config.model.update(name="vgg_cnn", stages=((16,), (32,)), bn_placement="before_act")
+  model = models.get_model(config.model, 10)
+  tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(0.05))
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((32, 28, 28, 1)).astype(np.float32)
+  state = train.create_train_state(model, tx, train.split_seed(0), images.shape[1:])
+  batch = {"image": jnp.asarray(images), "label": jnp.asarray(rng.integers(0, 10, 32))}
+  state, _ = jax.jit(functools.partial(train.train_step, aux_loss_weight=0.0))(state, batch)
+  return digests.tree_sha256(state.params)["sha256"]
+"""
+
+
+def test_in_process_tests_run_under_the_default_numerics():
+  """conftest starts this process's JAX under the XLA flags a default config gives a training
+  process, so the in-process parity tests check the numerics users run. One BN train step's bits
+  here equal a fresh process's under `apply_numerics` and differ from one under XLA's defaults
+  (XLA's or YNNPACK's convolution kernels), and XLA_FLAGS is left as this shell had it."""
+  namespace = {}
+  exec(_STEP_DIGEST, namespace)
+  digests = {}
+  for numerics in ("default config", "XLA defaults"):
+    apply = "environment.apply_numerics(base_config())" if numerics == "default config" else ""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", f"{_STEP_DIGEST}\n{apply}\nprint(step_digest())"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    digests[numerics] = proc.stdout.split()[-1]
+  assert digests["default config"] != digests["XLA defaults"]  # The check can tell them apart.
+  assert namespace["step_digest"]() == digests["default config"]
+  assert os.environ.get("XLA_FLAGS") == SHELL_XLA_FLAGS
