@@ -86,11 +86,23 @@ def _job_outcome(job, exception: Exception) -> str:
   return f"did not finish (state {job.state})"
 
 
-# A worker is pinned to its core by a fresh, single-threaded interpreter that then execs it (the
-# mask is inherited). Pinning in a preexec_fn runs Python between fork and exec in the sweep's
-# process, whose JAX threads make that unsafe (Python's docs: it can deadlock; JAX warns).
-_PIN_AND_EXEC = ("import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); "
-                 "os.execvp(sys.argv[2], sys.argv[2:])")
+# A worker is started by a fresh, single-threaded interpreter that pins it to its core, asks
+# Linux to send it SIGTERM when the sweep's process dies (PR_SET_PDEATHSIG: a `kill -9` of the
+# sweep then stops its workers at a checkpoint instead of leaving them training unseen), and
+# execs it; both settings survive the exec. Doing this in a preexec_fn would run Python between
+# fork and exec in the sweep's process, whose JAX threads make that unsafe (Python's docs: it can
+# deadlock; JAX warns). argv: cpu, the sweep's pid, the worker's command.
+_PIN_AND_EXEC = """
+import ctypes, os, signal, sys
+os.sched_setaffinity(0, {int(sys.argv[1])})
+try:
+  ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux only).
+except (AttributeError, OSError):
+  pass
+if os.getppid() != int(sys.argv[2]):  # The sweep died before prctl took effect.
+  sys.exit(1)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
 
 
 def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None] | None = None,
@@ -102,7 +114,8 @@ def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None
   SIGTERM/SIGINT (Ctrl-C) to this process reach each worker as one SIGTERM, on which it saves
   a checkpoint and exits; then this raises `Interrupted` (one line). The workers run in their
   own session, so a terminal's Ctrl-C reaches them only this way: a second signal to a worker
-  would stop it before its checkpoint is written."""
+  would stop it before its checkpoint is written. If this process is killed outright (kill -9),
+  Linux sends each worker SIGTERM (`_PIN_AND_EXEC`)."""
   command = list(command or [sys.executable, "-m", "cnnlab.sweep", workdir])
   log_dir = os.path.join(workdir, "logs")
   os.makedirs(log_dir, exist_ok=True)
@@ -118,8 +131,8 @@ def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None
         logs.append(os.path.join(log_dir, f"worker_{i}.log"))
         with open(logs[-1], "wb") as log:  # The child keeps its own descriptor.
           procs.append(subprocess.Popen(
-              [sys.executable, "-c", _PIN_AND_EXEC, str(cpu), *command], env=env,
-              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+              [sys.executable, "-c", _PIN_AND_EXEC, str(cpu), str(os.getpid()), *command],
+              env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
               start_new_session=True))
       forwarded = False
       while any(p.poll() is None for p in procs):
