@@ -83,6 +83,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
               "checkpoint_every_steps", "checkpoints_to_keep"):
     _number(key, config[key], low=1, integer=True)
+  height, width, channels = data.image_shape(config.dataset)
+  # One padded evaluation batch is held as float32 three times: normalised, padded, on device.
+  data.subsets.require_memory(
+      f"eval_batch_size={config.eval_batch_size}",
+      3 * 4 * config.eval_batch_size * height * width * channels,
+      f"for one evaluation batch of {height}x{width}x{channels} images")
   ckpt, log = config.checkpoint_every_steps, config.log_every_steps
   if ckpt % log:
     lower = max(ckpt // log * log, log)

@@ -147,6 +147,9 @@ _SUMMARY = ("--config=experiments/default.py", "--mode=summary")
      ("--config.dataset.train_per_class=nan", "takes an integer")),
     ((*_TRAIN, "--config.dataset.train_per_class=5", "--config.dataset.subset_seed=-1"),
      ("subset_seed=-1", "out of range; allowed: [0, 9223372036854775807]")),
+    # Each padded eval batch is allocated whole: numpy raised ArrayMemoryError (2.85 TiB).
+    ((*_TRAIN, "--config.eval_batch_size=1000000000"),
+     ("config.eval_batch_size=1000000000 needs", "GiB of memory is available")),
     ((*_TRAIN, "--progress=maybe"), ("--progress=maybe", "true or false")),
     ((*_TRAIN, "--input_shape=8,8,1"), ("--input_shape", "--mode=summary only")),
     ((*_SUMMARY, "--input_shape=0,0,3"), ("input_shape=(0, 0, 3)", "3 positive integers")),
@@ -159,7 +162,7 @@ _SUMMARY = ("--config=experiments/default.py", "--mode=summary")
         "matmul_precision", "ynn_convolutions", "vector_width", "workdir_is_file",
         "fractional_seed", "negative_seed", "nan_momentum",
         "checkpoint_not_multiple", "int_flag_type", "placeholder_int_type", "negative_subset_seed",
-        "bool_flag_type", "input_shape_in_train",
+        "huge_eval_batch", "bool_flag_type", "input_shape_in_train",
         "zero_input_shape", "non_int_input_shape", "zero_num_classes", "workers_override"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragments):
   tmp = _bad_config_files(tmp_path)

@@ -242,6 +242,13 @@ def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
   return tuple(BUILDERS[name].IMAGE_SHAPE), BUILDERS[name].NUM_CLASSES
 
 
+def image_shape(data_config) -> tuple[int, int, int]:
+  """(H, W, C) of the dataset's images after `resize`, known without reading the data."""
+  stored = BUILDERS[data_config.name].IMAGE_SHAPE
+  size = data_config.get("resize")
+  return stored if size is None else (*subsets.check_size(size), stored[2])
+
+
 def dataset_info(data_config) -> DatasetInfo:
   """Shape and size facts of a dataset (prepares it on first use)."""
   train, test = load_split(data_config, "train"), load_split(data_config, "test")

@@ -31,13 +31,11 @@ def resize(images: np.ndarray, size) -> np.ndarray:
   if images.shape[1:3] == (h, w):
     return images
   n, height, width, channels = images.shape
-  # float32 buffers XLA holds at once: the input, the image resized along H, the output.
-  need = 4 * n * channels * (height * width + h * width + h * w) + n * h * w * channels
-  free = available_memory()
-  if free is not None and need > free:  # XLA would abort the process, not raise.
-    raise ConfigError(f"config.dataset.resize={size!r} needs {_bytes(need)} to resize the {n} "
-                      f"images of the split; {_bytes(free)} of memory is available. Use a "
-                      f"smaller size.")
+  # float32 buffers XLA holds at once: the input, the image resized along H, the output. Too
+  # large, XLA aborts the process (a CHECK failure), so it is refused first.
+  require_memory(f"dataset.resize={size!r}",
+                 4 * n * channels * (height * width + h * width + h * w) + n * h * w * channels,
+                 f"to resize the {n} images of the split")
   out = jax.image.resize(images.astype(np.float32), (len(images), h, w, images.shape[3]),
                          method="linear", antialias=True)
   return np.clip(np.rint(np.asarray(out)), 0, 255).astype(np.uint8)
@@ -53,6 +51,15 @@ def available_memory() -> int | None:
   except (OSError, ValueError, IndexError):
     pass
   return None
+
+
+def require_memory(setting: str, need: int, purpose: str) -> None:
+  """ConfigError naming `config.<setting>` when `need` bytes exceed the available memory (an
+  allocation that large ends in a traceback or an abort, not an error line)."""
+  free = available_memory()
+  if free is not None and need > free:
+    raise ConfigError(f"config.{setting} needs {_bytes(need)} {purpose}; {_bytes(free)} of "
+                      f"memory is available. Use a smaller size.")
 
 
 def _bytes(count: int) -> str:
