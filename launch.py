@@ -107,6 +107,11 @@ def main(argv):
         command=" ".join(sys.argv), progress=_PROGRESS.value)
   except errors.CnnlabError as e:
     _fail(str(e), getattr(e, "exit_code", 2))
+  except Exception as e:  # XLA out of memory is the user's to act on; anything else may be a bug.
+    known = errors.from_runtime_error(e)
+    if known is None:
+      raise
+    _fail(str(known))
   print(f"wrote {written}")
 
 

@@ -6,6 +6,7 @@ and the process exits non-zero. The message must name the offending value and wh
 
 import errno
 import os
+import re
 
 
 class CnnlabError(Exception):
@@ -49,3 +50,25 @@ class WorkdirError(CnnlabError):
       fix = f"fix {path} or use another --workdir"
     resume = f" to resume from step {resume_step}" if resume_step is not None else ""
     return cls(f"cannot write {path} ({reason}); {fix}; then rerun the same command{resume}.")
+
+
+class OutOfMemoryError(CnnlabError):
+  """XLA could not allocate what a computation needs (a model, batch or image too large)."""
+
+
+def from_runtime_error(error: Exception) -> CnnlabError | None:
+  """The one-line error for XLA running out of memory (JAX's JaxRuntimeError "Out of memory
+  allocating N bytes" or RESOURCE_EXHAUSTED), or None for any other error, which keeps its
+  traceback (it may be a bug)."""
+  text = str(error)
+  if type(error).__name__ != "JaxRuntimeError" or not (
+      "Out of memory" in text or "RESOURCE_EXHAUSTED" in text):
+    return None
+  detail = text.splitlines()[0].split("Error dispatching computation: ")[-1].removeprefix(
+      "INTERNAL: ").rstrip(".")
+  allocating = re.search(r"allocating (\d+) bytes", detail)
+  if allocating:
+    detail += f" = {int(allocating.group(1)) / 2**30:.1f} GiB"
+  return OutOfMemoryError(f"XLA ran out of memory ({detail}); use a smaller model, batch size or "
+                          f"image size. What the workdir holds is kept: once it fits, the same "
+                          f"command resumes.")

@@ -34,8 +34,8 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from cnnlab import (collect, configs, environment, launchers, pretrain, rundir, seeds as seeds_lib,
-                    train, transfer)
+from cnnlab import (collect, configs, environment, errors, launchers, pretrain, rundir,
+                    seeds as seeds_lib, train, transfer)
 from cnnlab.locks import CellLock
 from cnnlab.errors import CnnlabError, ConfigError, TrainingDivergedError
 from cnnlab.validation import check_key, validate_config, validate_sweep
@@ -335,9 +335,12 @@ def worker_main(workdir: str) -> None:
   try:
     work(config, workdir, overrides=saved["overrides"], command=saved["command"],
          progress=False)
-  except CnnlabError as e:  # The one line the launcher quotes from this worker's log.
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(getattr(e, "exit_code", 2))
+  except Exception as e:  # The one line the launcher quotes from this worker's log.
+    known = e if isinstance(e, CnnlabError) else errors.from_runtime_error(e)
+    if known is None:
+      raise
+    print(f"error: {known}", file=sys.stderr, flush=True)
+    sys.exit(getattr(known, "exit_code", 2))
 
 
 if __name__ == "__main__":

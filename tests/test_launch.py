@@ -2,11 +2,13 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from cnnlab import environment, errors, rundir, train
-from conftest import run_launch
+from conftest import ROOT, run_launch
 
 
 def _assert_clean_failure(proc, *fragments):
@@ -173,3 +175,30 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragmen
   _assert_clean_failure(proc, *fragments)
   # Nothing written: no workdir, no prepared dataset.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["no_get_config.py", "syntax.py"]
+
+
+OUT_OF_MEMORY = """
+import runpy, sys
+import jax
+from cnnlab import sweep
+
+
+def out_of_memory(*args, **kwargs):  # What XLA:CPU raised for --config.model.stages="((100000,),)".
+  raise jax.errors.JaxRuntimeError("INTERNAL: Error dispatching computation: Error dispatching "
+                                   "computation: Out of memory allocating 40150400848 bytes.")
+
+
+sweep.run = out_of_memory
+sys.argv = ["launch.py", "--config=experiments/default.py", f"--workdir={sys.argv[1]}"]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def test_xla_out_of_memory_is_one_line(tmp_path):
+  """A model whose step does not fit in memory ended in JAX's traceback (JaxRuntimeError)."""
+  proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, str(tmp_path / "run")], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  _assert_clean_failure(proc, "error: XLA ran out of memory (Out of memory allocating "
+                        "40150400848 bytes = 37.4 GiB); use a smaller model, batch size or image "
+                        "size. What the workdir holds is kept: once it fits, the same command "
+                        "resumes.")
