@@ -105,13 +105,11 @@ def main(argv):
     written = sweep.run(
         _CONFIG.value, workdir, overrides=[f"{k}={v!r}" for k, v in sorted(overrides.items())],
         command=" ".join(sys.argv), progress=_PROGRESS.value)
-  except errors.CnnlabError as e:
-    _fail(str(e), getattr(e, "exit_code", 2))
-  except Exception as e:  # XLA out of memory is the user's to act on; anything else may be a bug.
-    known = errors.from_runtime_error(e)
+  except Exception as e:  # One line for what the user can act on; anything else may be a bug.
+    known = errors.user_error(e)
     if known is None:
       raise
-    _fail(str(known))
+    _fail(str(known), getattr(known, "exit_code", 2))
   print(f"wrote {written}")
 
 

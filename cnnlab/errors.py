@@ -56,10 +56,13 @@ class OutOfMemoryError(CnnlabError):
   """XLA could not allocate what a computation needs (a model, batch or image too large)."""
 
 
-def from_runtime_error(error: Exception) -> CnnlabError | None:
-  """The one-line error for XLA running out of memory (JAX's JaxRuntimeError "Out of memory
-  allocating N bytes" or RESOURCE_EXHAUSTED), or None for any other error, which keeps its
-  traceback (it may be a bug)."""
+def user_error(error: Exception) -> CnnlabError | None:
+  """`error` as the one-line error a user can act on: itself if it is a CnnlabError, an
+  OutOfMemoryError if XLA ran out of memory (JAX's JaxRuntimeError "Out of memory allocating N
+  bytes" or RESOURCE_EXHAUSTED); None for anything else, which keeps its traceback (it may be a
+  bug)."""
+  if isinstance(error, CnnlabError):
+    return error
   text = str(error)
   if type(error).__name__ != "JaxRuntimeError" or not (
       "Out of memory" in text or "RESOURCE_EXHAUSTED" in text):

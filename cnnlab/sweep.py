@@ -37,7 +37,7 @@ from ml_collections import config_dict
 from cnnlab import (collect, configs, environment, errors, launchers, pretrain, rundir,
                     seeds as seeds_lib, train, transfer)
 from cnnlab.locks import CellLock
-from cnnlab.errors import CnnlabError, ConfigError, TrainingDivergedError
+from cnnlab.errors import ConfigError, TrainingDivergedError
 from cnnlab.validation import check_key, validate_config, validate_sweep
 
 VMAP_CHOICES = ("auto", "on", "off")
@@ -336,7 +336,7 @@ def worker_main(workdir: str) -> None:
     work(config, workdir, overrides=saved["overrides"], command=saved["command"],
          progress=False)
   except Exception as e:  # The one line the launcher quotes from this worker's log.
-    known = e if isinstance(e, CnnlabError) else errors.from_runtime_error(e)
+    known = errors.user_error(e)
     if known is None:
       raise
     print(f"error: {known}", file=sys.stderr, flush=True)

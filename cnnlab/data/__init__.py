@@ -244,7 +244,7 @@ def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
 
 def image_shape(data_config) -> tuple[int, int, int]:
   """(H, W, C) of the dataset's images after `resize`, known without reading the data."""
-  stored = BUILDERS[data_config.name].IMAGE_SHAPE
+  stored, _ = dataset_shape(data_config.name)
   size = data_config.get("resize")
   return stored if size is None else (*subsets.check_size(size), stored[2])
 
