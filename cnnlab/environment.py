@@ -85,6 +85,47 @@ PROCESS_WIDE_FIELDS = ("deterministic", "matmul_precision", "xla_cpu_ynn_convolu
                        "xla_cpu_vector_width")
 
 
+# XLA:CPU's PjRt client runs every device's part of a program on one thread pool, sized from
+# PJRT_NPROC (else NPROC, else the cores) when the backend starts. Over forced host devices each
+# device's launch holds a pool thread until its part is done (blocked on its completion, or in a
+# collective until every device joins), and the launch of the next program holds another while it
+# waits for the device: with fewer than two threads a device, the device whose part has no thread
+# never joins the collective and XLA aborts after 40 s (`rendezvous.cc ... Termination timeout`).
+# Measured on 2 cores with 4 devices, whole default runs: 2 threads (XLA's default) aborted in
+# 2 of 3, 6 in 8 of 8, 8 in 0 of 8. cnnlab gives the pool two threads a device plus the cores.
+THREAD_POOL_ENV = ("PJRT_NPROC", "NPROC")
+
+
+def forced_cpu_device_count() -> int:
+  """The CPU devices this process asks XLA for (`--xla_force_host_platform_device_count` in
+  XLA_FLAGS, or jax's `jax_num_cpu_devices`); 1 when it asks for none."""
+  counts = [int(f.split("=", 1)[1]) for f in os.environ.get("XLA_FLAGS", "").split()
+            if f.startswith("--xla_force_host_platform_device_count=")
+            and f.split("=", 1)[1].isdigit()]
+  counts.append(int(jax.config.jax_num_cpu_devices))
+  return max(1, *counts)
+
+
+def cpu_thread_pool_size(devices: int, cores: int) -> int:
+  """Threads XLA:CPU's pool needs so that `devices` forced devices never starve it."""
+  return cores + 2 * devices if devices > 1 else cores
+
+
+def apply_cpu_thread_pool() -> None:
+  """Sets PJRT_NPROC to `cpu_thread_pool_size` when this process runs several CPU devices and
+  neither PJRT_NPROC nor NPROC is set (a user's value is kept). Like the XLA flags it must be set
+  before JAX starts its backend, and what the pool had is recorded (`threads`)."""
+  devices = forced_cpu_device_count()
+  if devices <= 1 or any(os.environ.get(name, "").strip().isdigit() for name in THREAD_POOL_ENV):
+    return
+  if xla_bridge.backends_are_initialized():
+    logging.warning("XLA has started with a thread pool of %d for %d CPU devices; set "
+                    "PJRT_NPROC=%d before JAX starts, or runs may abort in a collective.",
+                    thread_count(), devices, cpu_thread_pool_size(devices, _cores()))
+    return
+  os.environ["PJRT_NPROC"] = str(cpu_thread_pool_size(devices, _cores()))
+
+
 def apply_numerics(config) -> None:
   """Sets the process-wide numerics `config` asks for: `deterministic` (`apply_determinism`),
   `xla_cpu_ynn_convolutions` and `xla_cpu_vector_width` (XLA's defaults, True and 256, for
@@ -93,6 +134,7 @@ def apply_numerics(config) -> None:
   Measured on an H100: with `default`, a vmapped cell and its seeds run one by one drifted apart
   by 2 test examples within 88 steps; with `highest` they agreed to 1e-4, as on the CPU."""
   apply_determinism(config.deterministic)
+  apply_cpu_thread_pool()
   apply_xla_cpu_ynn_convolutions(numerics_setting(config, "xla_cpu_ynn_convolutions"))
   apply_xla_cpu_vector_width(numerics_setting(config, "xla_cpu_vector_width"))
   jax.config.update("jax_default_matmul_precision", config.matmul_precision)
@@ -169,12 +211,22 @@ def enable_compilation_cache(directory: str | None = None) -> str:
   return directory
 
 
-def thread_count() -> int:
-  """CPU threads this process may run on (XLA's CPU thread pool sizes itself from this)."""
+def _cores() -> int:
+  """CPU cores this process may run on."""
   try:
     return len(os.sched_getaffinity(0))
   except AttributeError:
     return os.cpu_count() or 1
+
+
+def thread_count() -> int:
+  """Threads of XLA's CPU thread pool: PJRT_NPROC or NPROC where set (as XLA reads them), else
+  the cores this process may run on."""
+  for name in THREAD_POOL_ENV:
+    value = os.environ.get(name, "")
+    if value.strip().isdigit():
+      return int(value)
+  return _cores()
 
 
 def describe(dtype: str) -> dict:

@@ -1,6 +1,7 @@
 """Process-wide numerics: XLA flags set before JAX starts, applied by XLA, recorded as set."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -128,3 +129,41 @@ def test_in_process_tests_run_under_the_default_numerics():
   assert digests["default config"] != digests["XLA defaults"]  # The check can tell them apart.
   assert namespace["step_digest"]() == digests["default config"]
   assert os.environ.get("XLA_FLAGS") == SHELL_XLA_FLAGS
+
+
+_POOL_PROBE = """
+import collections, json, os, jax
+from cnnlab import environment
+from cnnlab.configs import base_config
+environment.apply_numerics(base_config())
+jax.jit(lambda x: x + 1)(jax.numpy.ones(3)).block_until_ready()
+names = collections.Counter(open(f"/proc/self/task/{t}/comm").read().strip()
+                            for t in os.listdir("/proc/self/task"))
+print(json.dumps({"pool": names["tf_XLAEigen"], "recorded": environment.describe("float32")["threads"],
+                  "cores": len(os.sched_getaffinity(0))}))
+"""
+
+
+def _pool(devices: int, **env) -> dict:
+  """XLA:CPU's thread pool (its threads, counted by name) in a fresh process over `devices`
+  forced CPU devices after apply_numerics, and what a run records."""
+  env = {k: v for k, v in dict(os.environ, **env).items() if v is not None}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  proc = subprocess.run([sys.executable, "-c", _POOL_PROBE], capture_output=True, text=True,
+                        env=env, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_forced_devices_get_two_pool_threads_each_plus_the_cores():
+  """XLA's default pool (one thread per core or device) starves a collective: each device's
+  launch holds a thread, and the next launch another; 4 devices on 2 cores aborted in most whole
+  runs (`rendezvous.cc ... Termination timeout`)."""
+  got = _pool(4, PJRT_NPROC=None, NPROC=None)
+  assert got["pool"] == got["recorded"] == got["cores"] + 2 * 4
+  assert environment.cpu_thread_pool_size(1, 2) == 2  # One device: XLA's default, bits unchanged.
+
+
+def test_a_users_thread_pool_size_is_kept():
+  got = _pool(4, PJRT_NPROC="5", NPROC=None)
+  assert got["pool"] == got["recorded"] == 5
