@@ -14,7 +14,9 @@ fields) and the FLOPs of one training step, without reading data or training.
 Errors in the user's config, data or workdir print one line and exit with status 2.
 """
 
+import os
 import sys
+import traceback
 from typing import NoReturn
 
 import ml_collections
@@ -44,6 +46,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process
 def _fail(message: str, status: int = 2) -> NoReturn:
   """The one way launch.py reports a problem in the user's input: one line, exit status 2
   (130 for an interrupted run, which saved a checkpoint)."""
+  hosts = sys.modules.get("cnnlab.hosts")
+  if hosts is not None and hosts.attempted():  # Every process of the run ends, in one line.
+    hosts.fail(message, status)
   print(f"error: {message}", file=sys.stderr)
   sys.exit(status)
 
@@ -75,12 +80,22 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
   logging.set_verbosity(logging.WARNING)  # JAX/orbax INFO lines would bury the progress bar.
+  from cnnlab import supervisor  # No JAX: the parent of a multi-process run's process stays light.
+  hosts_flags = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if (_MODE.value == "train" and supervisor.requested(*hosts_flags)
+      and not supervisor.is_child()):
+    try:
+      supervisor.check_arguments(*hosts_flags)
+    except ValueError as e:  # A ConfigError: flags the user can fix.
+      _fail(str(e))
+    sys.exit(supervisor.run(sys.argv, _PROCESS_ID.value
+                            if _PROCESS_ID.value is not None else os.environ.get("SLURM_PROCID")))
   if _MODE.value == "visualize":
     return _visualize()
   if _CONFIG.value is None:
     _fail("--config is required (all modes but --mode=visualize), e.g. "
           "--config=experiments/default.py.")
-  from cnnlab import environment, errors, mesh, rundir, summary, sweep, validation
+  from cnnlab import environment, errors, hosts, rundir, summary, sweep, validation
   if _MODE.value != "summary":
     for flag in (_INPUT_SHAPE, _NUM_CLASSES):
       if flag.present:
@@ -101,14 +116,18 @@ def main(argv):
     # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
     environment.apply_numerics(_CONFIG.value)
     environment.enable_compilation_cache()
-    mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     written = sweep.run(
         _CONFIG.value, workdir, overrides=[f"{k}={v!r}" for k, v in sorted(overrides.items())],
         command=" ".join(sys.argv), progress=_PROGRESS.value)
+    hosts.finish()
   except Exception as e:  # One line for what the user can act on; anything else may be a bug.
     known = errors.user_error(e)
     if known is None:
-      raise
+      if not hosts.attempted():
+        raise
+      traceback.print_exc()  # A bug; the other processes are told in one line.
+      _fail(f"{type(e).__name__} (a bug in cnnlab? traceback above)")
     _fail(str(known), getattr(known, "exit_code", 2))
   print(f"wrote {written}")
 

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from cnnlab import data as data_lib
-from cnnlab import environment, rundir, summary, train, transfer
+from cnnlab import environment, hosts, rundir, summary, train, transfer
 from cnnlab import mesh as mesh_lib
 from cnnlab.checkpoint import Checkpointer
 from cnnlab.errors import Interrupted
@@ -256,6 +256,7 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
 
   step_flops = _step_flops(train_fn, state, placement, runs)
   bar = rundir.progress_bar(total_steps, first_step, enabled=progress, desc=config.name)
+  single_process = jax.process_count() == 1
   with interrupt_guard() as interrupt:
     for step in range(first_step, total_steps):
       state, metrics = train_fn(state, placement.batch([next(run.train_iter) for run in runs]))
@@ -264,11 +265,13 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
       done = step + 1
       bar.update(1)
       end_of_epoch = done % steps_per_epoch == 0
-      if interrupt["signal"] and (done % log_every and not end_of_epoch):
+      # One process stops at once; the processes of a multi-process run agree at log points.
+      if interrupt["signal"] and single_process and (done % log_every and not end_of_epoch):
         save_all(done, state, (placement.split(mesh_lib.to_host(sums)), count))
         _interrupted(runs, interrupt["signal"], done, bar)
       if done % log_every and not end_of_epoch:
         continue
+      stop = hosts.agree_to_stop(interrupt["signal"])
       means = placement.split(mesh_lib.to_host(sums))  # The only host sync: at log points.
       sums, count_now, count = None, count, 0
       epoch, lr = done / steps_per_epoch, float(learning_rate(step))
@@ -294,10 +297,10 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
         postfix[f"{curve_split[:3]}_acc"] = (
             f"{np.mean([held_out[i]['accuracy'] for i in alive]):.4f}")
       bar.set_postfix(postfix)
-      if done % ckpt_every == 0 or done == total_steps or interrupt["signal"]:
+      if done % ckpt_every == 0 or done == total_steps or stop:
         save_all(done, state)
-      if interrupt["signal"]:
-        _interrupted(runs, interrupt["signal"], done, bar)
+      if stop:
+        _interrupted(runs, stop, done, bar)
   bar.close()
   return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, info,
                  step_flops)

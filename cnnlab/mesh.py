@@ -19,7 +19,6 @@ own share of every global batch (`global_batch` builds the global array from pro
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
@@ -30,30 +29,6 @@ from cnnlab import digests
 from cnnlab.errors import ConfigError
 
 AXES = ("seed", "data")
-
-
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-  """Joins this process to a multi-process JAX program (`jax.distributed.initialize`'s arguments).
-
-  With none given: a single process, unless this is one task of a multi-task SLURM step (srun
-  with several tasks), where JAX's own cluster detection fills them in. On CPU the collectives run
-  over gloo. Must run before the first JAX computation.
-  """
-  given = (coordinator_address, num_processes, process_id)
-  slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-  if all(v is None for v in given) and not (os.environ.get("SLURM_JOB_ID") and slurm_tasks > 1):
-    return
-  if any(v is None for v in given) and not all(v is None for v in given):
-    raise ConfigError(
-        "--coordinator_address, --num_processes and --process_id go together (got "
-        f"{coordinator_address!r}, {num_processes!r}, {process_id!r}); give all three, or none "
-        "for a single process (or under SLURM).")
-  if num_processes is not None and (num_processes < 1 or not 0 <= process_id < num_processes):
-    raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def make_mesh(num_seeds: int = 1, devices=None) -> Mesh:
