@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import re
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 STATE_DIGEST_KEY = "state_sha256"     # in the progress record: digests.tree_sha256(state)
 RECORD_DIGEST_KEY = "record_sha256"   # in the progress record: json_sha256 of the rest of it
 CORRUPT_SUFFIX = ".corrupt"
+# Where orbax's JsonSave puts a checkpoint's progress record: <step>/progress/metadata.
+PROGRESS_FILE = ("progress", "metadata")
 
 
 class Checkpointer:
@@ -130,19 +133,6 @@ class Checkpointer:
         f"no checkpoint in {self.directory} can be restored (steps {steps}; newest: "
         f"{failed[0][1]}). They are corrupt or were written by a different model; delete "
         f"{self.directory} to start over, or use a fresh --workdir.")
-
-  def newest_progress(self) -> tuple[int, dict] | None:
-    """(step, progress record) of the newest checkpoint whose record is readable and intact,
-    without reading its arrays; None if there is none."""
-    for step in reversed(self.all_steps()):
-      try:
-        with _quiet_orbax():
-          restored = self._manager.restore(
-              step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
-        return step, _verified_record(restored["progress"])
-      except Exception:  # Unreadable or garbled: look at the one before.  # noqa: BLE001
-        continue
-    return None
 
   def close(self) -> None:
     self._manager.wait_until_finished()
@@ -275,6 +265,21 @@ def _quiet_orbax():
     sys.unraisablehook = report_unraisable
     for each in loggers:
       each.removeFilter(_not_from_orbax)
+
+
+def newest_progress(directory: str) -> tuple[int, dict] | None:
+  """(step, progress record) of the newest checkpoint in `directory` whose record is readable and
+  intact, read straight from its JSON file, without reading its arrays; None if there is none.
+
+  No orbax manager is opened: constructing one is a barrier of every process of a multi-process
+  run, so a check that one process makes alone (RunDir.claim's) must not open one."""
+  for step in reversed(saved_steps(directory)):
+    try:
+      with open(os.path.join(directory, str(step), *PROGRESS_FILE), "rb") as f:
+        return step, _verified_record(json.loads(f.read()))
+    except (OSError, ValueError, _Unusable):  # Unreadable or garbled: look at the one before.
+      continue
+  return None
 
 
 def saved_steps(directory: str) -> list[int]:

@@ -194,13 +194,7 @@ class RunDir:
     owners = []
     if isinstance(previous, dict):
       owners.append(("config.json", previous.get("fingerprint")))
-    newest = None
-    if checkpoint.saved_steps(self.checkpoint_dir):
-      checkpointer = checkpoint.Checkpointer(self.checkpoint_dir, read_only=True)
-      try:
-        newest = checkpointer.newest_progress()
-      finally:
-        checkpointer.close()
+    newest = checkpoint.newest_progress(self.checkpoint_dir)  # Opens no (collective) manager.
     if newest is not None:
       owners.append((f"checkpoint {newest[0]}", newest[1].get("config_fingerprint")))
     for source, saved in owners:

@@ -87,6 +87,15 @@ def test_garbled_progress_record_is_refused(tmp_path):
     ckpt.restore(1, small_state(0))
 
 
+def test_newest_progress_reads_the_newest_intact_record_from_its_file(tmp_path):
+  ckpt = saved(tmp_path)
+  assert checkpoint.newest_progress(ckpt.directory)[0] == 2
+  record = os.path.join(ckpt.directory, "2", *checkpoint.PROGRESS_FILE)
+  open(record, "w").write(open(record).read().replace('"epoch": 2', '"epoch": 7'))
+  step, progress = checkpoint.newest_progress(ckpt.directory)
+  assert step == 1 and progress["data_iterator"] == {"epoch": 1}
+
+
 def test_every_checkpoint_garbage_is_one_error_and_orbax_logs_nothing(tmp_path, caplog):
   directory = saved(tmp_path).directory
   for root, _, files in os.walk(directory):
