@@ -47,15 +47,22 @@ PROGRESS_FILE = ("progress", "metadata")
 class Checkpointer:
   """Saves and restores training checkpoints under `directory` (usually `<workdir>/checkpoints`).
 
-  With `read_only` nothing is created, cleaned or written (for inspecting a workdir)."""
+  With `read_only` nothing is created, cleaned, set aside or written: a reader (visualize, a
+  transfer source) may open the directory of a run that is still training, whose in-flight
+  `*.orbax-checkpoint-tmp` saves a writable manager would delete."""
 
   def __init__(self, directory: str, keep: int = 2, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     with _writing(self.directory, self.directory):
-      options = ocp.CheckpointManagerOptions(
-          preservation_policy=checkpoint_managers.LatestN(max(1, keep)),
-          enable_async_checkpointing=False, create=not read_only, read_only=read_only)
-      if not read_only:
+      if read_only:  # Reads no step's metadata up front: a writer may prune that step meanwhile.
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=False, create=False, read_only=True,
+            lightweight_initialize=True)
+      else:
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=checkpoint_managers.LatestN(max(1, keep)),
+            enable_async_checkpointing=False)
         _remove_incomplete(self.directory)
       self._manager = ocp.CheckpointManager(
           self.directory, options=options, item_names=("state", "progress"))
@@ -103,6 +110,34 @@ class Checkpointer:
           f"different model; delete {path} to resume from an earlier checkpoint, or use a "
           f"fresh --workdir.") from None
 
+  def read(self, abstract_state: dict[str, Any], step: int | None = None
+           ) -> tuple[int, dict[str, Any], dict]:
+    """(step, state, progress) of checkpoint `step`, or of the newest one when None, for a reader
+    of a directory that a training run may still be writing: a checkpoint that the writer prunes
+    (it keeps its newest few) while it is read is not called corrupt; the newest is read again.
+
+    Raises:
+      CheckpointError: there is no checkpoint, checkpoint `step` is gone, or it is unreadable or
+        fails its digests.
+    """
+    while True:
+      chosen = max(saved_steps(self.directory), default=None) if step is None else step
+      if chosen is None:
+        raise CheckpointError(f"{self.directory} holds no checkpoint.")
+      try:
+        return chosen, *self.restore(chosen, abstract_state)
+      except CheckpointError:
+        gone = not os.path.isdir(self._step_path(chosen))
+        newer = max(saved_steps(self.directory), default=chosen) > chosen
+        if step is None and (gone or newer):  # Pruned under us by the run that writes here.
+          continue
+        if gone:
+          raise CheckpointError(
+              f"checkpoint {self._step_path(chosen)} was deleted while it was read (the run "
+              f"writing {self.directory} keeps only its newest checkpoints); it now holds steps "
+              f"{', '.join(map(str, saved_steps(self.directory))) or 'none'}.") from None
+        raise
+
   def restore_latest(self, abstract_state: dict[str, Any]
                      ) -> tuple[int, dict[str, Any], dict] | None:
     """Restores the newest checkpoint that passes its digests: (step, state, progress), or None
@@ -149,6 +184,8 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...).
       message = str(e).strip()
+      with _quiet_orbax():
+        _release(e)
       raise _Unusable(f"{type(e).__name__}: {message.splitlines()[0][:300]}" if message
                       else type(e).__name__) from None
     progress = _verified_record(restored["progress"])
@@ -161,6 +198,10 @@ class Checkpointer:
 
   def _set_aside(self, steps: list[int]) -> list[str]:
     """Renames checkpoints `steps` to `<step>.corrupt` (process 0; the others wait)."""
+    if self.read_only:
+      raise CheckpointError(
+          f"checkpoint {self._step_path(steps[0])} cannot be restored; it is not set aside "
+          f"here, since {self.directory} was opened for reading only.")
     targets = [self._step_path(s) + CORRUPT_SUFFIX for s in steps]
     if jax.process_index() == 0:
       for step, target in zip(steps, targets):
@@ -233,11 +274,18 @@ def _writing(path: str, directory: str):
         raise
       with contextlib.suppress(OSError):
         _remove_incomplete(directory)
-      for each in _causes(e):
-        traceback.clear_frames(each.__traceback__)
-      gc.collect()  # "Future exception was never retrieved", once per array, now and quietly.
+      _release(e)
       raise WorkdirError.from_os_error(path, failure.errno, failure.reason,
                                        max(saved_steps(directory), default=0)) from None
+
+
+def _release(error: BaseException) -> None:
+  """Frees the frames of `error`'s chain, which hold orbax's failed futures and tasks, so that
+  asyncio's "Future/Task exception was never retrieved" (once per array, with a traceback) is
+  logged now, inside _quiet_orbax, not at some later garbage collection or at exit."""
+  for each in _causes(error):
+    traceback.clear_frames(each.__traceback__)
+  gc.collect()
 
 
 def _not_from_orbax(record: logging.LogRecord) -> bool:
@@ -247,24 +295,34 @@ def _not_from_orbax(record: logging.LogRecord) -> bool:
 @contextlib.contextmanager
 def _quiet_orbax():
   """Drops the log records orbax emits (through absl's logger, the root logger, and asyncio's for
-  its futures) and the "Event loop is closed" errors its I/O threads hit after a failure, which
-  repeat a failed read or write in up to hundreds of lines; cnnlab reports it in one line."""
+  its futures), which repeat a failed read or write in up to hundreds of lines; cnnlab reports it
+  in one line. Also installs `_drop_closed_loop_errors`."""
+  _drop_closed_loop_errors()
   loggers = (logging.getLogger("absl"), logging.getLogger("asyncio"), logging.getLogger())
   for each in loggers:
     each.addFilter(_not_from_orbax)
-  report_unraisable = sys.unraisablehook
-
-  def unraisable(info):
-    if not (info.exc_type is RuntimeError and "Event loop is closed" in str(info.exc_value)):
-      report_unraisable(info)
-
-  sys.unraisablehook = unraisable
   try:
     yield
   finally:
-    sys.unraisablehook = report_unraisable
     for each in loggers:
       each.removeFilter(_not_from_orbax)
+
+
+def _drop_closed_loop_errors() -> None:
+  """Makes sys.unraisablehook drop `RuntimeError: Event loop is closed`, for the rest of the
+  process: orbax's I/O threads raise it, once per array, after a failed read or write has
+  returned (a refused visualize printed 17-240 such lines after its one error line). Only
+  asyncio raises it, for a loop already closed: never news."""
+  report = sys.unraisablehook
+  if getattr(report, "drops_closed_loop_errors", False):
+    return
+
+  def unraisable(info):
+    if not (info.exc_type is RuntimeError and "Event loop is closed" in str(info.exc_value)):
+      report(info)
+
+  unraisable.drops_closed_loop_errors = True
+  sys.unraisablehook = unraisable
 
 
 def newest_progress(directory: str) -> tuple[int, dict] | None:

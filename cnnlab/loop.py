@@ -377,8 +377,8 @@ def _log_filters(run: Run, step: int, state: train.TrainState) -> None:
 
 def load_latest_state(config: ml_collections.ConfigDict, workdir: str,
                       step: int | None = None) -> train.TrainState:
-  """The state of checkpoint `step` (None: the latest) in `workdir`, on this process's devices
-  (replicated).
+  """The state of checkpoint `step` (None: the newest) in `workdir`, on this process's devices
+  (replicated), read without changing the workdir.
 
   Restores into an abstract state (`jax.eval_shape`): nothing is initialised or compiled only to
   be overwritten."""
@@ -389,10 +389,10 @@ def load_latest_state(config: ml_collections.ConfigDict, workdir: str,
   target = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
       train.checkpointed(abstract))
-  checkpointer = Checkpointer(rundir.RunDir(workdir).checkpoint_dir)
+  # Read-only: `workdir` may belong to a run that is still training (a transfer source).
+  checkpointer = Checkpointer(rundir.RunDir(workdir).checkpoint_dir, read_only=True)
   try:
-    restored, _ = checkpointer.restore(
-        checkpointer.latest_step() if step is None else step, target)
+    _, restored, _ = checkpointer.read(target, step)
   finally:
     checkpointer.close()
   return abstract.replace(rngs={n: streams[n] for n in train.DROPOUT_STREAMS}, **restored)

@@ -208,8 +208,9 @@ def source_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return pretrain.run_dir(os.path.dirname(cells), config.seed)
 
 
-def _source_step(path: str, step: int | None) -> int:
-  """The checkpoint step to load from the source workdir `path` (`step`, or its latest).
+def _source_step(path: str, step: int | None) -> int | None:
+  """The checkpoint step to load from the source workdir `path`: `step`, or None for its newest,
+  chosen as it is read (the source may still be training: its steps come and go).
 
   Raises:
     ConfigError: no such workdir, no config.json, no checkpoint, or no checkpoint `step`.
@@ -222,23 +223,20 @@ def _source_step(path: str, step: int | None) -> int:
                       "config.json and checkpoints/).")
   if not os.path.isfile(run.config_path):
     raise ConfigError(f"{where} holds no config.json; is it a cnnlab workdir?")
-  steps = []
-  if os.path.isdir(run.checkpoint_dir):
-    ckpt = checkpoint.Checkpointer(run.checkpoint_dir)
-    steps = ckpt.all_steps()
-    ckpt.close()
+  steps = checkpoint.saved_steps(run.checkpoint_dir)  # Read only: opens no orbax manager.
   if not steps:
     raise ConfigError(f"{where} holds no checkpoint; train it first.")
   if step is not None and step not in steps:
     raise ConfigError(f"config.init.step={step} is not a checkpoint of {path}; it has steps: "
                       f"{', '.join(map(str, steps))}.")
-  return steps[-1] if step is None else step
+  return step
 
 
 @functools.lru_cache(maxsize=4)
-def _load_source(path: str, step: int) -> tuple[dict, str]:
-  """({collection: {path: np.ndarray}}, config fingerprint) of checkpoint `step` of the source
-  workdir `path`, restored into the model and optimizer its config.json builds."""
+def _load_source(path: str, step: int | None) -> tuple[dict, str, int]:
+  """({collection: {path: np.ndarray}}, config fingerprint, step) of checkpoint `step` (None: the
+  newest) of the source workdir `path`, restored into the model and optimizer its config.json
+  builds, without changing the source."""
   from cnnlab import train  # train imports this module.
   try:
     saved = rundir.read_json(rundir.RunDir(path).config_path)
@@ -248,7 +246,7 @@ def _load_source(path: str, step: int) -> tuple[dict, str]:
   state = train.load_trained_state(config, path, step)
   variables = {c: {p: np.asarray(v) for p, v in _flat(getattr(state, c)).items()}
                for c in COLLECTIONS}
-  return variables, saved["fingerprint"]
+  return variables, saved["fingerprint"], int(state.step)
 
 
 def plan(model_shapes: dict, source_shapes: dict, heads: set[str],
@@ -327,8 +325,7 @@ def transfer_plan(config, workdir: str):
   if path.lower().endswith(convert.STATE_DICT_FORMATS):
     step, (source, fingerprint) = None, _load_weight_file(config, path, s.arch)
   else:
-    step = _source_step(path, s.step)
-    source, fingerprint = _load_source(path, step)
+    source, fingerprint, step = _load_source(path, _source_step(path, s.step))
   model = models.get_model(config.model, info.num_classes, dtype=jnp.dtype(config.dtype))
   shape = tuple(info.image_shape)
   shapes = lambda tree: {c: {p: tuple(v.shape) for p, v in tree[c].items()} for c in COLLECTIONS}
