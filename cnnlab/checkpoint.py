@@ -5,9 +5,10 @@ record of progress (data-iterator position, config fingerprint, elapsed wall tim
 synchronous and atomic (orbax writes a temporary directory and renames it when complete), so a
 process killed with SIGKILL at any moment leaves the latest *complete* checkpoint to resume from.
 
-Every save adds to the progress record the SHA-256 of each state array (and of them all) and of
-the record itself; a restore recomputes and compares them, so a flipped bit is refused, and
-`restore_latest` falls back to the newest intact checkpoint, setting the corrupt ones aside as
+Every save adds to the progress record the step, the SHA-256 of each state array (and of them
+all) and of the record itself; a restore recomputes and compares them, and compares the step
+with the directory's name, so a flipped bit or a renamed checkpoint is refused, and
+`restore_latest` falls back to the newest intact checkpoint, setting the unusable ones aside as
 `<step>.corrupt`. A save that fails for want of disk space or permission raises one
 `WorkdirError` line and leaves the earlier checkpoints as they were.
 """
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 STATE_DIGEST_KEY = "state_sha256"     # in the progress record: digests.tree_sha256(state)
 RECORD_DIGEST_KEY = "record_sha256"   # in the progress record: json_sha256 of the rest of it
+STEP_KEY = "checkpoint_step"          # in the progress record: the step saved, beside its name
 CORRUPT_SUFFIX = ".corrupt"
 # Where orbax's JsonSave puts a checkpoint's progress record: <step>/progress/metadata.
 PROGRESS_FILE = ("progress", "metadata")
@@ -83,7 +85,7 @@ class Checkpointer:
       WorkdirError: the checkpoint cannot be written (disk full, read-only); earlier checkpoints
         are intact and the half-written one is removed.
     """
-    record = {**progress, STATE_DIGEST_KEY: digests.tree_sha256(state)}
+    record = {**progress, STEP_KEY: step, STATE_DIGEST_KEY: digests.tree_sha256(state)}
     record[RECORD_DIGEST_KEY] = digests.json_sha256(record)
     with _writing(os.path.join(self.directory, str(step)), self.directory):
       self._manager.save(
@@ -194,6 +196,9 @@ class Checkpointer:
     if bad:
       raise _Unusable(f"{len(bad)} array(s) differ from their saved sha256: {', '.join(bad[:3])}"
                       + (", ..." if len(bad) > 3 else ""))
+    held = _held_step(progress.pop(STEP_KEY, None), restored["state"])
+    if held is not None and held != step:
+      raise _Unusable(f"it holds step {held}, not {step}: renamed or copied from another step")
     return restored["state"], progress
 
   def _set_aside(self, steps: list[int]) -> list[str]:
@@ -216,6 +221,17 @@ class Checkpointer:
 
 class _Unusable(Exception):
   """A checkpoint that cannot be restored; the message says why (internal to this module)."""
+
+
+def _held_step(recorded: Any, state: Any) -> int | None:
+  """The step a checkpoint holds: the one its (digested) progress record names, else, for one
+  saved before records named it, its state's scalar `step` array; None if neither says."""
+  if recorded is not None:
+    return recorded
+  leaf = state.get("step") if isinstance(state, dict) else None
+  if leaf is None or getattr(leaf, "shape", None) != ():
+    return None
+  return int(digests.host_copy(leaf))
 
 
 def _verified_record(record: Any) -> dict:

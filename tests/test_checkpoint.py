@@ -2,6 +2,7 @@
 checkpoint, failed writes are one WorkdirError line, orbax stays quiet."""
 
 import errno
+import json
 import logging
 import os
 import socket
@@ -14,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cnnlab import checkpoint, errors
+from cnnlab import checkpoint, digests, errors
 from cnnlab.checkpoint import Checkpointer
 from conftest import ROOT
 
@@ -76,6 +77,30 @@ def test_flipped_bit_is_refused_and_restore_latest_falls_back_with_one_line(tmp_
   assert os.path.isdir(os.path.join(ckpt.directory, "2.corrupt"))
   ckpt.save(2, small_state(2), {})
   assert ckpt.restore_latest(small_state(0))[0] == 2
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_checkpoint_renamed_to_another_step_is_set_aside_as_corrupt(tmp_path, caplog, recorded):
+  """The step is read from inside: the progress record names it (digested), and a checkpoint
+  saved before records named it is checked against its state's `step` array."""
+  ckpt = saved(tmp_path, steps=(1, 2))
+  if not recorded:  # As saved before cnnlab recorded the step.
+    record = os.path.join(ckpt.directory, "2", *checkpoint.PROGRESS_FILE)
+    old = json.load(open(record))
+    del old[checkpoint.STEP_KEY], old[checkpoint.RECORD_DIGEST_KEY]
+    old[checkpoint.RECORD_DIGEST_KEY] = digests.json_sha256(old)
+    json.dump(old, open(record, "w"))
+  os.rename(os.path.join(ckpt.directory, "2"), os.path.join(ckpt.directory, "5"))
+  with pytest.raises(errors.CheckpointError, match=r"holds step 2, not 5: renamed or copied"):
+    Checkpointer(ckpt.directory).restore(5, small_state(0))
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    step, _, _ = Checkpointer(ckpt.directory).restore_latest(small_state(0))
+  assert step == 1
+  assert [r.getMessage() for r in caplog.records] == [
+      f"checkpoint {ckpt.directory}/5 cannot be restored (it holds step 2, not 5: renamed or "
+      f"copied from another step); resuming from step 1, the newest intact one (set aside as "
+      f"{ckpt.directory}/5.corrupt)."]
 
 
 def test_garbled_progress_record_is_refused(tmp_path):

@@ -108,6 +108,30 @@ def test_claim_asks_the_newest_checkpoint_when_config_json_is_lost(trained):
   assert rundir.read_json(run.config_path)["fingerprint"] == rundir.fingerprint(config)
 
 
+def test_a_checkpoint_renamed_to_a_later_step_is_set_aside_and_the_steps_are_trained(
+    trained, tmp_path, caplog):
+  """Issue 22: with checkpoints/40 renamed to checkpoints/44 in a killed run, the rerun "resumed
+  from step 44", never trained steps 40-43 and wrote results with another params_sha256."""
+  config, _, reference = trained
+  config.checkpoint_every_steps, config.checkpoints_to_keep = 10, 3  # Not fingerprinted.
+  workdir = str(tmp_path / "renamed")
+  train.train_and_evaluate(config, workdir, progress=False)
+  run = RunDir(workdir)
+  steps = sorted(int(n) for n in os.listdir(run.checkpoint_dir) if n.isdigit())
+  assert steps == [30, 40, 44]
+  for path in (run.results_path, run.results_digest_path):  # Killed before step 44...
+    os.remove(path)
+  shutil.rmtree(os.path.join(run.checkpoint_dir, "44"))
+  os.rename(os.path.join(run.checkpoint_dir, "40"), os.path.join(run.checkpoint_dir, "44"))
+  caplog.clear()
+  assert numbers_of(train.train_and_evaluate(config, workdir, progress=False)) == numbers_of(
+      reference)
+  assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+      f"checkpoint {run.checkpoint_dir}/44 cannot be restored (it holds step 40, not 44: renamed "
+      f"or copied from another step); resuming from step 30, the newest intact one (set aside as "
+      f"{run.checkpoint_dir}/44.corrupt)."]
+
+
 def no_space(*_args, **_kwargs):
   raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
