@@ -191,19 +191,49 @@ class RunDir:
   def _check_owner(self, config: ml_collections.ConfigDict, previous: Any) -> None:
     """Raises CheckpointError unless config.json (when readable) and the newest readable
     checkpoint both carry this config's fingerprint."""
-    owners = []
-    if isinstance(previous, dict):
-      owners.append(("config.json", previous.get("fingerprint")))
-    newest = checkpoint.newest_progress(self.checkpoint_dir)  # Opens no (collective) manager.
-    if newest is not None:
-      owners.append((f"checkpoint {newest[0]}", newest[1].get("config_fingerprint")))
-    for source, saved in owners:
+    owners = [("config.json", previous.get("fingerprint"))] if isinstance(previous, dict) else []
+    for source, saved in owners + self._checkpoint_owner():
       if saved != self.fingerprint:
         raise CheckpointError(
             f"workdir {self.workdir} holds a run of a different config (fingerprint {saved} in "
             f"its {source}, this config {self.fingerprint}; differing keys: "
             f"{self._differing_keys(config)}). Use another --workdir, or delete "
             f"{self.workdir} to start over.")
+
+  def _checkpoint_owner(self) -> list[tuple[str, Any]]:
+    """[("checkpoint <step>", its config fingerprint)] of the newest checkpoint whose record is
+    intact, or []. Opens no orbax manager (a barrier of every process)."""
+    newest = checkpoint.newest_progress(self.checkpoint_dir)
+    return [] if newest is None else [(f"checkpoint {newest[0]}",
+                                       newest[1].get("config_fingerprint"))]
+
+  def recorded_config(self, hint: str) -> tuple[ml_collections.ConfigDict, str]:
+    """(config, fingerprint) that config.json records, for a reader of the run (visualize, a
+    transfer source), once results.json and the newest checkpoint show it made them.
+
+    Raises:
+      CheckpointError: config.json is missing or unreadable, or records another config (the
+        message ends with `hint`).
+    """
+    try:
+      saved = read_json(self.config_path)
+      config, recorded = ml_collections.ConfigDict(saved["config"]), saved["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{self.config_path} is missing or unreadable ({type(e).__name__}); "
+                            f"{hint}.") from None
+    owners = [("results.json", self.read_results().get("config_fingerprint"))] if (
+        self.finished()) else []
+    self._check_config_json(recorded, owners + self._checkpoint_owner(), hint)
+    return config, recorded
+
+  def _check_config_json(self, recorded: Any, owners: list[tuple[str, Any]], hint: str) -> None:
+    """Raises CheckpointError if config.json's fingerprint `recorded` is not that of each of
+    `owners` ((what, fingerprint) of the run's other records)."""
+    for source, saved in owners:
+      if saved != recorded:
+        raise CheckpointError(
+            f"{self.config_path} records another config (fingerprint {recorded}) than the run's "
+            f"{source} ({saved}): it was replaced or edited; {hint}.")
 
   def has_progress(self) -> bool:
     """Whether the workdir holds checkpoints or results (something a different config must not
@@ -229,9 +259,11 @@ class RunDir:
 
   def finished_result(self, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
     """results.json's dict if the run of `config` finished here; None if it has not finished.
+    A finished workdir is checked whole: a rerun, a sweep or a report never reaches `claim`.
 
     Raises:
-      CheckpointError: results.json is unreadable, garbled, or belongs to another config/seed.
+      CheckpointError: results.json is unreadable, garbled, or belongs to another config/seed;
+        config.json (when readable) records another config; metrics.jsonl is damaged.
     """
     if not self.finished():
       return None
@@ -244,6 +276,11 @@ class RunDir:
           f"{got[0]}, seed {got[1]}; this config {want[0]}, seed {want[1]}; differing keys: "
           f"{self._differing_keys(config)}). Use another --workdir, or delete that file to "
           f"re-evaluate this workdir's own final checkpoint.")
+    previous = _read_json_or_none(self.config_path)  # A lost one is written again by claim.
+    if isinstance(previous, dict):
+      self._check_config_json(previous.get("fingerprint"), [("results.json", want[0])],
+                              "put back the run's own config.json, or use another --workdir")
+    self.read_metrics()  # Raises for a damaged line.
     return results
 
   def _differing_keys(self, config: ml_collections.ConfigDict) -> str:

@@ -238,15 +238,12 @@ def _load_source(path: str, step: int | None) -> tuple[dict, str, int]:
   newest) of the source workdir `path`, restored into the model and optimizer its config.json
   builds, without changing the source."""
   from cnnlab import train  # train imports this module.
-  try:
-    saved = rundir.read_json(rundir.RunDir(path).config_path)
-    config = ml_collections.ConfigDict(saved["config"])
-  except (OSError, ValueError, KeyError):
-    raise ConfigError(f"config.init.source={path!r}: its config.json is unreadable.") from None
+  config, fingerprint = rundir.RunDir(path).recorded_config(
+      f"config.init.source={path!r} must be a cnnlab workdir as its run left it")
   state = train.load_trained_state(config, path, step)
   variables = {c: {p: np.asarray(v) for p, v in _flat(getattr(state, c)).items()}
                for c in COLLECTIONS}
-  return variables, saved["fingerprint"], int(state.step)
+  return variables, fingerprint, int(state.step)
 
 
 def plan(model_shapes: dict, source_shapes: dict, heads: set[str],

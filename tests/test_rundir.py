@@ -14,7 +14,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 import pytest
 
-from cnnlab import errors, rundir, train
+from cnnlab import errors, rundir, sweep, train
 from cnnlab.rundir import RunDir
 
 _TRAINED = {}  # One finished run per test module; each test works on its own copy.
@@ -130,6 +130,34 @@ def test_a_checkpoint_renamed_to_a_later_step_is_set_aside_and_the_steps_are_tra
       f"checkpoint {run.checkpoint_dir}/44 cannot be restored (it holds step 40, not 44: renamed "
       f"or copied from another step); resuming from step 30, the newest intact one (set aside as "
       f"{run.checkpoint_dir}/44.corrupt)."]
+
+
+def write_config_json_of(config, workdir):
+  """config.json as a run of `config` writes it (another run's, copied over)."""
+  rundir.write_json_atomic(os.path.join(workdir, "config.json"), {
+      "fingerprint": rundir.fingerprint(config), "config": rundir.config_to_dict(config),
+      "overrides": [], "command": ""})
+
+
+@pytest.mark.parametrize("damage", ["seed_1 config.json", "other config.json", "metrics line"])
+def test_a_finished_workdir_is_checked_whole(trained, damage):
+  """Issue 22: a finished run (and a finished sweep seed: sweep.finished) took another config's
+  or seed's config.json, or a garbage line in metrics.jsonl, and reported its results."""
+  config, workdir, _ = trained
+  run = RunDir(workdir)
+  if damage == "metrics line":
+    with open(run.metrics_path, "ab") as f:
+      f.write(b"garbage\n")
+    fragment = r"metrics.jsonl line \d+ is not a metrics record \(b'garbage'\)"
+  else:
+    write_config_json_of(other(config, **({"seed": 1} if damage.startswith("seed") else
+                                          {"model__dropout": "none"})), workdir)
+    fragment = (r"config.json records another config \(fingerprint \w+\) than the run's "
+                r"results.json \(\w+\): it was replaced or edited; put back the run's own")
+  for check in (lambda: sweep.finished(workdir, config),
+                lambda: sweep.run(config, workdir, progress=False)):
+    with pytest.raises(errors.CheckpointError, match=fragment):
+      check()
 
 
 def no_space(*_args, **_kwargs):

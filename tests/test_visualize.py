@@ -2,6 +2,7 @@
 every picture is written, the filter grid has one tile per first-layer filter, saliency maps have
 the input's shape, and a workdir without a checkpoint fails cleanly with nothing written."""
 
+import copy
 import os
 import shutil
 
@@ -165,3 +166,21 @@ def test_a_refused_visualize_prints_one_line_and_no_orbax_noise(trained, tmp_pat
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[:3000]
     assert proc.stderr.startswith(f"error: checkpoint {workdir}/checkpoints/{newest} cannot be")
+
+
+def test_visualize_refuses_a_config_json_of_another_config(trained, tmp_path):
+  """Issue 22: it drew pictures under another config's config.json (here another seed's)."""
+  from cnnlab import rundir
+  config, source = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  seed_1 = copy.deepcopy(config)
+  seed_1.seed = 1
+  rundir.write_json_atomic(str(workdir / "config.json"), {
+      "fingerprint": rundir.fingerprint(seed_1), "config": rundir.config_to_dict(seed_1)})
+  listing = sorted(os.listdir(workdir))
+  with pytest.raises(CheckpointError, match=r"config.json records another config \(fingerprint "
+                     r"\w+\) than the run's results.json \(\w+\): it was replaced or edited; "
+                     r"--mode=visualize needs"):
+    visualize.write_pictures(str(workdir))
+  assert sorted(os.listdir(workdir)) == listing

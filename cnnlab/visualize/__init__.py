@@ -46,16 +46,13 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, train.TrainState]
   """The config (from config.json) and latest-checkpoint state of the run in `workdir`.
 
   Raises:
-    CheckpointError: `workdir` holds no readable config.json or no checkpoint (nothing written).
+    CheckpointError: `workdir` holds no readable config.json, one of another config than its
+      results and checkpoints, or no checkpoint (nothing written).
   """
   run = rundir.RunDir(workdir)
   hint = ("--mode=visualize needs the workdir of one trained or checkpointed run (a sweep's runs "
           "are <workdir>/cells/<cell>/seed_<s>)")
-  try:
-    config = ml_collections.ConfigDict(rundir.read_json(run.config_path)["config"])
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{run.config_path} is missing or unreadable ({type(e).__name__}); "
-                          f"{hint}.") from None
+  config, _ = run.recorded_config(hint)
   if not (os.path.isdir(run.checkpoint_dir)
           and any(name.isdigit() for name in os.listdir(run.checkpoint_dir))):
     raise CheckpointError(f"{workdir} holds no checkpoint in {run.checkpoint_dir}; {hint}.")
