@@ -11,7 +11,8 @@ A config with a `sweep` section trains every cell of its grid and writes a repor
 `--mode=summary` prints the model's per-layer table (shapes, parameters, multiply-adds, receptive
 fields) and the FLOPs of one training step, without reading data or training.
 `--mode=visualize --workdir=W` (no --config) writes pictures of the run in W to W/pictures/.
-Errors in the user's config, data or workdir print one line and exit with status 2.
+Errors in the user's config, data or workdir print one line and exit with status 2; SIGTERM or
+Ctrl-C one line and status 130 (a second signal exits at once).
 """
 
 import os
@@ -22,6 +23,8 @@ from typing import NoReturn
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from cnnlab import interrupts  # Standard library only: keeps `--help` fast.
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/default.py[:variant].",
@@ -145,4 +148,8 @@ def _visualize():
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  interrupts.stop_on_signal()  # Before anything starts: a signal anywhere is one line.
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except interrupts.Signalled as e:
+    _fail(str(e), 130)

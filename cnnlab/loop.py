@@ -31,7 +31,7 @@ from cnnlab import environment, hosts, rundir, summary, train, transfer
 from cnnlab import mesh as mesh_lib
 from cnnlab.checkpoint import Checkpointer
 from cnnlab.errors import Interrupted
-from cnnlab.interrupts import interrupt_guard
+from cnnlab.interrupts import Signalled, interrupt_guard
 from cnnlab.writers import MetricWriter
 
 RESULT_METRICS = ("test_accuracy", "test_loss", "train_loss", "train_accuracy")
@@ -302,8 +302,15 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
       if stop:
         _interrupted(runs, stop, done, bar)
   bar.close()
-  return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, info,
-                 step_flops)
+  try:
+    return _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, info,
+                   step_flops)
+  except Signalled as stop:  # Outside the loop's guard; its last checkpoint is written whole.
+    for run in runs:
+      run.close()
+    raise Interrupted(f"interrupted by {stop.signame} during the final evaluation; the last "
+                      f"checkpoint is kept: rerun the same command to evaluate and "
+                      f"finish.") from None
 
 
 def _step_flops(train_fn, state, placement, runs: list[Run]) -> float:

@@ -108,3 +108,96 @@ def test_two_sweeps_started_together_on_a_fresh_data_dir(tmp_path):
       assert len(keys) == len(set(keys)), f"{root} was trained twice"
       # One process trained it: its event files hold one run (no restart marker needed).
       assert len([n for n in files if n.startswith("events.out.tfevents")]) == 1
+
+
+# launch.py with SIGTERM sent to itself as `module.name` is called (when `when(args)` holds): a
+# signal that lands at that point of the command.
+SIGNAL_AT = """
+import importlib, os, runpy, signal, sys
+module, name, when = sys.argv[1], sys.argv[2], eval(sys.argv[3])
+target = importlib.import_module(module)
+real = getattr(target, name)
+
+
+def signalled(*args, **kwargs):
+  if when(args):
+    os.kill(os.getpid(), signal.SIGTERM)
+  return real(*args, **kwargs)
+
+
+setattr(target, name, signalled)
+sys.argv = ["launch.py", *sys.argv[4:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def _launch_signalled_at(where: str, when: str, args) -> subprocess.CompletedProcess:
+  module, _, name = where.rpartition(".")
+  proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, module, name, when, *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and errors[0].startswith("error: interrupted by SIGTERM"), proc.stderr
+  return proc
+
+
+def _one_epoch_args(config, workdir):
+  return [a for a in _launch_args(config, workdir) if "num_epochs" not in a] + [
+      "--config.num_epochs=1"]
+
+
+def test_signal_during_start_up_is_one_line(tiny_config, tmp_path):
+  """SIGTERM while the run reads its data, before the training loop: the process died by the
+  signal (-15) without a word."""
+  workdir = str(tmp_path / "run")
+  proc = _launch_signalled_at("cnnlab.data.train_iterator", "lambda args: True",
+                              _one_epoch_args(tiny_config, workdir))
+  assert "before the command finished" in proc.stderr
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_signal_during_the_final_evaluation_keeps_the_checkpoint(tiny_config, tmp_path):
+  """SIGTERM while the final evaluation reads the train split: one line, exit 130, no
+  results.json; the same command then evaluates from the last checkpoint and finishes."""
+  workdir = str(tmp_path / "run")
+  args = _one_epoch_args(tiny_config, workdir)
+  proc = _launch_signalled_at("cnnlab.data.eval_batches", "lambda args: args[1] == 'train'", args)
+  assert "during the final evaluation" in proc.stderr
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  steps = 1433 // tiny_config.batch_size
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(steps)))
+  again = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"from step {steps} of {steps}" in again.stdout
+  assert json.load(open(os.path.join(workdir, "results.json")))["status"] == "finished"
+
+
+def test_signal_while_the_sweep_writes_its_report_leaves_no_report(data_dir, tmp_path):
+  """SIGTERM while the report's plots are drawn: one line, exit 130, and no report.md (which
+  would look finished); the trained run is kept."""
+  workdir = tmp_path / "sweep"
+  proc = _launch_signalled_at("cnnlab.plots.curves", "lambda args: True", [
+      "--config=experiments/ablation.py:quick", f"--workdir={workdir}", "--noprogress",
+      f"--config.dataset.data_dir={data_dir}", "--config.num_epochs=1",
+      "--config.sweep.axes.bn.values=('none',)", "--config.sweep.axes.dropout.values=('none',)",
+      "--config.sweep.seeds=(0,)"])
+  assert not (workdir / "report.md").exists()
+  assert len(list(workdir.glob("cells/*/seed_0/results.json"))) == 1
+
+
+def test_a_second_signal_exits_at_once():
+  """The first SIGTERM outside a loop raises; a second one, while that unwinds, ends the process
+  by the signal."""
+  script = ("import os, signal, time\n"
+            "from cnnlab import interrupts\n"
+            "interrupts.stop_on_signal()\n"
+            "try:\n"
+            "  os.kill(os.getpid(), signal.SIGTERM)\n"
+            "except interrupts.Signalled:\n"
+            "  os.kill(os.getpid(), signal.SIGTERM)\n"
+            "  time.sleep(60)\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == -signal.SIGTERM, proc.stderr
