@@ -38,7 +38,7 @@ from cnnlab import (collect, configs, environment, errors, launchers, pretrain, 
                     seeds as seeds_lib, train, transfer)
 from cnnlab.locks import CellLock
 from cnnlab.errors import ConfigError, TrainingDivergedError
-from cnnlab.validation import check_key, validate_config, validate_sweep
+from cnnlab.validation import check_key, validate_config, validate_setup, validate_sweep
 
 VMAP_CHOICES = ("auto", "on", "off")
 # Measured (see README, "Performance"): on this 2-core CPU vmapped seeds ran slower than one
@@ -242,6 +242,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   """
   settings = sweep_settings(config)
   cells = expand(config)
+  for cell in cells:  # Prepares every dataset here, before workers could race to generate it.
+    validate_setup(cell.config)
   seeds = tuple(settings.seeds)
   single = len(cells) == 1 and len(seeds) == 1 and not settings.axes
   if jax.process_count() > 1:  # A multi-host run: every process takes part in the one run.
@@ -294,15 +296,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   if settings.launcher == "local" and workers == 1:
     work(config, workdir, overrides=overrides, command=command, progress=progress,
          on_seed_done=bar.update)
+  elif settings.launcher == "slurm":
+    launchers.run_slurm_workers(workdir, settings.slurm.to_dict(), advance)
   else:
-    # Prepare every dataset here first, so the workers do not race to generate it.
-    from cnnlab import data
-    for cell in cells:
-      data.dataset_info(cell.config.dataset)
-    if settings.launcher == "slurm":
-      launchers.run_slurm_workers(workdir, settings.slurm.to_dict(), advance)
-    else:
-      launchers.run_local_workers(workdir, workers, advance)
+    launchers.run_local_workers(workdir, workers, advance)
   bar.close()
   return collect.write_sweep_report(config, cells, seeds, workdir, command=command)
 

@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 
+import jax
 import ml_collections
 
 from cnnlab import data, environment, models, optim
@@ -95,6 +96,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.checkpoint_every_steps={ckpt} must be a multiple of "
                       f"config.log_every_steps={log} (checkpoints are written at logging steps); "
                       f"e.g. {lower} or {lower + log}.")
+
+
+def validate_setup(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for what only building a run refuses: a model field its layers check
+  when called (model.stages, model.pool, model.hidden, ...) or an input they cannot take, and a
+  batch larger than the training split. Builds what training builds (`train.setup`: the
+  dataset's facts, preparing it on first use, the model and optimizer) and the initial state
+  abstractly (shapes only: nothing is computed), so that a sweep or a run refuses such a value
+  before it writes anything. Needs JAX's backend (some layers choose their kernels by it): call
+  it after `validate_config` and the numerics are set."""
+  from cnnlab import train  # Here: train imports this module.
+  setup = train.setup(config)
+  if config.batch_size > setup.info.num_train:
+    raise ConfigError(f"config.batch_size={config.batch_size} is larger than the "
+                      f"{setup.info.num_train} training examples of {config.dataset.name!r}; "
+                      f"use at most {setup.info.num_train}.")
+  init = train.init_program(setup.model, setup.tx, tuple(setup.info.image_shape))
+  jax.eval_shape(init, jax.eval_shape(jax.random.key, 0))
 
 
 def validate_sweep(settings: ml_collections.ConfigDict) -> None:

@@ -177,6 +177,29 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragmen
   assert sorted(p.name for p in tmp_path.iterdir()) == ["no_get_config.py", "syntax.py"]
 
 
+@pytest.mark.parametrize("overrides, fragments", [
+    (("batch_size=100000",),
+     ("config.batch_size=100000 is larger than the 1433 training examples of 'digits'",)),
+    (("batch_size=99999999999999999999999",), ("batch_size=99999999999999999999999 is larger",)),
+    (("model.pool=bogus",), ("model.pool='bogus' is not allowed", "max, avg, blur")),
+    (("model.stages=((0,),)",), ("model.stages=((0,),) must be", "positive ints")),
+    (("model.stages=()",), ("model.stages=() must be",)),
+    (("model.stages=((8,), ('a',))",), ("model.stages=((8,), ('a',)) must be",)),
+    (("model.name=mlp", "model.hidden=(-1,)"), ("model.hidden=(-1,) must be",)),
+], ids=["batch_over_dataset", "batch_over_int64", "pool", "zero_width", "no_stages",
+        "text_width", "negative_hidden"])
+def test_values_only_the_model_or_data_refuse_write_nothing(data_dir, tmp_path, overrides,
+                                                             fragments):
+  """Values checked when the model is built or the data read were refused only after the run
+  had written config.json, environment.json and checkpoints/."""
+  workdir = tmp_path / "run"
+  proc = run_launch("--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
+                    f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=digits",
+                    "--config.model.name=vgg_cnn", *[f"--config.{o}" for o in overrides])
+  _assert_clean_failure(proc, *fragments)
+  assert not workdir.exists()
+
+
 OUT_OF_MEMORY = """
 import runpy, sys
 import jax
