@@ -107,6 +107,11 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
         or "values" not in axes[name] or not axes[name]["values"]):
       raise ConfigError(f"config.sweep.axes.{name} needs a `key` (dotted config key) and a "
                         f"non-empty tuple of `values`.")
+    values = tuple(axes[name]["values"])
+    repeated = [v for i, v in enumerate(values) if str(v) in map(str, values[:i])]
+    if repeated:  # Its cells would share a name and a directory.
+      raise ConfigError(f"config.sweep.axes.{name}.values={values!r} repeats {repeated[0]!r}; "
+                        f"give each value once.")
     if axes[name].key in environment.PROCESS_WIDE_FIELDS:
       raise ConfigError(
           f"config.sweep.axes.{name}: key={axes[name].key!r} is set for a whole process (the XLA "
@@ -126,6 +131,11 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
     name = ",".join(f"{n}={v}" for n, v in zip(names, combo))
     cells.append(Cell(name, dict(zip(names, combo)), cell_config,
                       rundir.fingerprint(cell_config, exclude=("seed",))[:8], seed_keys))
+    same = [c.name for c in cells[:-1] if c.digest == cells[-1].digest]
+    if same:  # E.g. 1 and 1.0 for a float field: one config trained twice, reported as two.
+      raise ConfigError(f"config.sweep.axes: the cells {same[0]} and {name} train the same config "
+                        f"(values that differ only as written, e.g. 1 and 1.0, or in a field the "
+                        f"model does not read); give each config once.")
   return cells
 
 

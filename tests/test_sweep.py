@@ -58,6 +58,27 @@ def test_bad_axes_fail_before_training(quick):
     sweep.run(quick, "/nonexistent/never-written", progress=False)
 
 
+@pytest.mark.parametrize("key, values, message", [
+    ("model.dropout", ("none", "none"),
+     r"axes.dropout.values=\('none', 'none'\) repeats 'none'; give each value once"),
+    ("optimizer.learning_rate", (0.05, 1, 1.0),
+     r"cells bn=none,dropout=1 and bn=none,dropout=1.0 train the same config"),
+])
+def test_an_axis_value_given_twice_is_refused_before_anything_is_written(quick, tmp_path, key,
+                                                                        values, message):
+  """A repeated value trained, then the report failed (zip() argument 2 is longer than argument
+  1); two spellings of one value trained one config twice."""
+  quick.sweep.axes.dropout.key = key
+  quick.sweep.axes.dropout["values"] = values
+  quick.sweep.axes.bn["values"] = ("none",)
+  quick.sweep.baseline = ""
+  quick.sweep.seeds = (0,)
+  quick.num_epochs = 1
+  with pytest.raises(ConfigError, match=message):
+    sweep.run(quick, str(tmp_path / "sweep"), progress=False)
+  assert not (tmp_path / "sweep").exists()
+
+
 @pytest.mark.parametrize("key, values", [
     ("xla_cpu_vector_width", (256, 512)), ("xla_cpu_ynn_convolutions", (True, False)),
     ("deterministic", (True, False)), ("matmul_precision", ("highest", "default"))])
