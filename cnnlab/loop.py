@@ -281,7 +281,9 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
         health = {k: float(m[k]) for k in train.HEALTH_KEYS}
         if any(health.values()):
           run.diverged = _divergence(run, done, count_now, health, epoch, lr)
-          print(f"error: {run.diverged['diverged_reason']}; recorded in {run.dir.results_path}")
+          if len(runs) > 1:  # One run's caller reports it: its one error line, or a sweep's note.
+            print(f"{run.diverged['diverged_reason']}; recorded in {run.dir.results_path}; the "
+                  f"other seeds go on.")
           continue
         run.log(done, "train", {"epoch": epoch, "learning_rate": lr, "wall_time_s": wall(),
                                 **{k: float(m[k]) / count_now for k in ("loss", "accuracy")}})

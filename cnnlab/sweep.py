@@ -229,7 +229,9 @@ def _train_free_seeds(todo, degenerate: bool, on_seed_done, train_kwargs) -> boo
       continue
     try:
       if not finished(run_dir, config):  # Look again under the lock.
-        train.train_and_evaluate(config, run_dir, **train_kwargs)
+        results = train.train_and_evaluate(config, run_dir, **train_kwargs)
+        if results.get("status") == "diverged" and not degenerate:  # A single run raises.
+          print(f"{results['diverged_reason']}; recorded in {run_dir}; the sweep goes on.")
         trained = True
         if on_seed_done:
           on_seed_done(1)

@@ -61,6 +61,8 @@ def test_single_run_divergence_is_one_line_naming_step_and_cause(tiny_config, tm
   assert proc.returncode == 2
   last = [l for l in proc.stderr.splitlines() if l.strip()][-1]
   assert last.startswith("error: seed 0 diverged: non-finite ") and "at step " in last
+  # Once: the loop printed it too.
+  assert (proc.stdout + proc.stderr).count("diverged: non-finite") == 1, proc.stdout
   assert "Traceback" not in proc.stderr
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert results["status"] == "diverged" and results["test_accuracy"] is None
