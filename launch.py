@@ -83,6 +83,10 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
   logging.set_verbosity(logging.WARNING)  # JAX/orbax INFO lines would bury the progress bar.
+  from cnnlab import cli
+  ignored = cli.mode_flag_error(_MODE.value, flags.FLAGS)
+  if ignored:
+    _fail(ignored)
   from cnnlab import supervisor  # No JAX: the parent of a multi-process run's process stays light.
   hosts_flags = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if (_MODE.value == "train" and supervisor.requested(*hosts_flags)
@@ -99,18 +103,13 @@ def main(argv):
     _fail("--config is required (all modes but --mode=visualize), e.g. "
           "--config=experiments/default.py.")
   from cnnlab import environment, errors, hosts, rundir, summary, sweep, validation
-  if _MODE.value != "summary":
-    for flag in (_INPUT_SHAPE, _NUM_CLASSES):
-      if flag.present:
-        _fail(f"--{flag.name} applies to --mode=summary only; training uses the dataset's input "
-              f"shape and classes.")
   try:
     if _MODE.value == "summary":
       print(summary.summarize(_CONFIG.value, _input_shape(), _NUM_CLASSES.value).table())
       return
     config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    workdir = _WORKDIR.value or rundir.default_workdir(config_arg)
+    workdir = rundir.default_workdir(config_arg) if _WORKDIR.value is None else _WORKDIR.value
     # Checked before numerics are set and anything is written (sweep_settings validates the
     # sweep section).
     validation.validate_workdir(workdir)
@@ -137,7 +136,7 @@ def main(argv):
 
 def _visualize():
   """--mode=visualize: pictures of a trained run; its config comes from --workdir/config.json."""
-  if _WORKDIR.value is None or _CONFIG.value is not None:
+  if not _WORKDIR.value or _CONFIG.value is not None:
     _fail("--mode=visualize takes --workdir (a trained or checkpointed run) and no --config: "
           "the config is read from the workdir.")
   from cnnlab import errors, visualize

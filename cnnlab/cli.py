@@ -51,6 +51,25 @@ def flag_error_line(error: Exception, argv: list[str], flag_values: flags.FlagVa
   return f"{flag_and_value}: {reason}"
 
 
+# launch.py's flags that apply to one mode only -> that mode; what each other mode does instead.
+MODE_FLAGS = {"input_shape": "summary", "num_classes": "summary", "coordinator_address": "train",
+              "num_processes": "train", "process_id": "train"}
+_MODE_INSTEAD = {
+    "train": "training uses the dataset's input shape and classes",
+    "summary": "the summary runs in one process",
+    "visualize": "visualize reads the run's config and dataset from --workdir and runs in one "
+                 "process"}
+
+
+def mode_flag_error(mode: str, flag_values: flags.FlagValues) -> str | None:
+  """The one line for a flag given with a mode that would silently ignore it (`MODE_FLAGS`),
+  naming the flag; None when every flag given applies to `mode`."""
+  for name, applies_to in MODE_FLAGS.items():
+    if mode != applies_to and flag_values[name].present:
+      return f"--{name} applies to --mode={applies_to} only; {_MODE_INSTEAD[mode]}."
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for scripts without a config file (the benchmarks; pass it as
   `app.run(main, flags_parser=cli.parse_flags)`): a bad flag ends in one `error:` line naming

@@ -36,6 +36,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.validation import validate_config
 
 GLOBAL = None   # The geometry of values that depend on every input pixel.
+LABEL_MAX = 2**31 - 1   # Labels are int32 (the train step's batch): the most classes a model has.
 Geometry = tuple[tuple[float, ...], tuple[float, ...]] | None   # (rf, jump) per spatial axis.
 _LEAVES = (nn.Conv, nn.Dense, layers.TableConv, layers.BatchNorm, layers.Pool,
            layers.AdaptiveAvgPool, layers.GlobalAvgPool, layers.Dropout)
@@ -290,7 +291,10 @@ def summarize(config: ml_collections.ConfigDict, input_shape: tuple[int, ...] | 
     if len(shape) != 3 or not all(layers.is_int(v) and v >= 1 for v in shape):
       raise ConfigError(f"input_shape={shape!r} must be 3 positive integers (H, W, C), e.g. "
                         f"(224, 224, 3).")
-  classes = classes if num_classes is None else num_classes   # get_model checks it.
+  classes = classes if num_classes is None else num_classes   # get_model checks it is positive.
+  if layers.is_int(classes) and classes > LABEL_MAX:
+    raise ConfigError(f"num_classes={classes} is out of range; allowed: [1, {LABEL_MAX}] (labels "
+                      f"are int32).")
   model = models.get_model(config.model, classes, dtype=jnp.dtype(config.dtype))
   summary = summarize_model(model, shape, name=config.model.name, num_classes=classes)
   if step_flops:

@@ -84,6 +84,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
               "checkpoint_every_steps", "checkpoints_to_keep"):
     _number(key, config[key], low=1, integer=True)
+  if opt.warmup_epochs > config.num_epochs:
+    raise ConfigError(f"config.optimizer.warmup_epochs={opt.warmup_epochs!r} is longer than the "
+                      f"run (config.num_epochs={config.num_epochs}); allowed: [0, "
+                      f"{config.num_epochs}].")
   height, width, channels = data.image_shape(config.dataset)
   # One padded evaluation batch is held as float32 three times: normalised, padded, on device.
   data.subsets.require_memory(
@@ -153,7 +157,11 @@ def _as_tuple(value):
 
 def validate_workdir(workdir: str) -> None:
   """Raises ConfigError unless `workdir` is a directory or can be created as one (no existing
-  file at it or at one of its parents)."""
+  file at it or at one of its parents); an empty one (`--workdir=`) would be the current
+  directory."""
+  if not workdir.strip():
+    raise ConfigError(f"--workdir={workdir} is empty; give a directory, or leave the flag out for "
+                      f"the default runs/<config name>.")
   path = os.path.abspath(workdir)
   while not os.path.exists(path):
     path = os.path.dirname(path)

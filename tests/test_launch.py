@@ -157,6 +157,13 @@ _SUMMARY = ("--config=experiments/default.py", "--mode=summary")
     ((*_SUMMARY, "--input_shape=0,0,3"), ("input_shape=(0, 0, 3)", "3 positive integers")),
     ((*_SUMMARY, "--input_shape=a,8,1"), ("--input_shape=a,8,1", "3 positive integers")),
     ((*_SUMMARY, "--num_classes=0"), ("num_classes=0", "positive")),
+    # Labels are int32: it was a 40-line OverflowError traceback.
+    ((*_SUMMARY, "--num_classes=99999999999"),
+     ("num_classes=99999999999 is out of range", "[1, 2147483647]")),
+    # It was an OverflowError traceback from the learning-rate schedule.
+    ((*_TRAIN, "--config.optimizer.warmup_epochs=1e308"),
+     ("warmup_epochs=1e+308 is longer than the run (config.num_epochs=12)", "[0, 12]")),
+    ((*_SUMMARY, "--process_id=0"), ("--process_id applies to --mode=train only",)),
     # The full ablation's workers default to None (one per core); an int still overrides it.
     (("--config=experiments/ablation.py", "--config.sweep.workers=0"),
      ("sweep.workers=0", "out of range")),
@@ -165,7 +172,8 @@ _SUMMARY = ("--config=experiments/default.py", "--mode=summary")
         "fractional_seed", "negative_seed", "nan_momentum",
         "checkpoint_not_multiple", "int_flag_type", "placeholder_int_type", "negative_subset_seed",
         "huge_eval_batch", "bool_flag_type", "input_shape_in_train",
-        "zero_input_shape", "non_int_input_shape", "zero_num_classes", "workers_override"])
+        "zero_input_shape", "non_int_input_shape", "zero_num_classes", "huge_num_classes",
+        "huge_warmup", "multi_host_flag_in_summary", "workers_override"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragments):
   tmp = _bad_config_files(tmp_path)
   args = [a.format(tmp=tmp) for a in args]
@@ -198,6 +206,34 @@ def test_values_only_the_model_or_data_refuse_write_nothing(data_dir, tmp_path, 
                     "--config.model.name=vgg_cnn", *[f"--config.{o}" for o in overrides])
   _assert_clean_failure(proc, *fragments)
   assert not workdir.exists()
+
+
+def test_empty_workdir_is_refused(tmp_path):
+  """`--workdir=` trained in the default runs/<config name> of the current directory."""
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"),
+                         f"--config={ROOT}/experiments/default.py", "--workdir=", "--noprogress",
+                         "--config.dataset.name=digits", f"--config.dataset.data_dir={tmp_path}",
+                         "--config.num_epochs=1"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  _assert_clean_failure(proc, "--workdir= is empty", "leave the flag out")
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, fragment", [
+    ("--input_shape=8,8,1", "--input_shape applies to --mode=summary only"),
+    ("--num_classes=3", "--num_classes applies to --mode=summary only"),
+    ("--coordinator_address=127.0.0.1:1234", "--coordinator_address applies to --mode=train only"),
+    ("--num_processes=2", "--num_processes applies to --mode=train only"),
+    ("--process_id=0", "--process_id applies to --mode=train only"),
+    ("--workdir=", "--mode=visualize takes --workdir"),
+])
+def test_visualize_refuses_flags_it_would_ignore(tmp_path, flag, fragment):
+  """--mode=visualize silently ignored the summary's and the multi-host flags."""
+  args = ["--mode=visualize", flag]
+  if not flag.startswith("--workdir"):
+    args.append(f"--workdir={tmp_path / 'run'}")
+  _assert_clean_failure(run_launch(*args), fragment)
+  assert list(tmp_path.iterdir()) == []
 
 
 OUT_OF_MEMORY = """

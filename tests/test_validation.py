@@ -67,6 +67,19 @@ def test_checkpoint_steps_must_be_a_multiple_of_log_steps():
   validation.validate_config(config)
 
 
+@pytest.mark.parametrize("warmup", [12.5, 1e308])
+def test_warmup_longer_than_the_run_is_refused(warmup):
+  """1e308 epochs overflowed the schedule's step count (OverflowError traceback)."""
+  config = configs.base_config()
+  config.optimizer.warmup_epochs = warmup
+  expected = (rf"warmup_epochs={re.escape(repr(warmup))} is longer than the run "
+              r"\(config.num_epochs=12\); allowed: \[0, 12\]")
+  with pytest.raises(ConfigError, match=expected):
+    validation.validate_config(config)
+  config.optimizer.warmup_epochs = 12.0
+  validation.validate_config(config)
+
+
 def _experiments():
   """Every experiment file with every variant it declares (`VARIANTS`, else the sweeps')."""
   for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py"))):
@@ -127,6 +140,8 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
     validation.validate_workdir(str(existing / "run"))
   validation.validate_workdir(str(tmp_path / "new" / "run"))
   assert not os.path.exists(tmp_path / "new")   # Checking creates nothing.
+  with pytest.raises(ConfigError, match=r"--workdir= is empty"):  # It was the current directory.
+    validation.validate_workdir("")
 
 
 def test_check_key_names_the_missing_part_and_what_exists():
