@@ -87,7 +87,7 @@ def main(argv):
   ignored = cli.mode_flag_error(_MODE.value, flags.FLAGS)
   if ignored:
     _fail(ignored)
-  from cnnlab import supervisor  # No JAX: the parent of a multi-process run's process stays light.
+  from cnnlab import supervisor  # The parent of a multi-process run's process starts no backend.
   hosts_flags = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if (_MODE.value == "train" and supervisor.requested(*hosts_flags)
       and not supervisor.is_child()):
@@ -119,6 +119,7 @@ def main(argv):
     environment.apply_numerics(_CONFIG.value)
     environment.enable_compilation_cache()
     hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    hosts.check_same_config(_CONFIG.value)
     written = sweep.run(
         _CONFIG.value, workdir, overrides=[f"{k}={v!r}" for k, v in sorted(overrides.items())],
         command=" ".join(sys.argv), progress=_PROGRESS.value)
@@ -128,6 +129,7 @@ def main(argv):
     if known is None:
       if not hosts.attempted():
         raise
+      hosts.lost_peer(e)
       traceback.print_exc()  # A bug; the other processes are told in one line.
       _fail(f"{type(e).__name__} (a bug in cnnlab? traceback above)")
     _fail(str(known), getattr(known, "exit_code", 2))

@@ -24,6 +24,7 @@ the newest complete one is intact and the same commands resume from it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -41,7 +42,7 @@ BEAT_S = min(2.0, PEER_TIMEOUT_S / 5)  # How often each process shows it is aliv
 # JAX's own heartbeat must give up later than the watchdog, or it aborts the process first.
 JAX_HEARTBEAT_S = int(PEER_TIMEOUT_S * 3)
 SHUTDOWN_TIMEOUT_S = 30  # JAX's barrier at exit: how long a process waits for the others.
-_RESUME = "start all processes again with the same commands to resume from the last checkpoint"
+_RESUME = supervisor.RESUME_HINT
 _ending = threading.Lock()  # One line per process, when the watchdog and the main thread both end.
 _attempted = False
 
@@ -105,6 +106,45 @@ def agree_to_stop(signal_name: str | None) -> str | None:
 _SIGNALS = ("SIGINT", "SIGTERM")
 
 
+def check_same_config(config) -> None:
+  """Ends every process, in one line each, when their configs differ (a --config.* flag given to
+  one process only): they would train one model from different settings and record process 0's,
+  or wait at different steps. Where each host keeps its data (`dataset.data_dir`, `manual_dir`)
+  may differ."""
+  watchdog = _Watchdog.instance
+  if watchdog is None:
+    return
+  settings = config.to_dict()
+  for key in ("data_dir", "manual_dir"):
+    settings.get("dataset", {}).pop(key, None)
+  digest = hashlib.sha256(repr(sorted(_flat(settings))).encode()).hexdigest()[:12]
+  watchdog.client.key_value_set(f"cnnlab/config/{watchdog.me}", digest)
+  differ = [p for p in watchdog.peers if watchdog.client.blocking_key_value_get(
+      f"cnnlab/config/{p}", START_TIMEOUT_S * 1000) != digest]
+  if differ:
+    fail(f"process {watchdog.me}'s config (sha256 {digest}) differs from that of process "
+         f"{differ[0]}: give every process the same --config and --config.* flags.", 2)
+
+
+def _flat(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", repr(value)
+
+
+def lost_peer(error: BaseException) -> None:
+  """A JAX runtime error in a collective or barrier of a multi-process run (gloo's "Connection
+  closed by peer", a coordination-service barrier) means a peer ended, not a bug: lets the
+  watchdog name the peer (within PEER_TIMEOUT_S), else ends in one line itself."""
+  if _Watchdog.instance is None or not isinstance(error, jax.errors.JaxRuntimeError):
+    return
+  time.sleep(PEER_TIMEOUT_S + 2 * BEAT_S)
+  fail(f"process {jax.process_index()}: a collective with the other processes failed "
+       f"({_first_line(error)}); {_RESUME}.", 2)
+
+
 def finish() -> None:
   """Waits until every process has finished its work, then stops the watchdog, so that no
   process reads a finished peer as a lost one. A peer that dies meanwhile is the watchdog's."""
@@ -151,17 +191,21 @@ class _Watchdog:
     self.me, self.count = jax.process_index(), jax.process_count()
     self.peers = [p for p in range(self.count) if p != self.me]
     self.stopped = threading.Event()
+    self.answered = time.monotonic()  # When the coordinator last answered a whole round.
     self.thread = threading.Thread(target=self._run, name="cnnlab-hosts-watchdog", daemon=True)
+    self.guard = threading.Thread(target=self._guard, name="cnnlab-hosts-guard", daemon=True)
 
   @classmethod
   def start(cls) -> None:
     if jax.process_count() > 1 and cls.instance is None:
       cls.instance = cls()
       cls.instance.thread.start()
+      cls.instance.guard.start()
 
   def stop(self) -> None:
     self.stopped.set()
     self.thread.join()
+    self.guard.join()
     _Watchdog.instance = None
 
   def publish_exit(self, message: str) -> None:
@@ -185,11 +229,20 @@ class _Watchdog:
           elif time.monotonic() - seen[peer][1] > PEER_TIMEOUT_S:
             self._end(f"process {peer} of {self.count} has not answered for "
                       f"{PEER_TIMEOUT_S:.0f} s (killed, stopped, or its host is gone)", 2)
+        self.answered = time.monotonic()
       except Exception as e:  # noqa: BLE001 -- the key-value store (process 0) is gone.
         if self.stopped.is_set():
           return
         self._end(f"lost the coordinator, process 0 ({_first_line(e)}): it ended or its host "
                   f"is gone", 2)
+
+  def _guard(self) -> None:
+    """JAX's key-value calls have no deadline: one to a stopped or frozen process 0 never returns
+    and would hold the watchdog until JAX aborts the process (3 x PEER_TIMEOUT_S, C++ stack)."""
+    while not self.stopped.wait(BEAT_S):
+      if time.monotonic() - self.answered > PEER_TIMEOUT_S + BEAT_S:
+        self._end(f"the coordinator, process 0, has not answered for {PEER_TIMEOUT_S:.0f} s "
+                  f"(stopped, or its host is gone)", 2)
 
   def _try_get(self, key: str) -> str | None:
     try:
@@ -201,7 +254,7 @@ class _Watchdog:
 
   def _end(self, what: str, status: int) -> NoReturn:
     _ending.acquire()
-    print(f"error: process {self.me}: {what}; every process stops; {_RESUME}.", file=sys.stderr,
-          flush=True)
+    print(f"error: process {self.me}: {what}; every process stops; {_RESUME}.",
+          file=sys.stderr, flush=True)
     supervisor.report_exit(status)
     os._exit(status)

@@ -4,13 +4,15 @@ When a peer of a multi-process run dies, JAX and XLA end the others from C++: a 
 a C++ stack and Python's fault handler's dump of every thread (`client.h:80] Terminating
 process`, within a second of losing the coordinator); a port already in use ends the process
 with a segmentation fault. Neither can be caught inside the process. So launch.py runs each
-process of a multi-process run as a child of a small parent that imports no JAX:
+process of a multi-process run as a child of a small parent that starts no JAX backend:
 
 - the child's stdout and stderr pass through, except XLA's and gloo's own log lines (C++
   `[IWEF]mmdd ... file.cc:N]` lines with what follows them, `[Gloo]` lines, fatal stacks and
   thread dumps), which go to a log file;
-- SIGTERM and SIGINT to the parent reach the child (which saves a checkpoint with its peers and
-  says so); `kill -9` of the parent kills the child (PR_SET_PDEATHSIG);
+- SIGTERM and SIGINT to the parent reach the child once (it runs in its own session, so a
+  terminal's Ctrl-C comes only through the parent), which saves a checkpoint with its peers and
+  says so; a second signal stops it at once (exit 130); `kill -9` of the parent kills the child
+  (PR_SET_PDEATHSIG);
 - a child that ends without its own `error:` line, killed by a signal or aborted by XLA, is
   reported in one line naming why and the log file, with exit status 2.
 """
@@ -36,6 +38,8 @@ START_TIMEOUT_S = int(os.environ.get("CNNLAB_START_TIMEOUT_S", "120"))
 PEER_TIMEOUT_S = float(os.environ.get("CNNLAB_PEER_TIMEOUT_S", "30"))
 # The child's lines to its parent (not shown): start-up is over; the status it exits with.
 _JOINED = b"cnnlab-supervisor: joined\n"
+RESUME_HINT = ("start all processes again with the same commands to resume from the last "
+               "checkpoint")
 _EXITING = b"cnnlab-supervisor: exit "
 # XLA/absl C++ log lines (not Python's absl logging, whose source is a .py file), gloo's
 # connection lines, and what a fatal error prints after them.
@@ -141,7 +145,7 @@ def run(argv: list[str], process_id: int | str) -> int:
   child = subprocess.Popen(
       [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), sys.executable, *argv],
       env=dict(os.environ, **{SUPERVISED_ENV: "1"}), stdin=subprocess.DEVNULL,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, lambda signum, frame: child.send_signal(signum))
   filters = [_Filter(log_path, sys.stdout.buffer), _Filter(log_path, sys.stderr.buffer)]
@@ -161,14 +165,17 @@ def run(argv: list[str], process_id: int | str) -> int:
           f"with the same --coordinator_address and --num_processes and its own --process_id "
           f"(this process's log: {log_path}).", file=sys.stderr, flush=True)
     return 2
+  if -status in (signal.SIGTERM, signal.SIGINT):  # A second signal: the user's, exit at once.
+    print(f"error: process {process_id} stopped at once by a second "
+          f"{signal.Signals(-status).name}; {RESUME_HINT}.", file=sys.stderr, flush=True)
+    return 130
   why = (f"ended by {signal.Signals(-status).name}" if status < 0
          else f"exited with status {status}")
   fatal = next((f.fatal for f in filters if f.fatal), None)
   if fatal:
     why += f" (XLA: {fatal.split('. ')[0][:200]})"
   print(f"error: process {process_id} {why}; if another process ended first, its line says "
-        f"why; start all processes again with the same commands to resume from the last "
-        f"checkpoint (this process's log: {log_path}).", file=sys.stderr, flush=True)
+        f"why; {RESUME_HINT} (this process's log: {log_path}).", file=sys.stderr, flush=True)
   return 2
 
 

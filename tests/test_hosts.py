@@ -128,6 +128,32 @@ def test_a_process_whose_peers_never_start_says_so(data_dir, tmp_path, process_i
   assert time.monotonic() - start < 60
 
 
+def test_a_config_flag_given_to_one_process_only_ends_both_in_one_line(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  args, port = _args(data_dir, workdir), _free_port()
+  procs = [_start(args, port, 0), _start([*args, "--config.seed=7"], port, 1)]
+  codes, errs, _ = _finish(procs, timeout=120)
+  assert codes == [2, 2], errs
+  assert all(len(_errors(e)) == 1 and "Traceback" not in e for e in errs), errs
+  assert any("differs from that of process" in e for e in errs), errs
+  assert not (workdir / "results.json").exists() and not (workdir / "checkpoints").exists()
+
+
+def test_kill_9_of_a_process_itself_not_its_parent_is_one_line_on_each(data_dir, tmp_path):
+  """The child of the supervising parent is what the OOM killer or a node failure ends; its
+  peer sees gloo's 'Connection closed by peer' in a collective first, then names the peer."""
+  workdir = str(tmp_path / "run")
+  procs = _both(_args(data_dir, workdir))
+  wait_for_checkpoint(workdir, 20, procs[0])
+  child = int(subprocess.check_output(["pgrep", "-P", str(procs[1].pid)]).split()[0])
+  os.kill(child, signal.SIGKILL)
+  codes, errs, took = _finish(procs, timeout=120)
+  assert codes == [2, 2], errs
+  assert all(len(_errors(e)) == 1 and "Traceback" not in e for e in errs), errs
+  assert "ended by SIGKILL" in errs[1]
+  assert took[0] < 5 + 15
+
+
 @pytest.mark.parametrize("victim", [0, 1])
 def test_kill_9_of_either_process_ends_the_other_in_one_line_and_the_run_resumes(
     data_dir, tmp_path, uninterrupted, victim):
