@@ -67,6 +67,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
       raise TypeError(f"get_config() returned a {type(_CONFIG.value).__name__}, not a ConfigDict")
     return rest
   except Exception as e:  # flags.Error, or raised by the user's config file or an override.
+    signalled = interrupts.signalled_as(e)
+    if signalled is not None:  # A signal inside an import the config file made.
+      raise signalled from None
     from cnnlab import cli  # The error path only: keeps `--help` fast.
     _fail(cli.flag_error_line(e, argv, flags.FLAGS))
 
@@ -152,5 +155,8 @@ if __name__ == "__main__":
   interrupts.stop_on_signal()  # Before anything starts: a signal anywhere is one line.
   try:
     app.run(main, flags_parser=_parse_flags)
-  except interrupts.Signalled as e:
-    _fail(str(e), 130)
+  except BaseException as e:  # noqa: BLE001 -- a signal, perhaps wrapped by an import; else re-raised.
+    signalled = None if isinstance(e, SystemExit) else interrupts.signalled_as(e)
+    if signalled is None:
+      raise
+    _fail(str(signalled), 130)

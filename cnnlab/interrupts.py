@@ -34,11 +34,24 @@ def _exit_now(signum: int) -> None:
   os.kill(os.getpid(), signum)
 
 
+_caught: list[int] = []  # Signals `stop_on_signal`'s handler has raised as `Signalled`.
+
+
+def signalled_as(error: BaseException) -> Signalled | None:
+  """`error` if it is `Signalled`, or the `Signalled` it replaced: a signal raised inside an
+  import can come out as the ImportError the imported package raises instead (numpy does)."""
+  if isinstance(error, Signalled):
+    return error
+  if _caught:
+    return Signalled(signal.Signals(_caught[0]).name)
+  return None
+
+
 def stop_on_signal() -> None:
   """Makes the first SIGTERM/SIGINT raise `Signalled` in the main thread (a command line's entry
   point calls it once, then prints the exception as its one line), the second exit at once.
   A signal that lands in a long call into C (an XLA compilation) takes effect when it returns."""
-  caught = []
+  caught = _caught
 
   def handler(signum, frame):
     if caught:

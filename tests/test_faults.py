@@ -203,3 +203,28 @@ def test_a_second_signal_exits_at_once():
   proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                         timeout=60)
   assert proc.returncode == -signal.SIGTERM, proc.stderr
+
+
+def test_a_signal_inside_an_import_that_rewraps_it_is_still_one_line(tmp_path):
+  """numpy's import turns any exception into an ImportError: a SIGTERM in the first second of
+  launch.py came out as that traceback, exit 1. launch.py reports what the handler caught."""
+  (tmp_path / "rewraps.py").write_text(
+      "import os, signal\n"
+      "try:\n"
+      "  os.kill(os.getpid(), signal.SIGTERM)\n"
+      "except BaseException as e:\n"
+      "  raise ImportError('the package failed to import') from e\n")
+  # The config file is read while the flags are parsed: the import fails inside it.
+  script = ("import sys, runpy\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            f"sys.argv = [{os.path.join(ROOT, 'launch.py')!r}, '--config=experiments/default.py']\n"
+            "import cnnlab.configs\n"
+            "original = cnnlab.configs.base_config\n"
+            "cnnlab.configs.base_config = lambda: (__import__('rewraps'), original())[1]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == [
+      "error: interrupted by SIGTERM before the command finished; what the workdir holds "
+      "(finished runs, checkpoints) is kept: rerun the same command to go on from there."]
