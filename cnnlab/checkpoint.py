@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from cnnlab import digests
+from cnnlab import digests, locks
 from cnnlab.errors import CheckpointError, WorkdirError
 
 # orbax logs every save at INFO; keep the progress bar readable.
@@ -65,6 +65,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.LatestN(max(1, keep)),
             enable_async_checkpointing=False)
+        locks.fence(self.directory)
         _remove_incomplete(self.directory)
       self._manager = ocp.CheckpointManager(
           self.directory, options=options, item_names=("state", "progress"))
@@ -84,10 +85,14 @@ class Checkpointer:
     Raises:
       WorkdirError: the checkpoint cannot be written (disk full, read-only); earlier checkpoints
         are intact and the half-written one is removed.
+      locks.LockLost: the directory's lock was lost, before or during the save (a taker may
+        have deleted the save in flight): nothing is written or removed.
     """
     record = {**progress, STEP_KEY: step, STATE_DIGEST_KEY: digests.tree_sha256(state)}
     record[RECORD_DIGEST_KEY] = digests.json_sha256(record)
-    with _writing(os.path.join(self.directory, str(step)), self.directory):
+    path = os.path.join(self.directory, str(step))
+    locks.fence(path)
+    with _writing(path, self.directory):
       self._manager.save(
           step, args=ocp.args.Composite(
               state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(record)),
@@ -209,6 +214,7 @@ class Checkpointer:
           f"here, since {self.directory} was opened for reading only.")
     targets = [self._step_path(s) + CORRUPT_SUFFIX for s in steps]
     if jax.process_index() == 0:
+      locks.fence(self.directory)
       for step, target in zip(steps, targets):
         with _writing(target, self.directory):
           shutil.rmtree(target, ignore_errors=True)
@@ -280,19 +286,31 @@ def _causes(error: BaseException) -> list[BaseException]:
 def _writing(path: str, directory: str):
   """Runs orbax quietly; turns a failed write of `path` (an OS error anywhere in the exception's
   causes) into one WorkdirError line, after removing any half-written checkpoint from
-  `directory` and releasing orbax's failed futures, which would log each failure again."""
+  `directory` and releasing orbax's failed futures, which would log each failure again. A write
+  that failed because the directory's lock was lost meanwhile (a taker deleted the save in
+  flight) raises locks.LockLost and removes nothing: the saves in flight are the taker's."""
   with _quiet_orbax():
     try:
       yield
-    except Exception as e:  # noqa: BLE001 -- re-raised unless an OS error is behind it.
-      failure = os_failure(e)
-      if failure is None:
+    except Exception as e:  # noqa: BLE001 -- re-raised unless an OS error or a lost lock is behind.
+      failure, lost = os_failure(e), _lost_lock(path)
+      if failure is None and lost is None:
         raise
+      _release(e)
+      if lost is not None:
+        raise lost from None
       with contextlib.suppress(OSError):
         _remove_incomplete(directory)
-      _release(e)
       raise WorkdirError.from_os_error(path, failure.errno, failure.reason,
                                        max(saved_steps(directory), default=0)) from None
+
+
+def _lost_lock(path: str) -> locks.LockLost | None:
+  try:
+    locks.fence(path)
+  except locks.LockLost as e:
+    return e
+  return None
 
 
 def _release(error: BaseException) -> None:

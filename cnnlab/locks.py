@@ -15,13 +15,18 @@ stale), reads the lock again, and only if it is still stale renames it to a name
 that it moved the very file it read (else puts it back), deletes it and creates its own lock with
 O_EXCL. Without the `.break` file, a taker that judged the old file stale could delete the lock a
 faster taker had just made. Release deletes the lock only if it still holds our token.
+
+Fencing: a holder stopped for longer than `stale_after_s` (SIGSTOP, a frozen node, a long GC)
+loses its lock to a taker, which trains the same run. Every write into a locked directory (a
+run's checkpoints, metrics, results: rundir's writes and checkpoint.Checkpointer's) first calls
+`fence(path)`, which reads the lock file again and raises `LockLost` (one line) once our token is
+gone, so the old holder stops writing at once and the run is trained once, by the taker.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import secrets
 import socket
@@ -36,7 +41,22 @@ HEARTBEAT_S = 5.0
 # crashed worker's cell is trained again within a minute.
 STALE_AFTER_S = 60.0
 
-_log = logging.getLogger(__name__)
+_HELD: set["CellLock"] = set()  # The locks this process holds (acquired, not yet released).
+
+
+class LockLost(WorkdirError):
+  """This process's lock on a directory was taken over: it must not write there any more."""
+
+
+def fence(path: str) -> None:
+  """Raises LockLost if `path` lies in a directory whose lock this process holds and has lost.
+  Called before every write of a run's files; a no-op where this process holds no lock."""
+  if not _HELD:
+    return
+  path = os.path.abspath(path)
+  for lock in list(_HELD):
+    if path == lock.directory or path.startswith(lock.directory + os.sep):
+      lock.confirm()
 
 
 def _read_text(path: str) -> str:
@@ -97,7 +117,7 @@ class CellLock:
 
   `acquire() -> bool` takes the lock if it is free or stale; `release()` gives it back; `close()`
   releases it if held (so a lock that was not acquired can always be closed). `lost` turns True
-  if the heartbeat finds that another process has replaced the lock file.
+  once the heartbeat or `confirm()` finds that another process has replaced the lock file.
   """
 
   def __init__(self, cell_dir: str, *, heartbeat_s: float = HEARTBEAT_S,
@@ -105,6 +125,7 @@ class CellLock:
     if not 0 < heartbeat_s < stale_after_s:
       raise ConfigError(f"lock heartbeat_s={heartbeat_s!r} must be positive and below "
                         f"stale_after_s={stale_after_s!r}.")
+    self.directory = os.path.abspath(cell_dir)
     self.path = os.path.join(cell_dir, LOCK_NAME)
     try:
       os.makedirs(cell_dir, exist_ok=True)
@@ -114,6 +135,7 @@ class CellLock:
     self.stale_after_s = stale_after_s
     self.token = ""
     self.lost = False
+    self._taker: dict = {}  # The record of the process that took the lock over.
     self._stop = threading.Event()
     self._heartbeat: threading.Thread | None = None
 
@@ -136,15 +158,38 @@ class CellLock:
     self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat {self.path}",
                                        daemon=True)
     self._heartbeat.start()
+    _HELD.add(self)
     return True
 
   def release(self) -> None:
     if not self.held:
       return
+    _HELD.discard(self)
     self._stop.set()
     self._heartbeat.join()
     self._heartbeat = None
     self._remove_own(self.path)
+
+  def confirm(self) -> None:
+    """Raises LockLost unless the lock file still carries our token (read now, not at the last
+    heartbeat: a process resumed after a long stop writes before its heartbeat runs)."""
+    if not self.lost and not self._ours():
+      time.sleep(min(0.1, self.heartbeat_s))  # One miss may be a taker putting our file back.
+      self.lost = not self._ours()
+    if self.lost:
+      taker = self._taker
+      raise LockLost(
+          f"lost the lock {self.path}: another process (host {taker.get('host')}, pid "
+          f"{taker.get('pid')}) took it over, this one having not refreshed it for over "
+          f"{self.stale_after_s:g} s (stopped or frozen); this process stops writing in "
+          f"{self.directory}, which that one now trains. Rerun the same command to join it.")
+
+  def _ours(self) -> bool:
+    holder = self._read(self.path)
+    if holder is not None and holder.record.get("token") == self.token:
+      return True
+    self._taker = holder.record if holder is not None else {}
+    return False
 
   def close(self) -> None:
     self.release()
@@ -178,6 +223,11 @@ class CellLock:
         stat, text = os.fstat(f.fileno()), f.read(65536)
     except FileNotFoundError:
       return None
+    except IsADirectoryError:
+      raise WorkdirError(f"{path} is a directory, not a cnnlab lock file; remove it (cnnlab "
+                         f"never makes one) or use another --workdir.") from None
+    except OSError as e:
+      raise WorkdirError.from_os_error(path, e.errno, e.strerror, None) from None
     try:
       record = json.loads(text)
     except ValueError:
@@ -239,10 +289,15 @@ class CellLock:
     return False
 
   def _beat(self) -> None:
+    """Touches our lock file every heartbeat; on finding it replaced twice in a row, sets `lost`
+    and stops (the next write, through `fence`, reports it)."""
     misses = 0
     while not self._stop.wait(self.heartbeat_s):
-      holder = self._read(self.path)
-      if holder is not None and holder.record.get("token") == self.token:
+      try:
+        ours = self._ours()
+      except WorkdirError:
+        ours = False  # Replaced by something unreadable: not ours.
+      if ours:
         misses = 0
         try:
           os.utime(self.path)
@@ -252,8 +307,6 @@ class CellLock:
       misses += 1  # One miss may be a taker that is putting our file back.
       if misses >= 2:
         self.lost = True
-        _log.warning("lost the lock %s: another process replaced it (held by %s)", self.path,
-                     holder.record if holder else "nobody")
         return
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import ml_collections
 import tqdm
 
-from cnnlab import checkpoint, digests, environment
+from cnnlab import checkpoint, digests, environment, locks
 from cnnlab.errors import CheckpointError, WorkdirError
 
 # Config fields that only change how a run is observed, never its numbers.
@@ -87,7 +87,9 @@ def write_text_atomic(path: str, text: str, resume_step: int | None = None) -> N
 
 
 def write_bytes_atomic(path: str, data: bytes, resume_step: int | None = None) -> None:
-  """`write_json_atomic` for bytes: a temporary file, fsync'ed, then renamed over `path`."""
+  """`write_json_atomic` for bytes: a temporary file, fsync'ed, then renamed over `path`.
+  Raises locks.LockLost if `path` is in a directory whose lock this process lost."""
+  locks.fence(path)
   tmp = f"{path}.tmp{os.getpid()}"
   try:
     with open(tmp, "wb") as f:
@@ -106,8 +108,10 @@ def append_bytes(path: str, data: bytes, resume_step: int | None = None) -> None
   ends in half a line.
 
   Raises:
-    WorkdirError: the write failed.
+    WorkdirError: the write failed (locks.LockLost: `path` is in a directory whose lock this
+      process lost).
   """
+  locks.fence(path)
   try:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   except OSError as e:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from cnnlab import locks
+from cnnlab import locks, rundir
 from cnnlab.locks import CellLock
 from conftest import ROOT
 
@@ -155,3 +156,86 @@ def test_release_leaves_a_lock_that_is_not_ours(tmp_path):
 def test_heartbeat_must_be_shorter_than_staleness(tmp_path):
   with pytest.raises(ValueError, match="heartbeat_s=5.*stale_after_s=2"):
     CellLock(str(tmp_path), heartbeat_s=5, stale_after_s=2)
+
+
+def test_a_lock_file_that_is_a_directory_is_one_line(tmp_path):
+  os.mkdir(tmp_path / locks.LOCK_NAME)
+  with pytest.raises(locks.WorkdirError, match=r"\.lock is a directory, not a cnnlab lock file; "
+                     r"remove it \(cnnlab never makes one\) or use another --workdir\.$"):
+    CellLock(str(tmp_path), **FAST).acquire()
+
+
+def test_a_lost_lock_fences_every_write_in_its_directory(tmp_path):
+  from cnnlab import checkpoint
+  lock = CellLock(str(tmp_path / "cell"), **FAST)
+  assert lock.acquire()
+  run_dir = tmp_path / "cell" / "seed_0"
+  run_dir.mkdir()
+  rundir.RunDir(str(run_dir)).log({"step": 1, "split": "train"})  # Held: written.
+  os.remove(lock.path)                                        # A taker removed it, made its own:
+  write_foreign_lock(str(tmp_path / "cell"), 0, 4242)
+  writes = [lambda: rundir.RunDir(str(run_dir)).log({"step": 2, "split": "train"}),
+            lambda: rundir.write_json_atomic(str(run_dir / "results.json"), {}),
+            lambda: checkpoint.Checkpointer(str(run_dir / "checkpoints"))]
+  for write in writes:
+    with pytest.raises(locks.LockLost, match=r"lost the lock .*cell/\.lock: another process "
+                       r"\(host elsewhere, pid 4242\) took it over"):
+      write()
+  assert sorted(os.listdir(run_dir)) == ["metrics.jsonl"]
+  assert len(open(run_dir / "metrics.jsonl").readlines()) == 1
+  rundir.write_json_atomic(str(tmp_path / "elsewhere.json"), {})  # Outside the cell: written.
+  lock.release()
+  assert read_record(tmp_path / "cell")["pid"] == 4242  # The taker's lock is left alone.
+
+
+# A sweep process whose locks go stale in 2 s (heartbeats every 0.2 s), so a stop of a few
+# seconds loses them (the defaults, 5 s and 60 s, are CellLock's parameters).
+FAST_LAUNCH = """
+import runpy, sys
+from cnnlab import locks
+locks.CellLock.__init__.__kwdefaults__.update(heartbeat_s=0.2, stale_after_s=2.0)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _launch_fast(data_dir, workdir):
+  args = [os.path.join(ROOT, "launch.py"), "--config=experiments/default.py",
+          f"--workdir={workdir}", "--noprogress", "--config.dataset.name=digits",
+          f"--config.dataset.data_dir={data_dir}", "--config.model.name=vgg_cnn",
+          "--config.model.stages=((8,),(16,))", "--config.batch_size=32", "--config.num_epochs=2",
+          "--config.log_every_steps=2", "--config.checkpoint_every_steps=4"]
+  return subprocess.Popen([sys.executable, "-c", FAST_LAUNCH, *args], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def test_a_stopped_holder_that_lost_its_lock_stops_and_the_run_is_trained_once(
+    data_dir, tmp_path):
+  """Issue 22: a holder stopped past the staleness lost its lock to a second sweep; resumed, it
+  kept training the same run beside the taker and crashed (`No ArrayMetadata found ...
+  orbax-checkpoint-tmp`). Now its next write raises one line and the taker's run is exact."""
+  from conftest import wait_for_checkpoint
+  reference = _launch_fast(data_dir, tmp_path / "reference")
+  assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+  workdir = tmp_path / "run"
+  first = _launch_fast(data_dir, workdir)
+  wait_for_checkpoint(str(workdir), 8, first)
+  os.kill(first.pid, signal.SIGSTOP)
+  second = _launch_fast(data_dir, workdir)
+  deadline = time.time() + 120
+  while read_record(workdir).get("pid") != second.pid:  # Taken over once 2 s stale.
+    assert time.time() < deadline and second.poll() is None, second.communicate()
+    time.sleep(0.05)
+  os.kill(first.pid, signal.SIGCONT)
+  out, err = first.communicate(timeout=300)
+  assert first.returncode == 2, err[-3000:]
+  assert err.strip().splitlines() == [err.strip()] and err.startswith(
+      f"error: lost the lock {workdir}/.lock: another process (host ")
+  out, err = second.communicate(timeout=300)
+  assert second.returncode == 0, err[-3000:]
+  results = [rundir.read_json(str(d / "results.json")) for d in (tmp_path / "reference", workdir)]
+  assert results[0]["params_sha256"] == results[1]["params_sha256"]
+  train_steps = [[json.loads(l)["step"] for l in open(d / "metrics.jsonl") if '"train"' in l]
+                 for d in (tmp_path / "reference", workdir)]
+  assert train_steps[0] == train_steps[1]  # Each logged once.
