@@ -11,7 +11,10 @@ fills up at 64 KB (one orbax disk-full error is longer) and both processes then 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import submitit
+from submitit.core.utils import FailedJobError
 
 from cnnlab.errors import CnnlabError, ConfigError, Interrupted
 from cnnlab.interrupts import interrupt_guard
@@ -33,10 +37,19 @@ QUOTED_LINE_CHARS = 500  # ...and of the line it quotes, at most this much.
 CLUSTERS = ("slurm", "local")
 # config.sweep.launcher: workers as local processes, or as a SLURM job array.
 LAUNCHERS = ("local", "slurm")
-# `config.sweep.slurm` settings and their defaults; "" and 0 leave the cluster's default.
+# `config.sweep.slurm` settings and their defaults; "" leaves the cluster's default, mem_gb=0
+# asks for MEM_GB_PER_CPU per CPU of the job.
 SLURM_DEFAULTS = {"cluster": "slurm", "partition": "", "account": "", "qos": "",
                   "array_size": 4, "gpus_per_job": 1, "cpus_per_job": 4, "mem_gb": 0,
                   "time_limit_min": 240, "max_requeues": 3}
+# A sweep worker's peak memory was 0.7 GB (the quick ablation; one worker per CPU): 2 GB per CPU
+# leaves room and lets a node run several jobs (without --mem SLURM gives each the whole node's).
+MEM_GB_PER_CPU = 2
+# A job is sent SIGUSR2 this long before its time limit (submitit's --signal=USR2@90): its workers
+# save checkpoints and it is requeued. SLURM sends it up to a minute late, so a limit under
+# MIN_TIME_LIMIT_MIN would leave a job little or no time to train before it is warned.
+SIGNAL_DELAY_S = 90
+MIN_TIME_LIMIT_MIN = 5
 
 
 class WorkerError(CnnlabError):
@@ -175,26 +188,70 @@ def slurm_settings(slurm: Mapping[str, Any]) -> dict[str, Any]:
     raise ConfigError(f"config.sweep.slurm.cluster={settings['cluster']!r} is not allowed; "
                       f"choose one of: {', '.join(CLUSTERS)}.")
   for key, default in SLURM_DEFAULTS.items():
-    value, least = settings[key], 1 if key in ("array_size", "time_limit_min") else 0
+    value, least = settings[key], 1 if key in ("array_size", "cpus_per_job") else 0
     if isinstance(default, str) and not isinstance(value, str):
       raise ConfigError(f"config.sweep.slurm.{key}={value!r} must be a string.")
     if isinstance(default, int) and (type(value) is not int or value < least):
       raise ConfigError(f"config.sweep.slurm.{key}={value!r} must be an integer >= {least}.")
+  if settings["time_limit_min"] < MIN_TIME_LIMIT_MIN:
+    raise ConfigError(
+        f"config.sweep.slurm.time_limit_min={settings['time_limit_min']} is too short: a job is "
+        f"warned {SIGNAL_DELAY_S} s before its time limit (SLURM may be a minute late) to save "
+        f"its runs and be requeued; use time_limit_min >= {MIN_TIME_LIMIT_MIN}.")
   return settings
 
 
 def make_executor(folder: str, settings: Mapping[str, Any]):
   """A submitit executor for `slurm_settings(...)`: a SLURM array, or local processes."""
+  if settings["cluster"] == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+    raise ConfigError("config.sweep.launcher=slurm needs SLURM's sbatch and srun, which are not "
+                      "on PATH here: run the command on a login node of the cluster, or set "
+                      "config.sweep.slurm.cluster=local to run the same job array here.")
   executor = submitit.AutoExecutor(folder=folder, cluster=settings["cluster"],
-                                   slurm_max_num_timeout=settings["max_requeues"])
+                                   slurm_max_num_timeout=settings["max_requeues"],
+                                   local_max_num_timeout=settings["max_requeues"])
   optional = {"slurm_partition": settings["partition"], "slurm_account": settings["account"],
-              "slurm_qos": settings["qos"], "mem_gb": settings["mem_gb"]}
+              "slurm_qos": settings["qos"]}
   executor.update_parameters(
       name="cnnlab-sweep", timeout_min=settings["time_limit_min"],
       gpus_per_node=settings["gpus_per_job"], cpus_per_task=settings["cpus_per_job"],
+      mem_gb=job_mem_gb(settings),
       tasks_per_node=1, nodes=1, slurm_array_parallelism=settings["array_size"],
-      **{k: v for k, v in optional.items() if v})
+      slurm_signal_delay_s=SIGNAL_DELAY_S, **{k: v for k, v in optional.items() if v})
   return executor
+
+
+def check_slurm_submission(workdir: str, slurm: Mapping[str, Any]) -> None:
+  """Asks sbatch whether the cluster accepts the sweep's job array (`sbatch --test-only`: nothing
+  is queued or written), so a bad partition, GPUs on a cluster without any, or more CPUs or
+  memory than a node has end in one ConfigError quoting sbatch before the sweep writes anything.
+  Nothing to check for `cluster="local"`."""
+  settings = slurm_settings(slurm)
+  if settings["cluster"] != "slurm":
+    return
+  executor = make_executor(os.path.join(workdir, "slurm"), settings)._executor
+  from submitit.slurm.slurm import _make_sbatch_string  # The text map_array submits.
+  script = _make_sbatch_string(command=executor._submitit_command_str, folder=executor.folder,
+                               map_count=settings["array_size"], **executor.parameters)
+  done = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True,
+                        timeout=120)
+  if done.returncode:
+    raise _refused(done.stderr, settings)
+
+
+def _refused(sbatch_stderr: str, settings: Mapping[str, Any]) -> ConfigError:
+  said = " ".join(line.strip() for line in sbatch_stderr.splitlines() if line.strip())
+  asked = [f"{k}={settings[k]!r}" for k in ("partition", "account", "qos") if settings[k]]
+  asked += [f"gpus_per_job={settings['gpus_per_job']}", f"cpus_per_job={settings['cpus_per_job']}",
+            f"mem_gb={settings['mem_gb']}" if settings["mem_gb"] else
+            f"mem_gb=0 (= {job_mem_gb(settings)} GB)"]
+  return ConfigError(f"sbatch refused the sweep's job array ({said or 'no message'}); it asked "
+                     f"for {', '.join(asked)}: fix config.sweep.slurm.")
+
+
+def job_mem_gb(settings: Mapping[str, Any]) -> int:
+  """The memory a job asks for: `mem_gb`, or for 0 MEM_GB_PER_CPU per CPU of the job."""
+  return settings["mem_gb"] or MEM_GB_PER_CPU * settings["cpus_per_job"]
 
 
 def _sweep_worker_main(workdir: str) -> None:
@@ -220,10 +277,11 @@ def run_slurm_workers(workdir: str, slurm: Mapping[str, Any],
                       poll_s: float = 10.0) -> None:
   """Submits a job array of `array_size` jobs, each calling `worker_fn(workdir)`, with logs in
   `<workdir>/slurm/`; waits for all of them and raises WorkerError with one line per failed job
-  (its id, state and log). `slurm["cluster"] = "local"` runs the same jobs on this machine."""
+  (its id, state and log). `slurm["cluster"] = "local"` runs the same jobs on this machine. A
+  sbatch that refuses the array raises ConfigError quoting it, and leaves nothing of the
+  submission behind."""
   settings = slurm_settings(slurm)
-  executor = make_executor(os.path.join(workdir, "slurm"), settings)
-  jobs = executor.map_array(SweepWorker(worker_fn), [workdir] * settings["array_size"])
+  jobs = _submit(workdir, settings, worker_fn)
   try:
     while not all(job.done() for job in jobs):
       if on_progress:
@@ -241,3 +299,23 @@ def run_slurm_workers(workdir: str, slurm: Mapping[str, Any],
     lines = [_failure(str(job.paths.stderr), f"job {job.job_id} {_job_outcome(job, e)}")
              for job, e in failed]
     raise WorkerError(f"{len(failed)} of {len(jobs)} sweep jobs failed:\n" + "\n".join(lines))
+
+
+def _submit(workdir: str, settings: Mapping[str, Any], worker_fn) -> list:
+  """The submitted jobs of the array; ConfigError quoting sbatch if it refuses them, after
+  removing the files the attempt wrote (pickles, submission script)."""
+  folder = os.path.join(workdir, "slurm")
+  before = set(os.listdir(folder)) if os.path.isdir(folder) else None
+  executor = make_executor(folder, settings)
+  try:
+    with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error itself.
+      return executor.map_array(SweepWorker(worker_fn),
+                                [workdir] * settings["array_size"])
+  except FailedJobError as e:
+    if before is None:
+      shutil.rmtree(folder, ignore_errors=True)
+    else:
+      for name in set(os.listdir(folder)) - before:
+        path = os.path.join(folder, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    raise _refused(str(e), settings) from None

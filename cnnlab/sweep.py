@@ -284,6 +284,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   if settings.plot_axis and settings.plot_axis not in settings.axes:
     raise ConfigError(f"config.sweep.plot_axis={settings.plot_axis!r} is not an axis; the axes "
                       f"are: {', '.join(settings.axes)}.")
+  if settings.launcher == "slurm":  # Asks the cluster before anything is written.
+    launchers.check_slurm_submission(workdir, settings.slurm.to_dict())
   os.makedirs(workdir, exist_ok=True)
   rundir.write_json_atomic(os.path.join(workdir, "sweep.json"), {
       "config": rundir.config_to_dict(config), "overrides": list(overrides),
