@@ -103,6 +103,11 @@ def check_arguments(coordinator_address: str | None, num_processes: int | None,
                     process_id: int | None) -> None:
   """Refuses incomplete or invalid multi-host flags, or (on process 0) a port in use."""
   given = (coordinator_address, num_processes, process_id)
+  if all(v is None for v in given) and "SLURM_STEP_NUM_TASKS" not in os.environ:
+    raise ConfigError(  # The batch script itself: no step, so no coordinator to find.
+        f"this SLURM job has {os.environ.get('SLURM_NTASKS')} tasks (SLURM_NTASKS) but runs "
+        f"outside srun: start one process per task with `srun python launch.py ...`, or ask "
+        f"for -n 1.")
   if any(v is None for v in given) and not all(v is None for v in given):
     raise ConfigError(
         "--coordinator_address, --num_processes and --process_id go together (got "

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from cnnlab import launchers
+from cnnlab import launchers, supervisor
 from cnnlab.errors import ConfigError
 from conftest import run_launch
 
@@ -74,6 +74,20 @@ def test_jobs_ask_for_memory_per_cpu_not_the_whole_node(tmp_path, refusing_sbatc
   assert "#SBATCH --mem=2GB\n" in script(cpus_per_job=1)
   assert "#SBATCH --mem=3GB\n" in script(cpus_per_job=1, mem_gb=3)
   assert "#SBATCH --signal=USR2@90\n" in script()
+
+
+def test_a_multi_task_batch_script_outside_srun_says_to_use_srun(monkeypatch):
+  """`sbatch -n 2 --wrap "python launch.py ..."` was `ValueError: coordinator_address should be
+  defined.` in a traceback."""
+  monkeypatch.setenv("SLURM_JOB_ID", "7")
+  monkeypatch.setenv("SLURM_NTASKS", "2")
+  monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+  with pytest.raises(ConfigError, match=r"2 tasks \(SLURM_NTASKS\) but runs outside srun: start "
+                                        r"one process per task with `srun python launch.py"):
+    supervisor.check_arguments(None, None, None)
+  done = run_launch("--config=experiments/default.py", "--workdir=/nonexistent/never")
+  assert done.returncode == 2 and done.stderr.startswith("error: this SLURM job has 2 tasks")
+  assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 @real_slurm
