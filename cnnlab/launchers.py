@@ -5,6 +5,11 @@ sweep recorded in `<workdir>/sweep.json` whose `CellLock` it gets and returns wh
 The launchers start workers, call `on_progress()` about every `poll_s` seconds while they run (the
 caller refreshes its progress bar), and raise a `WorkerError` naming the logs of failed workers.
 
+On a CPU every worker is pinned to one core and runs one XLA thread, whichever launcher starts it:
+XLA:CPU sizes its thread pool from the cores a process may use, and the thread count changes the
+low bits of the results. A SLURM job of `cpus_per_job` CPUs therefore runs that many workers (one
+with all its CPUs when it has GPUs), so a sweep gives the same bits locally and on any cluster.
+
 Worker output goes to log files, never to pipes: a pipe that is read only after the worker exits
 fills up at 64 KB (one orbax disk-full error is longer) and both processes then wait forever.
 """
@@ -50,6 +55,12 @@ MEM_GB_PER_CPU = 2
 # MIN_TIME_LIMIT_MIN would leave a job little or no time to train before it is warned.
 SIGNAL_DELAY_S = 90
 MIN_TIME_LIMIT_MIN = 5
+# The signal submitit's SLURM job receives SIGNAL_DELAY_S before its time limit (or preemption).
+REQUEUE_SIGNAL = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+# SLURM job states (sacct) of a job that has not ended yet: submitit's list.
+UNFINISHED_STATES = ("READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING",
+                     "PREEMPTED")
+STOP_TIMEOUT_S = 120  # How long a cancelled sweep waits for its jobs to stop.
 
 
 class WorkerError(CnnlabError):
@@ -92,68 +103,81 @@ def _exit_status(returncode: int) -> str:
   return f"exited with status {returncode}"
 
 
-def _job_outcome(job, exception: Exception) -> str:
-  """"failed" for an exception in the worker; else how the job ended (timeout, memory, ...)."""
-  if isinstance(exception, submitit.core.utils.FailedJobError):
-    return "failed"
-  return f"did not finish (state {job.state})"
-
-
-# A worker is started by a fresh, single-threaded interpreter that pins it to its core, asks
+# A worker is started by a fresh, single-threaded interpreter that pins it to its cores, asks
 # Linux to send it SIGTERM when the sweep's process dies (PR_SET_PDEATHSIG: a `kill -9` of the
-# sweep then stops its workers at a checkpoint instead of leaving them training unseen), and
-# execs it; both settings survive the exec. Doing this in a preexec_fn would run Python between
-# fork and exec in the sweep's process, whose JAX threads make that unsafe (Python's docs: it can
-# deadlock; JAX warns). argv: cpu, the sweep's pid, the worker's command.
+# sweep then stops its workers at a checkpoint instead of leaving them training unseen), ignores
+# SLURM's time-limit warning (REQUEUE_SIGNAL, sent to every process of a job: the job's supervisor
+# turns it into one SIGTERM per worker) and execs it; these settings survive the exec. Doing this
+# in a preexec_fn would run Python between fork and exec in the sweep's process, whose JAX threads
+# make that unsafe (Python's docs: it can deadlock; JAX warns). argv: cpus (comma-separated), the
+# sweep's pid, the signal to ignore, the worker's command.
 _PIN_AND_EXEC = """
 import ctypes, os, signal, sys
-os.sched_setaffinity(0, {int(sys.argv[1])})
+os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
+signal.signal(int(sys.argv[3]), signal.SIG_IGN)
 try:
   ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux only).
 except (AttributeError, OSError):
   pass
 if os.getppid() != int(sys.argv[2]):  # The sweep died before prctl took effect.
   sys.exit(1)
-os.execvp(sys.argv[3], sys.argv[3:])
+os.execvp(sys.argv[4], sys.argv[4:])
 """
 
 
+def pinned(cpus: Sequence[int], command: Sequence[str]) -> list[str]:
+  """`command` started through `_PIN_AND_EXEC`, on `cpus`, by this process (start it in a
+  session of its own, `start_new_session=True`)."""
+  return [sys.executable, "-c", _PIN_AND_EXEC, ",".join(map(str, cpus)), str(os.getpid()),
+          str(int(REQUEUE_SIGNAL)), *command]
+
+
 def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None] | None = None,
-                      *, command: Sequence[str] | None = None, poll_s: float = 0.25) -> None:
+                      *, command: Sequence[str] | None = None, poll_s: float = 0.25,
+                      cpu_sets: Sequence[Sequence[int]] | None = None,
+                      log_paths: Sequence[str] | None = None,
+                      signalled_too: Callable[[], bool] | None = None,
+                      stop: Callable[[], str | None] | None = None) -> None:
   """Runs `workers` processes of `command` (default `python -m cnnlab.sweep WORKDIR`), each
-  pinned to one core and one XLA thread, with its output in `<workdir>/logs/worker_<i>.log`;
-  returns when all have exited and raises WorkerError (one line) if any failed.
+  pinned to its `cpu_sets` entry (default: one core each, in turn) and one XLA thread, with its
+  output in its `log_paths` entry (default `<workdir>/logs/worker_<i>.log`); returns when all
+  have exited and raises WorkerError (one line) if any failed.
 
   SIGTERM/SIGINT (Ctrl-C) to this process reach each worker as one SIGTERM, on which it saves
   a checkpoint and exits; then this raises `Interrupted` (one line). The workers run in their
   own session, so a terminal's Ctrl-C reaches them only this way: a second signal to a worker
-  would stop it before its checkpoint is written. If this process is killed outright (kill -9),
-  Linux sends each worker SIGTERM (`_PIN_AND_EXEC`)."""
+  would stop it before its checkpoint is written: where a signal may have reached the workers
+  too (a SLURM job), `signalled_too()` says whether it did. Once `stop()` returns a reason, each
+  worker gets one SIGTERM too. If this process is killed outright (kill -9), Linux
+  sends each worker SIGTERM (`_PIN_AND_EXEC`)."""
   command = list(command or [sys.executable, "-m", "cnnlab.sweep", workdir])
-  log_dir = os.path.join(workdir, "logs")
-  os.makedirs(log_dir, exist_ok=True)
   cpus = sorted(os.sched_getaffinity(0))
+  cpu_sets = cpu_sets or [[cpus[i % len(cpus)]] for i in range(workers)]
+  if log_paths is None:
+    log_paths = [os.path.join(workdir, "logs", f"worker_{i}.log") for i in range(workers)]
+  for log_dir in {os.path.dirname(p) for p in log_paths}:
+    os.makedirs(log_dir, exist_ok=True)
   flags = os.environ.get("XLA_FLAGS", "")
-  env = dict(os.environ, XLA_FLAGS=f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip(),
-             PYTHONUNBUFFERED="1")
-  procs, logs = [], []
+  if SINGLE_THREAD_XLA_FLAGS not in flags.split():
+    flags = f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip()
+  env = dict(os.environ, XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
+  procs = []
   with interrupt_guard() as interrupt:
     try:
-      for i in range(workers):
-        cpu = cpus[i % len(cpus)]
-        logs.append(os.path.join(log_dir, f"worker_{i}.log"))
-        with open(logs[-1], "wb") as log:  # The child keeps its own descriptor.
+      for cpu_set, log_path in zip(cpu_sets, log_paths):
+        with open(log_path, "wb") as log:  # The child keeps its own descriptor.
           procs.append(subprocess.Popen(
-              [sys.executable, "-c", _PIN_AND_EXEC, str(cpu), str(os.getpid()), *command],
-              env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-              start_new_session=True))
-      forwarded = False
+              pinned(cpu_set, command), env=env, stdin=subprocess.DEVNULL, stdout=log,
+              stderr=subprocess.STDOUT, start_new_session=True))
+      stopping = None
       while any(p.poll() is None for p in procs):
-        if interrupt["signal"] and not forwarded:
-          for p in procs:
-            if p.poll() is None:
-              p.send_signal(signal.SIGTERM)
-          forwarded = True
+        reason = interrupt["signal"] or (stop() if stop else None)
+        if reason and not stopping:
+          if not (interrupt["signal"] and signalled_too and signalled_too()):
+            for p in procs:
+              if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+          stopping = reason
         if on_progress:
           on_progress()
         time.sleep(poll_s)
@@ -165,14 +189,15 @@ def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None
         p.wait()
   if on_progress:
     on_progress()
-  if interrupt["signal"]:
-    raise Interrupted(f"interrupted by {interrupt['signal']}: each worker saved a checkpoint of "
-                      f"the run it was training; rerun the same command to resume.")
+  stopping = interrupt["signal"] or stopping
+  if stopping:
+    raise Interrupted(f"interrupted by {stopping}: each worker saved a checkpoint of the run it "
+                      f"was training; rerun the same command to resume.")
   failed = [i for i, p in enumerate(procs) if p.returncode != 0]
   if failed:
     first = failed[0]
     raise WorkerError(_failure(
-        logs[first], f"{len(failed)} of {workers} sweep workers failed (worker {first} "
+        log_paths[first], f"{len(failed)} of {len(procs)} sweep workers failed (worker {first} "
         f"{_exit_status(procs[first].returncode)})"))
 
 
@@ -255,50 +280,45 @@ def job_mem_gb(settings: Mapping[str, Any]) -> int:
 
 
 def _sweep_worker_main(workdir: str) -> None:
-  from cnnlab import sweep  # In the job: the launcher itself need not import the trainer.
+  from cnnlab import sweep  # In the worker: the launcher itself need not import the trainer.
   sweep.worker_main(workdir)
-
-
-class SweepWorker(submitit.helpers.Checkpointable):
-  """`worker_fn(workdir)` as a requeueable submitit job: one that reaches its time limit or is
-  preempted is requeued with the same argument and resumes (cells are locked, runs restore their
-  checkpoints)."""
-
-  def __init__(self, worker_fn: Callable[[str], None]):
-    self.worker_fn = worker_fn
-
-  def __call__(self, workdir: str) -> None:
-    self.worker_fn(workdir)
 
 
 def run_slurm_workers(workdir: str, slurm: Mapping[str, Any],
                       on_progress: Callable[[], None] | None = None, *,
                       worker_fn: Callable[[str], None] = _sweep_worker_main,
                       poll_s: float = 10.0) -> None:
-  """Submits a job array of `array_size` jobs, each calling `worker_fn(workdir)`, with logs in
-  `<workdir>/slurm/`; waits for all of them and raises WorkerError with one line per failed job
-  (its id, state and log). `slurm["cluster"] = "local"` runs the same jobs on this machine. A
-  sbatch that refuses the array raises ConfigError quoting it, and leaves nothing of the
-  submission behind."""
+  """Submits a job array of `array_size` `SweepWorker` jobs, with logs in `<workdir>/slurm/`,
+  and waits until SLURM says each has ended (a requeued job is waited for); raises WorkerError,
+  one line, for jobs that did not complete (failed, cancelled, timed out, out of memory).
+  `slurm["cluster"] = "local"` runs the same jobs on this machine.
+
+  SIGTERM/SIGINT (Ctrl-C) to this process cancel the jobs (their workers save checkpoints),
+  wait until they have stopped and raise `Interrupted`; a sbatch that refuses the array raises
+  ConfigError quoting it, and leaves nothing of the submission behind."""
   settings = slurm_settings(slurm)
-  jobs = _submit(workdir, settings, worker_fn)
-  try:
-    while not all(job.done() for job in jobs):
+  with interrupt_guard() as interrupt:
+    jobs = _submit(workdir, settings, worker_fn)
+    states = _states(jobs)
+    while any(s in UNFINISHED_STATES for s in states) and not interrupt["signal"]:
       if on_progress:
         on_progress()
-      time.sleep(poll_s)
-  except BaseException:  # Ctrl-C: the sweep stops; running it again resumes it.
-    for job in jobs:
-      job.cancel(check=False)
-    raise
+      deadline = time.monotonic() + poll_s
+      while time.monotonic() < deadline and not interrupt["signal"]:
+        time.sleep(min(0.1, poll_s))
+      states = _states(jobs)
+    if interrupt["signal"]:
+      raise Interrupted(f"interrupted by {interrupt['signal']}: {_cancel(jobs)}; rerun the same "
+                        f"command to resume.")
   if on_progress:
     on_progress()
-  failed = [(job, job.exception()) for job in jobs]
-  failed = [(job, e) for job, e in failed if e is not None]
+  failed = [(job, state) for job, state in zip(jobs, states) if not _succeeded(job, state)]
   if failed:
-    lines = [_failure(str(job.paths.stderr), f"job {job.job_id} {_job_outcome(job, e)}")
-             for job, e in failed]
-    raise WorkerError(f"{len(failed)} of {len(jobs)} sweep jobs failed:\n" + "\n".join(lines))
+    job, state = failed[0]
+    first = _failure(str(job.paths.stderr), f"job {job.job_id} {_outcome(job, state, settings)}")
+    others = "".join(f"; job {j.job_id}: {s}" for j, s in failed[1:])
+    raise WorkerError(f"{len(failed)} of {len(jobs)} sweep jobs did not complete: {first}{others}"
+                      f"; rerun the same command to resume.")
 
 
 def _submit(workdir: str, settings: Mapping[str, Any], worker_fn) -> list:
@@ -309,7 +329,8 @@ def _submit(workdir: str, settings: Mapping[str, Any], worker_fn) -> list:
   executor = make_executor(folder, settings)
   try:
     with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error itself.
-      return executor.map_array(SweepWorker(worker_fn),
+      from cnnlab.slurm_job import SweepWorker  # It imports this module.
+      return executor.map_array(SweepWorker(worker_fn, settings),
                                 [workdir] * settings["array_size"])
   except FailedJobError as e:
     if before is None:
@@ -319,3 +340,63 @@ def _submit(workdir: str, settings: Mapping[str, Any], worker_fn) -> list:
         path = os.path.join(folder, name)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     raise _refused(str(e), settings) from None
+
+
+def _states(jobs: list) -> list[str]:
+  """Each job's state: SLURM's (one `sacct` for the array; "UNKNOWN" while it does not answer),
+  or for submitit's local jobs RUNNING, FINISHED or INTERRUPTED."""
+  if not isinstance(jobs[0], submitit.SlurmJob):
+    return [job.state for job in jobs]
+  array_id = jobs[0].job_id.split("_")[0]
+  try:
+    out = subprocess.run(["sacct", "-X", "-P", "-o", "JobID,State", "-j", array_id],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    out = ""
+  info = jobs[0].watcher.read_info(out)
+  return [(info.get(job.job_id, {}).get("State") or "UNKNOWN").split()[0] for job in jobs]
+
+
+def _succeeded(job, state: str) -> bool:
+  return (state in ("COMPLETED", "FINISHED") and job.paths.result_pickle.exists()
+          and job.exception() is None)
+
+
+def _outcome(job, state: str, settings: Mapping[str, Any]) -> str:
+  """How a job that did not complete ended, and what to change where that is a setting."""
+  if state == "TIMEOUT":
+    return (f"reached its time limit (state TIMEOUT); raise config.sweep.slurm.time_limit_min "
+            f"(now {settings['time_limit_min']})")
+  if state == "OUT_OF_MEMORY":
+    return (f"ran out of memory (state OUT_OF_MEMORY); raise config.sweep.slurm.mem_gb (now "
+            f"{job_mem_gb(settings)} GB)")
+  if state == "CANCELLED":
+    return "was cancelled (state CANCELLED)"
+  return "failed" if state in ("COMPLETED", "FINISHED") else f"failed (state {state})"
+
+
+def _cancel(jobs: list) -> str:
+  """Cancels the jobs and waits, up to STOP_TIMEOUT_S, until none runs; says what happened."""
+  slurm = isinstance(jobs[0], submitit.SlurmJob)
+  array_id = jobs[0].job_id.split("_")[0]
+  if slurm:
+    subprocess.run(["scancel", array_id], capture_output=True, timeout=60)
+  else:  # SIGTERM to each local job's controller, which passes it on (job.cancel's SIGINT
+    for job in jobs:  # would print its KeyboardInterrupt traceback and SIGKILL the job 1 s later).
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(int(job.job_id), signal.SIGTERM)
+  deadline = time.monotonic() + STOP_TIMEOUT_S
+  while time.monotonic() < deadline:
+    if slurm:
+      listed = subprocess.run(["squeue", "-h", "-j", array_id, "-o", "%i"], capture_output=True,
+                              text=True, timeout=60)
+      running = listed.returncode == 0 and listed.stdout.strip()
+    else:
+      running = any(job.state == "RUNNING" for job in jobs)
+    if not running:
+      what = f"SLURM job array {array_id}" if slurm else f"{len(jobs)} jobs"
+      return (f"cancelled the sweep's {what}, whose workers saved checkpoints of the runs they "
+              f"were training and stopped")
+    time.sleep(0.5)
+  return (f"cancelled the sweep's jobs, but they had not stopped {STOP_TIMEOUT_S} s later "
+          f"(see squeue)")

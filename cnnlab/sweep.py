@@ -307,7 +307,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
       # libraries (matplotlib, scipy.stats, statsmodels: ~4 s) before the report is due.
       from cnnlab import report, summary, visualize  # noqa: F401
       imported.append(True)
-  if settings.launcher == "local" and workers == 1:
+  # On a CPU even one worker is a pinned one-thread process, as a SLURM job's are: the thread
+  # count changes the low bits, and a sweep must give the same results wherever it runs.
+  if settings.launcher == "local" and workers == 1 and jax.default_backend() != "cpu":
     work(config, workdir, overrides=overrides, command=command, progress=progress,
          on_seed_done=bar.update)
   elif settings.launcher == "slurm":
