@@ -74,6 +74,13 @@ def _results(workdir):
   return json.load(open(os.path.join(workdir, "results.json")))
 
 
+def _assert_resumes_to(args, workdir, uninterrupted):
+  """The same two commands again: the run resumes, finishes, and equals the uninterrupted one."""
+  codes, errs, _ = _finish(_both(args))
+  assert codes == [0, 0], errs
+  assert _results(workdir)["params_sha256"] == uninterrupted["params_sha256"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("hosts") / "whole")
@@ -169,9 +176,7 @@ def test_kill_9_of_either_process_ends_the_other_in_one_line_and_the_run_resumes
   assert errs[other].strip().splitlines()[-1] == _errors(errs[other])[0]
   assert took[other] < 5 + 15  # The peer timeout, a heartbeat and exit.
   assert not os.path.exists(os.path.join(workdir, "results.json"))
-  codes, errs, _ = _finish(_both(args))
-  assert codes == [0, 0], errs
-  assert _results(workdir)["params_sha256"] == uninterrupted["params_sha256"]
+  _assert_resumes_to(args, workdir, uninterrupted)
 
 
 @pytest.mark.parametrize("signalled", [(0,), (1,), (0, 1)])
@@ -189,6 +194,4 @@ def test_sigterm_to_either_or_both_stops_both_at_one_step_and_the_run_resumes(
   assert len(lines[0]) == len(lines[1]) == 1 and lines[0] == lines[1], errs
   assert "interrupted by SIGTERM at step" in lines[0][0]
   assert max(took) < 30
-  codes, errs, _ = _finish(_both(args))
-  assert codes == [0, 0], errs
-  assert _results(workdir)["params_sha256"] == uninterrupted["params_sha256"]
+  _assert_resumes_to(args, workdir, uninterrupted)
