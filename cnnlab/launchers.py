@@ -145,11 +145,11 @@ def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None
 
   SIGTERM/SIGINT (Ctrl-C) to this process reach each worker as one SIGTERM, on which it saves
   a checkpoint and exits; then this raises `Interrupted` (one line). The workers run in their
-  own session, so a terminal's Ctrl-C reaches them only this way: a second signal to a worker
-  would stop it before its checkpoint is written: where a signal may have reached the workers
-  too (a SLURM job), `signalled_too()` says whether it did. Once `stop()` returns a reason, each
-  worker gets one SIGTERM too. If this process is killed outright (kill -9), Linux
-  sends each worker SIGTERM (`_PIN_AND_EXEC`)."""
+  own session, so a terminal's Ctrl-C reaches them only this way (a second signal to a worker
+  would stop it before its checkpoint is written); where the signal may have reached the workers
+  as well (a SLURM job), `signalled_too()` says whether it did. Once `stop()` returns a reason,
+  each worker gets one SIGTERM too. If this process is killed outright (kill -9), Linux sends
+  each worker SIGTERM (`_PIN_AND_EXEC`)."""
   command = list(command or [sys.executable, "-m", "cnnlab.sweep", workdir])
   cpus = sorted(os.sched_getaffinity(0))
   cpu_sets = cpu_sets or [[cpus[i % len(cpus)]] for i in range(workers)]
@@ -343,22 +343,35 @@ def _submit(workdir: str, settings: Mapping[str, Any], worker_fn) -> list:
 
 
 def _states(jobs: list) -> list[str]:
-  """Each job's state: SLURM's (one `sacct` for the array; "UNKNOWN" while it does not answer),
-  or for submitit's local jobs RUNNING, FINISHED or INTERRUPTED."""
+  """Each job's state: SLURM's (one `sacct` for the array), or where sacct knows none of them
+  (no accounting, or not yet) squeue's, and ENDED for a job squeue no longer lists; UNKNOWN while
+  neither answers. For submitit's local jobs: RUNNING, FINISHED or INTERRUPTED."""
   if not isinstance(jobs[0], submitit.SlurmJob):
     return [job.state for job in jobs]
-  array_id = jobs[0].job_id.split("_")[0]
+  array_id, watcher = jobs[0].job_id.split("_")[0], jobs[0].watcher
+  info, ended = _ask(["sacct", "-X", "-P", "-o", "JobID,State", "-j", array_id]), "UNKNOWN"
+  if info:
+    info = watcher.read_info(info)
+  else:
+    listed = _ask(["squeue", "-h", "-o", "%i|%T", "-j", array_id])
+    if listed is not None:  # An ended job is no longer listed, or its id no longer known.
+      info, ended = watcher.read_info(f"JobID|State\n{listed}"), "ENDED"
+  return [((info or {}).get(job.job_id, {}).get("State") or ended).split()[0] for job in jobs]
+
+
+def _ask(command: list[str]) -> str | None:
+  """`command`'s output; "" for an unknown job id, None if it failed otherwise."""
   try:
-    out = subprocess.run(["sacct", "-X", "-P", "-o", "JobID,State", "-j", array_id],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
   except (OSError, subprocess.SubprocessError):
-    out = ""
-  info = jobs[0].watcher.read_info(out)
-  return [(info.get(job.job_id, {}).get("State") or "UNKNOWN").split()[0] for job in jobs]
+    return None
+  if done.returncode:
+    return "" if "Invalid job id" in done.stderr else None
+  return done.stdout
 
 
 def _succeeded(job, state: str) -> bool:
-  return (state in ("COMPLETED", "FINISHED") and job.paths.result_pickle.exists()
+  return (state in ("COMPLETED", "FINISHED", "ENDED") and job.paths.result_pickle.exists()
           and job.exception() is None)
 
 

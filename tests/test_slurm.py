@@ -375,3 +375,17 @@ def test_real_cluster_refuses_a_bad_partition_or_gpus_in_one_line(tmp_path, data
   assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr[-3000:]
   assert done.stderr.startswith("error: sbatch refused the sweep's job array (")
   assert said in done.stderr and not workdir.exists()
+
+
+@real_slurm
+def test_real_cluster_without_sacct_the_launcher_follows_squeue(tmp_path, importable_tests,
+                                                                  monkeypatch):
+  """Where sacct does not answer (no accounting), jobs are followed through squeue."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "sacct").write_text("#!/bin/sh\necho 'sacct: error: no accounting' >&2\nexit 1\n")
+  (bin_dir / "sacct").chmod(stat.S_IRWXU)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  _, error = run_in_thread(launchers.run_slurm_workers, str(tmp_path / "sweep"), REAL,
+                           worker_fn=slurm_workers.reports_cpus, poll_s=0.5, timeout=240)
+  assert error is None and len(glob.glob(str(tmp_path / "sweep" / "cpus_*"))) == 2
