@@ -35,7 +35,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _args(data_dir, workdir, epochs=3):
+def _args(data_dir, workdir, epochs=2):
   return [os.path.join(ROOT, "launch.py"), "--config=experiments/default.py",
           f"--workdir={workdir}", "--noprogress", "--config.dataset.name=digits",
           f"--config.dataset.data_dir={data_dir}", "--config.model.name=vgg_cnn",
