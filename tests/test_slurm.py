@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from cnnlab import launchers, slurm_job, supervisor
+from cnnlab import data, launchers, slurm_job, supervisor
 from cnnlab.errors import ConfigError
 from cnnlab.launchers import WorkerError
-from conftest import ROOT, run_launch
+from conftest import ROOT, load_config, run_launch
 from test_launchers import importable_tests, run_in_thread  # noqa: F401 (a fixture)
 import slurm_workers
 
@@ -203,6 +203,9 @@ def test_a_refused_sweep_is_one_line_and_writes_nothing(tmp_path, data_dir, refu
   rc 1, leaving sweep.json, pickles and a submission script: sbatch is now asked first
   (--test-only)."""
   workdir = tmp_path / "sweep"
+  config = load_config("experiments/ablation.py", "quick")
+  config.dataset.data_dir = data_dir
+  data.dataset_info(config.dataset)  # Prepared first: its messages are not the sweep's.
   done = run_launch("--config=experiments/ablation.py:quick", f"--workdir={workdir}",
                     f"--config.dataset.data_dir={data_dir}", "--config.sweep.launcher=slurm",
                     "--config.sweep.slurm.partition=bogus", "--noprogress")
