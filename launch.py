@@ -24,7 +24,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cnnlab import interrupts  # Standard library only: keeps `--help` fast.
+from cnnlab.base import interrupts  # Standard library only: keeps `--help` fast.
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/default.py[:variant].",
@@ -49,7 +49,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process
 def _fail(message: str, status: int = 2) -> NoReturn:
   """The one way launch.py reports a problem in the user's input: one line, exit status 2
   (130 for an interrupted run, which saved a checkpoint)."""
-  hosts = sys.modules.get("cnnlab.hosts")
+  hosts = sys.modules.get("cnnlab.training.hosts")
   if hosts is not None and hosts.attempted():  # Every process of the run ends, in one line.
     hosts.fail(message, status)
   print(f"error: {message}", file=sys.stderr)
@@ -90,7 +90,9 @@ def main(argv):
   ignored = cli.mode_flag_error(_MODE.value, flags.FLAGS)
   if ignored:
     _fail(ignored)
-  from cnnlab import supervisor  # The parent of a multi-process run's process starts no backend.
+  from cnnlab.training import (
+    supervisor,  # The parent of a multi-process run's process starts no backend.
+  )
   hosts_flags = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if (_MODE.value == "train" and supervisor.requested(*hosts_flags)
       and not supervisor.is_child()):
@@ -105,7 +107,10 @@ def main(argv):
   if _CONFIG.value is None:
     _fail("--config is required (all modes but --mode=visualize), e.g. "
           "--config=experiments/default.py.")
-  from cnnlab import environment, errors, hosts, rundir, summary, sweep, validation
+  from cnnlab.base import environment, errors
+  from cnnlab.inspection import summary
+  from cnnlab.study import sweep
+  from cnnlab.training import hosts, rundir, validation
   try:
     if _MODE.value == "summary":
       print(summary.summarize(_CONFIG.value, _input_shape(), _NUM_CLASSES.value).table())
@@ -144,7 +149,8 @@ def _visualize():
   if not _WORKDIR.value or _CONFIG.value is not None:
     _fail("--mode=visualize takes --workdir (a trained or checkpointed run) and no --config: "
           "the config is read from the workdir.")
-  from cnnlab import errors, visualize
+  from cnnlab.base import errors
+  from cnnlab.inspection import visualize
   try:
     print(f"wrote {visualize.write_pictures(_WORKDIR.value)}")
   except errors.CnnlabError as e:

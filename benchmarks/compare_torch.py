@@ -21,7 +21,7 @@ torch window took 9.9 ms against 4.7 in steady state, torch's first after cnnlab
 5.0: torch's OpenMP threads spin on after their work, XLA's pool wakes its own), which is 5-10%
 of a 10-step window.
 Reports images/s (min/median/max over repeats), achieved GFLOP/s (6 x multiply-adds per
-training example, 2 x per eval example, from cnnlab.summary) against the measured float32 matmul
+training example, 2 x per eval example, from cnnlab.inspection.summary) against the measured float32 matmul
 peak of this machine (numpy and jax, the best; on a GPU jax's float32 without TF32), the first
 call (compile) time, and the ratio to torch channels_last (float32). CPU contention: the load
 average before/after, and per timed window the CPU share other processes took (/proc/stat busy
@@ -48,12 +48,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from absl import app, flags
-
 import torch_nets
-from cnnlab import cli, environment, models, summary
-from cnnlab.configs import base_config
+from absl import app, flags
 from nets import LEARNING_RATE, NETS, NUM_CLASSES, CnnlabRunner, cnnlab_config
+
+from cnnlab import cli
+from cnnlab.base import environment
+from cnnlab.configs import base_config
+from cnnlab.inspection import summary
+from cnnlab.nets import models
 
 _NETS = flags.DEFINE_list("nets", ["vgg_small", "resnet20", "main"], "Nets to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds over all variants.", lower_bound=1)

@@ -24,10 +24,12 @@ import numpy as np
 from absl import app, flags
 from jax import lax
 from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: no public API.
-
-from cnnlab import cli, environment, summary
-from cnnlab.configs import base_config
 from nets import NETS, NUM_CLASSES, CnnlabRunner
+
+from cnnlab import cli
+from cnnlab.base import environment
+from cnnlab.configs import base_config
+from cnnlab.inspection import summary
 
 _NETS = flags.DEFINE_list("nets", ["vgg_small", "resnet20"], "Nets to profile.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows per program (the best counts).",

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnnlab import models, optim, train
 from cnnlab.configs import base_config
+from cnnlab.nets import models
+from cnnlab.training import optim, train
 
 NETS = {
     "vgg_small": dict(model=dict(name="vgg_cnn", stages=((32, 32), (64, 64), (128,))),

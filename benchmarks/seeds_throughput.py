@@ -17,8 +17,11 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from cnnlab import cli, environment, models, optim, train
+from cnnlab import cli
+from cnnlab.base import environment
 from cnnlab.configs import base_config
+from cnnlab.nets import models
+from cnnlab.training import optim, train
 
 _SEEDS = flags.DEFINE_integer("seeds", 4, "Seeds per cell.", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size per seed.", lower_bound=1)

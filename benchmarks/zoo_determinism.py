@@ -30,8 +30,11 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from cnnlab import cli, environment, models, optim, train
+from cnnlab import cli
+from cnnlab.base import environment
 from cnnlab.configs import base_config
+from cnnlab.nets import models
+from cnnlab.training import optim, train
 
 _MODELS = flags.DEFINE_list("models", list(models.MODEL_NAMES), "Zoo models to train.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Train steps per run (two runs per model).",

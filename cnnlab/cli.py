@@ -14,7 +14,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cnnlab import errors, validation
+from cnnlab.base import errors
+from cnnlab.training import validation
 
 
 def flag_error_line(error: Exception, argv: list[str], flag_values: flags.FlagValues) -> str:
@@ -83,7 +84,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def write_json_or_fail(flag: str, path: str, obj) -> None:
   """A script's `--<flag>=path` JSON output, written atomically (`rundir.write_json_atomic`); a
   failed write (missing folder, full disk, no permission) is one `error:` line and exit 2."""
-  from cnnlab import rundir  # Only the scripts that write use it.
+  from cnnlab.training import rundir  # Only the scripts that write use it.
   try:
     rundir.write_json_atomic(path, obj)
   except errors.WorkdirError as e:

@@ -52,10 +52,10 @@ def base_config() -> config_dict.ConfigDict:
   config.dataset.validation_seed = 0
 
   config.model = config_dict.ConfigDict()
-  # One of cnnlab.models.MODEL_NAMES: linear, mlp, lenet5, lenet5_fcn, alexnet, vgg_cnn,
+  # One of cnnlab.nets.models.MODEL_NAMES: linear, mlp, lenet5, lenet5_fcn, alexnet, vgg_cnn,
   # vgg11/13/16/19, resnet20/32/44/56/110 (CIFAR), resnet18/34/50 (ImageNet), nin, googlenet.
   config.model.name = "lenet5"
-  # Options every block shares (cnnlab.layers.BlockOptions).
+  # Options every block shares (cnnlab.nets.layers.BlockOptions).
   config.model.bn_placement = "none"      # none | before_act | after_act (ResNets: no after_act)
   config.model.bn_convention = "pytorch"  # pytorch | flax
   config.model.dropout = "none"           # none | standard | spatial | dropblock
@@ -109,7 +109,7 @@ def base_config() -> config_dict.ConfigDict:
 
 
 def init_defaults() -> config_dict.ConfigDict:
-  """`config.init`: start from another run, re-initialise or freeze parts (cnnlab.transfer).
+  """`config.init`: start from another run, re-initialise or freeze parts (cnnlab.training.transfer).
 
   Path patterns are globs over parameter paths like `stage2_conv0/conv/kernel` (`*` crosses `/`);
   a pattern starting with `!` excludes, and the last pattern that matches a path decides, as in
@@ -120,7 +120,7 @@ def init_defaults() -> config_dict.ConfigDict:
   # "sweep:pretrain" (the sweep's pretraining run of the same seed, see config.sweep.pretrain).
   init.source = ""
   # A torchvision state_dict file as the source (.safetensors/.pt/.pth/.bin) needs its
-  # architecture (cnnlab.convert.TORCHVISION_ARCHS, e.g. "resnet18") and config.model set to
+  # architecture (cnnlab.nets.convert.TORCHVISION_ARCHS, e.g. "resnet18") and config.model set to
   # convert.torchvision_model_config(arch).
   init.arch = ""
   init.step = config_dict.placeholder(int)    # The source checkpoint's step; None = the latest.
@@ -162,7 +162,7 @@ def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
   sweep.workers = 1
   # "Steps to reach" this end-of-epoch accuracy, per cell.
   sweep.target_accuracy = 0.9
-  # A pretraining stage (cnnlab.pretrain): overrides of the config (nested, e.g.
+  # A pretraining stage (cnnlab.study.pretrain): overrides of the config (nested, e.g.
   # {"dataset": {"name": "mnist5k"}}) for runs trained once per seed into
   # <workdir>/pretrain/seed_<s> before any cell; cells start from them with
   # init.source="sweep:pretrain". Empty: no stage.

@@ -19,6 +19,7 @@ from ml_collections import config_dict
 
 from cnnlab.configs import sweep_base
 
+
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config = sweep_base("ablation", arg or "full")
   config.model.dropout_rate = 0.2

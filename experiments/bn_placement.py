@@ -17,6 +17,7 @@ from ml_collections import config_dict
 
 from cnnlab.configs import sweep_base
 
+
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config = sweep_base("bn_placement", arg or "full")
   config.model.dropout = "none"

@@ -16,6 +16,7 @@ from ml_collections import config_dict
 
 from cnnlab.configs import sweep_base
 
+
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config = sweep_base("dropout_rates", arg or "full")
   config.model.bn_placement = "before_act"

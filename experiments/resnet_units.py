@@ -16,8 +16,8 @@ paired against the original unit. Variants:
 
 from ml_collections import config_dict
 
-from cnnlab import layers
 from cnnlab.configs import sweep_base
+from cnnlab.nets import layers
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:

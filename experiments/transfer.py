@@ -33,8 +33,8 @@ source's class mapping. Variants:
 
 from ml_collections import config_dict
 
-from cnnlab import transfer
 from cnnlab.configs import sweep_base
+from cnnlab.training import transfer
 
 NEW_HEAD = ("head/*",)
 RECIPES = {

@@ -1,4 +1,4 @@
-"""Full check of cnnlab.convert against torchvision itself (needs torch and torchvision).
+"""Full check of cnnlab.nets.convert against torchvision itself (needs torch and torchvision).
 
     python scripts/check_torchvision.py [--sizes 224 64 97] [--archs resnet18 googlenet ...]
 
@@ -27,8 +27,8 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cnnlab import convert, models  # noqa: E402
-from cnnlab.errors import CheckpointError  # noqa: E402
+from cnnlab.base.errors import CheckpointError  # noqa: E402
+from cnnlab.nets import convert, models  # noqa: E402
 
 
 class NotWeights:

@@ -2,9 +2,9 @@
 
     python scripts/make_torchvision_fixtures.py
 
-Each fixture holds what tests/test_convert.py needs to check cnnlab.convert without torch:
+Each fixture holds what tests/test_convert.py needs to check cnnlab.nets.convert without torch:
 torchvision's state_dict manifest (key -> shape, in state_dict order), the seed of the
-weights (`cnnlab.convert.random_state_dict(manifest, seed)`, which this script loads into
+weights (`cnnlab.nets.convert.random_state_dict(manifest, seed)`, which this script loads into
 torchvision's model, keeping its `num_batches_tracked`), the shape and seed of the NHWC input
 batch (`np.random.default_rng(seed).standard_normal(shape, float32)`), and torchvision's eval-mode
 logits on it (10 classes; googlenet without auxiliary heads, transform_input=False).
@@ -22,7 +22,7 @@ import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from cnnlab import convert  # noqa: E402
+from cnnlab.nets import convert  # noqa: E402
 
 OUT_DIR = os.path.join(ROOT, "tests", "fixtures", "torchvision")
 NUM_CLASSES, BATCH = 10, 2

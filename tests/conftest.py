@@ -15,7 +15,8 @@ def _start_jax_under_the_default_numerics() -> None:
   a default config gives a training process (`environment.apply_numerics`), so CI checks the
   numerics users run. XLA reads XLA_FLAGS once, when its backend starts; the variable is then
   restored, so subprocess tests start from this shell's environment, as a user's command does."""
-  from cnnlab import configs, environment
+  from cnnlab import configs
+  from cnnlab.base import environment
   environment.apply_numerics(configs.base_config())
   import jax
   jax.devices()

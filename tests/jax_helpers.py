@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnlab import layers
+from cnnlab.nets import layers
+
 
 def rng(seed: int) -> jax.Array:
   """Keys for tests: `unsafe_rbg` compiles in a fraction of threefry's time here."""

@@ -11,10 +11,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from cnnlab import data, loop, mesh as mesh_lib, train
-from cnnlab.errors import ConfigError
 from conftest import load_config
+
+from cnnlab import data
+from cnnlab.base.errors import ConfigError
+from cnnlab.training import loop, train
+from cnnlab.training import mesh as mesh_lib
 
 
 def tiny(data_dir):

@@ -1,4 +1,4 @@
-"""Stand-ins for `cnnlab.sweep.worker_main` that SLURM and submitit jobs run in tests
+"""Stand-ins for `cnnlab.study.sweep.worker_main` that SLURM and submitit jobs run in tests
 (tests/test_slurm.py). Light on purpose: every job and worker process imports this module.
 
 Each leaves files in the workdir named after its job (submitit's local job id, or SLURM's array

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
-from cnnlab import models
 from conftest import ROOT
+
+from cnnlab.nets import models
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import zoo_determinism  # noqa: E402

@@ -5,12 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_helpers import KEY, init_np, normal, rng, train_apply
 from scipy import ndimage
 
-from cnnlab import layers
-from cnnlab.errors import ConfigError
-from jax_helpers import KEY, init_np, normal, rng, train_apply
-
+from cnnlab.base.errors import ConfigError
+from cnnlab.nets import layers
 
 # ----------------------------------------------------------------------------------------------
 # DropBlock.

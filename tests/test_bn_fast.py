@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab.layers.core import batch_norm_train
+from cnnlab.nets.layers.core import batch_norm_train
 
 EPS = 1e-5
 RNG = np.random.default_rng(0)

@@ -14,10 +14,11 @@ import types
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from cnnlab import checkpoint, digests, errors
-from cnnlab.checkpoint import Checkpointer
 from conftest import ROOT
+
+from cnnlab.base import digests, errors
+from cnnlab.training import checkpoint
+from cnnlab.training.checkpoint import Checkpointer
 
 # Random bits are incompressible, so orbax stores them verbatim, in a data file that tensorstore
 # reads without a checksum of its own (small arrays sit in checksummed index nodes instead).
@@ -209,8 +210,8 @@ SHARDED = textwrap.dedent("""
     import os, sys
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from cnnlab.checkpoint import Checkpointer
-    from cnnlab.errors import CheckpointError
+    from cnnlab.training.checkpoint import Checkpointer
+    from cnnlab.base.errors import CheckpointError
     sys.path.insert(0, {tests!r})
     from test_checkpoint import MARKER, flip_one_bit_of
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -251,8 +252,8 @@ TWO_PROCESSES = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     pid = int(sys.argv[1])
     jax.distributed.initialize(sys.argv[2], 2, pid)
-    from cnnlab import digests
-    from cnnlab.checkpoint import Checkpointer
+    from cnnlab.base import digests
+    from cnnlab.training.checkpoint import Checkpointer
     mesh = Mesh(np.array(jax.devices()), ("data",))
     full = np.arange(24, dtype=np.float32).reshape(8, 3)
     state = {"split": jax.make_array_from_process_local_data(

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
-from cnnlab import rundir, transfer, visualize
 from conftest import ROOT
+
+from cnnlab.inspection import visualize
+from cnnlab.training import rundir, transfer
 
 IN_FLIGHT = "1000000.orbax-checkpoint-tmp"  # Stands for a save in flight the whole time.
 

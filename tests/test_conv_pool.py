@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from cnnlab import layers
-from cnnlab.errors import ConfigError
 from jax_helpers import KEY, conv_block, eval_apply, init_np, normal, train_apply
+
+from cnnlab.base.errors import ConfigError
+from cnnlab.nets import layers
 
 
 def _shape(block, x, train=False):

@@ -1,4 +1,4 @@
-"""Tests for cnnlab.convert (torchvision weights -> cnnlab) and the torch layouts it relies on:
+"""Tests for cnnlab.nets.convert (torchvision weights -> cnnlab) and the torch layouts it relies on:
 ceil-mode max pooling, BatchNorm epsilon, GoogLeNet's pools. No torch needed: torch is blocked
 for the whole module, and torchvision's logits come from fixtures made by
 scripts/make_torchvision_fixtures.py (numpy weights, torchvision's eval-mode logits).
@@ -16,9 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cnnlab import convert, layers, models
-from cnnlab.errors import CheckpointError, ConfigError
-from cnnlab.summary import summarize_model
+from cnnlab.base.errors import CheckpointError, ConfigError
+from cnnlab.inspection.summary import summarize_model
+from cnnlab.nets import convert, layers, models
 
 FIXTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "fixtures", "torchvision",
                                          "*.json")))

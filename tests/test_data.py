@@ -13,8 +13,8 @@ import tensorflow_datasets as tfds
 from ml_collections import config_dict
 
 from cnnlab import data
+from cnnlab.base.errors import ConfigError, DatasetError
 from cnnlab.data import builders
-from cnnlab.errors import ConfigError, DatasetError
 
 
 def _cfg(name, data_dir, **kw):

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from cnnlab import diagnostics, models
 from conftest import load_config
+
+from cnnlab.inspection import diagnostics
+from cnnlab.nets import models
 
 
 def test_bn_input_variance_by_hand_and_one_compilation_per_model():
@@ -34,7 +35,7 @@ def test_bn_input_variance_by_hand_and_one_compilation_per_model():
 
 def test_variance_shift_of_a_run_without_batchnorm_is_empty_and_compiles_nothing(tiny_config,
                                                                                   tmp_path):
-  from cnnlab import train
+  from cnnlab.training import train
   tiny_config.model.bn_placement, tiny_config.num_epochs = "none", 1
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config, workdir, progress=False)

@@ -6,13 +6,15 @@ import os
 import subprocess
 import sys
 
-from cnnlab import environment, launchers
-from cnnlab.configs import base_config
 from conftest import SHELL_XLA_FLAGS
+
+from cnnlab.base import environment
+from cnnlab.configs import base_config
+from cnnlab.study import launchers
 
 _PROBE = """
 import os, jax
-from cnnlab import environment
+from cnnlab.base import environment
 from cnnlab.configs import base_config
 if {start_first}:
   jax.devices()
@@ -92,7 +94,9 @@ def test_vector_width_reaches_xla_and_users_own_width_is_kept(tmp_path):
 _STEP_DIGEST = """
 import functools
 import jax, jax.numpy as jnp, numpy as np, optax
-from cnnlab import digests, environment, models, optim, train
+from cnnlab.base import digests, environment
+from cnnlab.nets import models
+from cnnlab.training import optim, train
 from cnnlab.configs import base_config
 
 
@@ -133,7 +137,7 @@ def test_in_process_tests_run_under_the_default_numerics():
 
 _POOL_PROBE = """
 import collections, json, os, jax
-from cnnlab import environment
+from cnnlab.base import environment
 from cnnlab.configs import base_config
 environment.apply_numerics(base_config())
 jax.jit(lambda x: x + 1)(jax.numpy.ones(3)).block_until_ready()

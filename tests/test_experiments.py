@@ -5,9 +5,10 @@ import os
 import re
 
 import pytest
-
-from cnnlab import report, summary, sweep
 from conftest import load_config, run_launch
+
+from cnnlab.inspection import summary
+from cnnlab.study import report, sweep
 
 
 def _run_quick(path, data_dir, tmp_path):

@@ -8,11 +8,11 @@ import sys
 import time
 
 import pytest
-
-from cnnlab import report
-from cnnlab.rundir import RunDir
 from conftest import ROOT, wait_for_checkpoint
 from test_train import _launch_args, numbers_of
+
+from cnnlab.study import report
+from cnnlab.training.rundir import RunDir
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -180,7 +180,7 @@ def test_signal_while_the_sweep_writes_its_report_leaves_no_report(data_dir, tmp
   """SIGTERM while the report's plots are drawn: one line, exit 130, and no report.md (which
   would look finished); the trained run is kept."""
   workdir = tmp_path / "sweep"
-  proc = _launch_signalled_at("cnnlab.plots.curves", "lambda args: True", [
+  proc = _launch_signalled_at("cnnlab.inspection.plots.curves", "lambda args: True", [
       "--config=experiments/ablation.py:quick", f"--workdir={workdir}", "--noprogress",
       f"--config.dataset.data_dir={data_dir}", "--config.num_epochs=1",
       "--config.sweep.axes.bn.values=('none',)", "--config.sweep.axes.dropout.values=('none',)",
@@ -193,7 +193,7 @@ def test_a_second_signal_exits_at_once():
   """The first SIGTERM outside a loop raises; a second one, while that unwinds, ends the process
   by the signal."""
   script = ("import os, signal, time\n"
-            "from cnnlab import interrupts\n"
+            "from cnnlab.base import interrupts\n"
             "interrupts.stop_on_signal()\n"
             "try:\n"
             "  os.kill(os.getpid(), signal.SIGTERM)\n"

@@ -1,5 +1,5 @@
-"""Multi-process runs end together, in one line each, and resume: cnnlab.hosts and
-cnnlab.supervisor, driven through launch.py as a user runs it (2 processes of 2 forced devices).
+"""Multi-process runs end together, in one line each, and resume: cnnlab.training.hosts and
+cnnlab.training.supervisor, driven through launch.py as a user runs it (2 processes of 2 forced devices).
 
 Bounds checked here (with CNNLAB_PEER_TIMEOUT_S=5 and CNNLAB_START_TIMEOUT_S=5 to keep the tests
 short; the defaults are 30 s and 120 s): a killed process's peer ends within the peer timeout
@@ -17,7 +17,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, wait_for_checkpoint
 
 FAST = {"CNNLAB_PEER_TIMEOUT_S": "5", "CNNLAB_START_TIMEOUT_S": "5"}

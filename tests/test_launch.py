@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
-from cnnlab import environment, errors, rundir, train
 from conftest import ROOT, run_launch
+
+from cnnlab.base import environment, errors
+from cnnlab.training import rundir, train
 
 
 def _assert_clean_failure(proc, *fragments):
@@ -239,7 +240,7 @@ def test_visualize_refuses_flags_it_would_ignore(tmp_path, flag, fragment):
 OUT_OF_MEMORY = """
 import runpy, sys
 import jax
-from cnnlab import sweep
+from cnnlab.study import sweep
 
 
 def out_of_memory(*args, **kwargs):  # What XLA:CPU raised for --config.model.stages="((100000,),)".

@@ -10,11 +10,11 @@ import threading
 import time
 
 import pytest
-
-from cnnlab import launchers
-from cnnlab.errors import ConfigError
-from cnnlab.launchers import WorkerError
 from conftest import ROOT
+
+from cnnlab.base.errors import ConfigError
+from cnnlab.study import launchers
+from cnnlab.study.launchers import WorkerError
 
 LOCAL_ARRAY = {"cluster": "local", "array_size": 2, "gpus_per_job": 0, "cpus_per_job": 1,
                "time_limit_min": 5}
@@ -90,7 +90,7 @@ def test_workers_start_without_forking_a_multithreaded_jax_process(tmp_path):
   JAX's threads run: Python's docs say that can deadlock, and JAX printed "os.fork() was called
   ... will likely lead to a deadlock" on every sweep with workers."""
   code = ("import sys, jax; jax.numpy.zeros(1).block_until_ready()\n"
-          "from cnnlab import launchers\n"
+          "from cnnlab.study import launchers\n"
           "launchers.run_local_workers(sys.argv[1], 2, command=[sys.executable, '-c', 'pass'])")
   done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                         text=True, cwd=ROOT, timeout=120)
@@ -104,7 +104,7 @@ def test_workers_stop_when_the_sweep_is_killed_outright(tmp_path):
   worker = ("import os, sys, time\n"
             "open(os.path.join(sys.argv[1], f'worker_{os.getpid()}'), 'w').close()\n"
             "time.sleep(120)")
-  sweep = ("import sys\nfrom cnnlab import launchers\n"
+  sweep = ("import sys\nfrom cnnlab.study import launchers\n"
            "launchers.run_local_workers(sys.argv[1], 2, command=[sys.executable, '-c', "
            f"{worker!r}, sys.argv[1]])")
   parent = subprocess.Popen([sys.executable, "-c", sweep, str(tmp_path)], cwd=ROOT)
@@ -134,7 +134,7 @@ def _alive(pid: int) -> bool:
 
 
 def record_worker(workdir: str) -> None:
-  """A stand-in for cnnlab.sweep.worker_main: leaves a file per job."""
+  """A stand-in for cnnlab.study.sweep.worker_main: leaves a file per job."""
   with open(os.path.join(workdir, f"ran_{os.getpid()}"), "w") as f:
     f.write(os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""))
 
@@ -214,8 +214,8 @@ while True:
 
 _LAUNCHING_PARENT = """
 import sys
-from cnnlab import launchers
-from cnnlab.errors import CnnlabError
+from cnnlab.study import launchers
+from cnnlab.base.errors import CnnlabError
 try:
   launchers.run_local_workers(sys.argv[1], 2, poll_s=0.05,
                               command=[sys.executable, "-c", sys.argv[2], sys.argv[1]])

@@ -1,4 +1,4 @@
-"""Tests for cnnlab.layers: dropout kinds, BatchNorm conventions, ConvBlock order, pooling.
+"""Tests for cnnlab.nets.layers: dropout kinds, BatchNorm conventions, ConvBlock order, pooling.
 
 Expected numbers are worked out by hand in the comments (seed 002's examples included).
 """
@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from cnnlab import layers
-from cnnlab.errors import ConfigError
 from jax_helpers import KEY, NP, conv_block, eval_apply, init_np, normal, rng, train_apply
+
+from cnnlab.base.errors import ConfigError
+from cnnlab.nets import layers
 
 
 def _positive(shape):

@@ -9,10 +9,11 @@ import threading
 import time
 
 import pytest
-
-from cnnlab import locks, rundir
-from cnnlab.locks import CellLock
 from conftest import ROOT
+
+from cnnlab.base import locks
+from cnnlab.base.locks import CellLock
+from cnnlab.training import rundir
 
 # Short timings so that staleness shows within a test; heartbeats come 5x faster than staleness.
 FAST = dict(heartbeat_s=0.1, stale_after_s=0.5)
@@ -65,7 +66,7 @@ def test_threads_racing_for_a_free_lock_one_wins(tmp_path):
 
 def test_processes_racing_for_a_free_lock_one_wins(tmp_path):
   go = tmp_path / "go"
-  code = (f"import os, time\nfrom cnnlab.locks import CellLock\nlock = CellLock({str(tmp_path)!r})\n"
+  code = (f"import os, time\nfrom cnnlab.base.locks import CellLock\nlock = CellLock({str(tmp_path)!r})\n"
           f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
           "print(int(lock.acquire()), flush=True)\ntime.sleep(1.0)\nlock.release()\n")
   procs = [run_python(code) for _ in range(4)]
@@ -79,7 +80,7 @@ def test_processes_racing_for_a_free_lock_one_wins(tmp_path):
 def test_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
   """The holder dies without releasing (SIGKILL, OOM): its heartbeat is still fresh, but its
   pid is gone, so the cell is free now, not a minute later."""
-  holder = run_python(f"import os\nfrom cnnlab.locks import CellLock\n"
+  holder = run_python(f"import os\nfrom cnnlab.base.locks import CellLock\n"
                       f"assert CellLock({str(tmp_path)!r}).acquire()\nos._exit(0)\n")
   assert holder.wait(timeout=60) == 0
   dead = read_record(tmp_path)
@@ -166,7 +167,7 @@ def test_a_lock_file_that_is_a_directory_is_one_line(tmp_path):
 
 
 def test_a_lost_lock_fences_every_write_in_its_directory(tmp_path):
-  from cnnlab import checkpoint
+  from cnnlab.training import checkpoint
   lock = CellLock(str(tmp_path / "cell"), **FAST)
   assert lock.acquire()
   run_dir = tmp_path / "cell" / "seed_0"
@@ -192,7 +193,7 @@ def test_a_lost_lock_fences_every_write_in_its_directory(tmp_path):
 # seconds loses them (the defaults, 5 s and 60 s, are CellLock's parameters).
 FAST_LAUNCH = """
 import runpy, sys
-from cnnlab import locks
+from cnnlab.base import locks
 locks.CellLock.__init__.__kwdefaults__.update(heartbeat_s=0.2, stale_after_s=2.0)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, wait_for_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,4 +1,4 @@
-"""Tests for cnnlab.models: the registry, output shapes for every model/option/input size,
+"""Tests for cnnlab.nets.models: the registry, output shapes for every model/option/input size,
 LeNet-5's 1998 parameter structure, and config errors.
 
 Shape checks use `jax.eval_shape` (tracing only, no compilation), so the grid stays fast; one
@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
-from cnnlab import layers, models
-from cnnlab.errors import ConfigError
-from experiments.default import get_config
 from jax_helpers import eval_apply, init_np
+
+from cnnlab.base.errors import ConfigError
+from cnnlab.nets import layers, models
+from experiments.default import get_config
 
 KEY = jax.random.key(0, impl="unsafe_rbg")  # Compiles much faster than threefry on this CPU.
 RNGS = {"params": KEY, "dropout": KEY, "channel_dropout": KEY}

@@ -2,7 +2,8 @@
 
 import pytest
 
-from cnnlab import configs, optim
+from cnnlab import configs
+from cnnlab.training import optim
 
 
 def _step_schedule(warmup_epochs: float, num_epochs: int, steps_per_epoch: int = 10):

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 
-from cnnlab import report, stats
-from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.base.errors import CnnlabError, ConfigError
+from cnnlab.study import report, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,8 +232,8 @@ def test_bad_status_or_missing_numbers_are_refused():
 
 FULL_DISK_SCRIPT = """
 import os, resource, signal, sys
-from cnnlab import report
-from cnnlab.errors import WorkdirError
+from cnnlab.study import report
+from cnnlab.base.errors import WorkdirError
 workdir, limit = sys.argv[1], int(sys.argv[2])
 meta = {"config": {"name": "synthetic"}, "command": "python launch.py", "git_commit": "abc",
         "environment": {}, "packages": {}}

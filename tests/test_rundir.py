@@ -14,8 +14,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 import pytest
 
-from cnnlab import errors, rundir, sweep, train
-from cnnlab.rundir import RunDir
+from cnnlab.base import errors
+from cnnlab.study import sweep
+from cnnlab.training import rundir, train
+from cnnlab.training.rundir import RunDir
 
 _TRAINED = {}  # One finished run per test module; each test works on its own copy.
 
@@ -246,8 +248,9 @@ def test_read_only_workdir_is_one_line_and_reruns_exactly_once_writable(trained)
 
 
 def test_fingerprint_covers_only_the_model_fields_its_architecture_reads():
-  from cnnlab import rundir
   from conftest import load_config
+
+  from cnnlab.training import rundir
   config = load_config("experiments/default.py")  # LeNet-5.
   before = rundir.fingerprint(config)
   config.model.hidden = (3,)       # An MLP field.

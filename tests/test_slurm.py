@@ -14,13 +14,15 @@ import sys
 import time
 
 import pytest
-
-from cnnlab import data, launchers, slurm_job, supervisor
-from cnnlab.errors import ConfigError
-from cnnlab.launchers import WorkerError
+import slurm_workers
 from conftest import ROOT, load_config, run_launch
 from test_launchers import importable_tests, run_in_thread  # noqa: F401 (a fixture)
-import slurm_workers
+
+from cnnlab import data
+from cnnlab.base.errors import ConfigError
+from cnnlab.study import launchers, slurm_job
+from cnnlab.study.launchers import WorkerError
+from cnnlab.training import supervisor
 
 LOCAL_ARRAY = {"cluster": "local", "array_size": 2, "gpus_per_job": 0, "cpus_per_job": 1,
                "time_limit_min": 5}
@@ -148,8 +150,8 @@ def test_job_cpu_sets_follow_the_binding():
 
 _LAUNCHER = """
 import sys
-from cnnlab import launchers
-from cnnlab.errors import CnnlabError
+from cnnlab.study import launchers
+from cnnlab.base.errors import CnnlabError
 import slurm_workers
 try:
   launchers.run_slurm_workers(sys.argv[1], eval(sys.argv[2]), poll_s=0.1,

@@ -1,4 +1,4 @@
-"""cnnlab.stats against hand-computed numbers and statsmodels: Holm/BH, paired t-test power."""
+"""cnnlab.study.stats against hand-computed numbers and statsmodels: Holm/BH, paired t-test power."""
 
 import math
 import warnings
@@ -8,7 +8,7 @@ from scipy import integrate
 from scipy import stats as scipy_stats
 from statsmodels.stats.power import TTestPower
 
-from cnnlab import stats
+from cnnlab.study import stats
 
 
 def test_holm_and_bh_by_hand():

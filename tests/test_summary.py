@@ -1,14 +1,16 @@
-"""Tests for cnnlab.summary: the lecture's conv arithmetic (seed 004) by hand, published
+"""Tests for cnnlab.inspection.summary: the lecture's conv arithmetic (seed 004) by hand, published
 receptive fields, and a summary of every registered model at every bundled input size."""
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-
-from cnnlab import data, layers, models, summary
-from cnnlab.configs import base_config
 from conftest import run_launch
+
+from cnnlab import data
+from cnnlab.configs import base_config
+from cnnlab.inspection import summary
+from cnnlab.nets import layers, models
 
 
 class Stack(nn.Module):

@@ -10,11 +10,12 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from cnnlab import seeds as seeds_lib
-from cnnlab import report, sweep, train
-from cnnlab.errors import ConfigError
 from conftest import ROOT, load_config
+
+from cnnlab.base.errors import ConfigError
+from cnnlab.study import report, sweep
+from cnnlab.training import seeds as seeds_lib
+from cnnlab.training import train
 
 
 @pytest.fixture

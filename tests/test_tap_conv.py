@@ -1,4 +1,4 @@
-"""Tests for cnnlab.layers.tap_conv: the sum-of-shifted-views conv against lax's conv.
+"""Tests for cnnlab.nets.layers.tap_conv: the sum-of-shifted-views conv against lax's conv.
 
 The forward pass must equal `lax.conv_general_dilated` up to float rounding, the gradients must be
 lax's own bit for bit (the backward pass is lax's VJP), and every conv outside the fast case must
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cnnlab import layers
-from cnnlab.layers import tap_conv
+from cnnlab.nets import layers
+from cnnlab.nets.layers import tap_conv
 
 NHWC = {n: layers.channels_last_dims(n) for n in (1, 2, 3)}
 

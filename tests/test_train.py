@@ -12,10 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from cnnlab import data, models, optim, train
-from cnnlab.rundir import RunDir
 from conftest import ROOT, load_config, wait_for_checkpoint
+
+from cnnlab import data
+from cnnlab.nets import models
+from cnnlab.training import optim, train
+from cnnlab.training.rundir import RunDir
 
 # Fields of results.json that measure time, not numbers: the only ones allowed to differ.
 TIMING_FIELDS = ("wall_time_s",)
@@ -65,9 +67,9 @@ def test_workdir_contents(tiny_config, tmp_path):
   assert train_lines[-1]["step"] == results["steps"]
   assert os.listdir(run.checkpoint_dir)
   # XLA's FLOPs of one step, taken from the loop's own (cached) lowering, are the count
-  # `cnnlab.summary` gets by lowering the step afresh (whose stand-in learning-rate schedule
+  # `cnnlab.inspection.summary` gets by lowering the step afresh (whose stand-in learning-rate schedule
   # costs a few scalar FLOPs less): the report reads this instead.
-  from cnnlab import summary
+  from cnnlab.inspection import summary
   assert results["train_step_flops"] == pytest.approx(
       summary.summarize(tiny_config).train_step_flops, rel=1e-4)
 

@@ -1,4 +1,4 @@
-"""Transfer learning (cnnlab.transfer): loading by path and shape, re-initialising, freezing
+"""Transfer learning (cnnlab.training.transfer): loading by path and shape, re-initialising, freezing
 (bit-identical parameters, no optimizer state, BN on running statistics), resume, bad sources,
 the data subsets, and the study's `:quick` variant end to end."""
 
@@ -9,12 +9,15 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, load_config, run_launch
 from flax import traverse_util
 
-from cnnlab import convert, data, report, rundir, sweep, train, transfer
+from cnnlab import data
+from cnnlab.base.errors import CnnlabError, ConfigError
 from cnnlab.data import subsets
-from cnnlab.errors import CnnlabError, ConfigError
-from conftest import ROOT, load_config, run_launch
+from cnnlab.nets import convert
+from cnnlab.study import report, sweep
+from cnnlab.training import rundir, train, transfer
 
 PROBE = ("*", "!head/*")
 

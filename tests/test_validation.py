@@ -6,11 +6,13 @@ import os
 import re
 
 import pytest
+from conftest import ROOT, load_config
 from ml_collections import config_dict
 
-from cnnlab import configs, sweep, validation
-from cnnlab.errors import ConfigError
-from conftest import ROOT, load_config
+from cnnlab import configs
+from cnnlab.base.errors import ConfigError
+from cnnlab.study import sweep
+from cnnlab.training import validation
 
 
 def _set(config, key, value):

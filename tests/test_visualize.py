@@ -1,4 +1,4 @@
-"""cnnlab.visualize on a tiny trained run (VGG-style, BN before the activation, spatial dropout):
+"""cnnlab.inspection.visualize on a tiny trained run (VGG-style, BN before the activation, spatial dropout):
 every picture is written, the filter grid has one tile per first-layer filter, saliency maps have
 the input's shape, and a workdir without a checkpoint fails cleanly with nothing written."""
 
@@ -9,12 +9,13 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_launch
 from PIL import Image
 
-from cnnlab import train, visualize
-from cnnlab.errors import CheckpointError
-from cnnlab.visualize import dropout_masks, filters, predictions
-from conftest import run_launch
+from cnnlab.base.errors import CheckpointError
+from cnnlab.inspection import visualize
+from cnnlab.inspection.visualize import dropout_masks, filters, predictions
+from cnnlab.training import train
 
 PICTURES = ("filters.png", "feature_maps.png", "class_accuracy.png", "confusion_matrix.png",
             "misclassified.png", "saliency.png", "bn_running_stats.png", "bn_train_vs_eval.png",
@@ -170,7 +171,7 @@ def test_a_refused_visualize_prints_one_line_and_no_orbax_noise(trained, tmp_pat
 
 def test_visualize_refuses_a_config_json_of_another_config(trained, tmp_path):
   """Issue 22: it drew pictures under another config's config.json (here another seed's)."""
-  from cnnlab import rundir
+  from cnnlab.training import rundir
   config, source = trained
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)

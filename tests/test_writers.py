@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator, event_multiplexer
 
-from cnnlab.rundir import RunDir
-from cnnlab.writers import MetricWriter
+from cnnlab.training.rundir import RunDir
+from cnnlab.training.writers import MetricWriter
 
 
 def _accumulator(workdir: str) -> event_accumulator.EventAccumulator:
@@ -104,7 +104,8 @@ def test_full_disk_while_writing_events_is_one_workdir_error(tmp_path, monkeypat
   """An event file that cannot be written (disk full) ends in one WorkdirError line naming it,
   like every other write to a workdir, not an OSError traceback."""
   import errno
-  from cnnlab.errors import WorkdirError
+
+  from cnnlab.base.errors import WorkdirError
   writer = MetricWriter(RunDir(str(tmp_path)))
 
   def full(event):

@@ -25,10 +25,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
+from cnnlab.base.errors import ConfigError, DatasetError
 from cnnlab.data import subsets
 from cnnlab.data.builders import BUILDERS, RECORD_FILE, examples_digest
 from cnnlab.data.pipeline import TrainIterator, eval_batches_from_arrays
-from cnnlab.errors import ConfigError, DatasetError
 
 DATASET_NAMES = tuple(BUILDERS)
 

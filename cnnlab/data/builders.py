@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cnnlab.errors import DatasetError
+from cnnlab.base.errors import DatasetError
 
 VERSION = tfds.core.Version("1.0.0")
 _PROBE_TIMEOUT_S = 3.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from cnnlab.errors import ConfigError
+from cnnlab.base.errors import ConfigError
 
 
 def check_size(size) -> tuple[int, int]:

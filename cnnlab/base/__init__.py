@@ -1,0 +1,1 @@
+"""Foundations: errors, numerics, digests, signals, locks."""

@@ -1,0 +1,1 @@
+"""Looking at a model or a run: summary, pictures, plots, BN diagnostics."""

@@ -1,0 +1,134 @@
+"""The sweep report's figures (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 120
+
+
+def save(fig: plt.Figure, path: str) -> str:
+  """Writes `fig` as a PNG to `path` atomically (a reader sees the old file or the whole new
+  one; a failed write is one WorkdirError), closes it, and returns `path`."""
+  from cnnlab.training import rundir  # Heavy (orbax): only when a picture is written.
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=DPI)
+  plt.close(fig)
+  rundir.write_bytes_atomic(path, buffer.getvalue())
+  return path
+
+
+def accuracy(path: str, summary: list[dict], rows: list[dict], baseline: str) -> None:
+  """Test accuracy per cell: mean with 95% CI bars, one dot per seed of `rows` (the finished
+  runs); baseline highlighted; a cell without finished runs (all diverged) is labelled so."""
+  fig, ax = plt.subplots(figsize=(8, 0.45 * len(summary) + 1.5), constrained_layout=True)
+  for i, s in enumerate(summary):
+    if not s["n"]:
+      ax.annotate("all seeds diverged", (0, i), xycoords=("axes fraction", "data"),
+                  xytext=(4, 0), textcoords="offset points", va="center", color="tab:gray")
+      continue
+    mean, _, lo, hi = (100 * v for v in s["test_accuracy"])
+    color = "tab:red" if s["cell"] == baseline else "tab:blue"
+    err = None if np.isnan(lo) else [[mean - lo], [hi - mean]]
+    ax.errorbar(mean, i, xerr=err, fmt="o", color=color, capsize=4, markersize=7)
+    seeds = [100 * r["test_accuracy"] for r in rows if r["cell"] == s["cell"]]
+    ax.scatter(seeds, [i + 0.18] * len(seeds), s=12, color="gray", alpha=0.7)
+  ax.set_yticks(range(len(summary)), [
+      s["cell"] + (" (baseline)" if s["cell"] == baseline else "")
+      + (f" ({len(s['diverged'])} of {s['runs']} diverged)" if s["diverged"] else "")
+      for s in summary])
+  ax.invert_yaxis()
+  ax.set_xlabel("test accuracy (%)")
+  ax.set_title("Test accuracy: mean with 95% t-interval; gray dots: finished seeds")
+  ax.grid(axis="x", alpha=0.3)
+  save(fig, path)
+
+
+def accuracy_by_axis(path: str, summary: list[dict], rows: list[dict], axis: str) -> None:
+  """Test accuracy (mean, 95% CI bars) against the values of sweep axis `axis` (x, in sweep
+  order), one line per combination of the other axes (a cell's name without `axis=value`)."""
+  values = list(dict.fromkeys(str(r[axis]) for r in rows))
+  lines: dict[str, dict[str, tuple]] = {}
+  for s in summary:
+    value = next((str(r[axis]) for r in rows if r["cell"] == s["cell"]), None)
+    if value is not None:
+      rest = ",".join(p for p in s["cell"].split(",") if p != f"{axis}={value}") or "all"
+      lines.setdefault(rest, {})[value] = s["test_accuracy"]
+  fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+  for i, (name, by_value) in enumerate(lines.items()):
+    xs = [j + (i - (len(lines) - 1) / 2) * 0.04 for j, v in enumerate(values) if v in by_value]
+    stats = [by_value[v] for v in values if v in by_value]
+    mean = np.array([100 * m for m, _, _, _ in stats])
+    lo = np.array([100 * l if np.isfinite(l) else 100 * m for m, _, l, _ in stats])
+    hi = np.array([100 * h if np.isfinite(h) else 100 * m for m, _, _, h in stats])
+    ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=name)
+  ax.set_xticks(range(len(values)), ["all" if v == "None" else v for v in values])
+  ax.set(xlabel=axis, ylabel="test accuracy (%)",
+         title=f"Test accuracy by {axis}: mean over seeds, bars = 95% t-interval")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  save(fig, path)
+
+
+def _band(runs: list[list[dict]], split: str, key: str):
+  """(steps, mean, min, max) over seeds of `key` on `split` lines (steps shared by all seeds)."""
+  series = [{m["step"]: m[key] for m in run if m["split"] == split} for run in runs]
+  steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+  values = np.array([[s[t] for t in steps] for s in series])
+  if not steps:
+    return steps, values, values, values
+  return steps, values.mean(0), values.min(0), values.max(0)
+
+
+def curves(path: str, curves_by_cell: dict[str, list[list[dict]]]) -> None:
+  """Train loss and held-out accuracy (validation, or test for runs without a validation split)
+  vs step, mean line per cell with a min-max band over seeds."""
+  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+  colors = plt.get_cmap("tab10")
+  every_line = [m for runs in curves_by_cell.values() for run in runs for m in run]
+  held_out = "validation" if any(m["split"] == "validation" for m in every_line) else "test"
+  for i, (cell, runs) in enumerate(curves_by_cell.items()):
+    color = colors(i % 10)
+    for ax, split, key, scale in ((left, "train", "loss", 1.0), (right, held_out, "accuracy", 100)):
+      steps, mean, lo, hi = _band(runs, split, key)
+      if steps:
+        ax.plot(steps, scale * mean, color=color, label=cell, lw=1.5,
+                marker="." if split == held_out else None)
+        ax.fill_between(steps, scale * lo, scale * hi, color=color, alpha=0.15, lw=0)
+  left.set(xlabel="training step", ylabel="train loss (nats, mean over log interval)",
+           yscale="log", title="Train loss: mean over seeds, band = min–max")
+  right.set(xlabel="training step", ylabel=f"{held_out} accuracy (%)",
+            title=f"{held_out.capitalize()} accuracy (end of each epoch): mean, band = min–max")
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+  handles, labels = left.get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+  save(fig, path)
+
+
+def variance_shift(path: str, diagnostics: dict[str, list[dict]]) -> None:
+  """Grouped bars: var_train / var_eval per BN layer (x) and cell (colour); line at 1."""
+  cells = [c for c, records in diagnostics.items() if records]
+  fig, ax = plt.subplots(figsize=(10, 4.5), constrained_layout=True)
+  if not cells:
+    ax.text(0.5, 0.5, "no BatchNorm layers in any cell", ha="center", va="center")
+    ax.set_axis_off()
+  else:
+    layers = list(dict.fromkeys(d["layer"] for c in cells for d in diagnostics[c]))
+    width = 0.8 / len(cells)
+    for i, cell in enumerate(cells):
+      ratio = {d["layer"]: d["ratio"] for d in diagnostics[cell]}
+      xs = [j + (i - (len(cells) - 1) / 2) * width for j in range(len(layers))]
+      ax.bar(xs, [ratio.get(l, np.nan) for l in layers], width, label=cell)
+    ax.axhline(1.0, color="black", lw=1, ls="--")
+    ax.set_xticks(range(len(layers)), layers, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="Var[BN input] train / eval (ratio)", xlabel="BatchNorm layer",
+           title="Variance shift per BN layer (1 = no shift; dropout before BN moves it)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+  save(fig, path)

@@ -1,0 +1,1 @@
+"""Network pieces: layers, models, torchvision weight conversion."""

@@ -1,0 +1,1 @@
+"""Studies: sweeps, launchers, collection, reports, statistics, pretraining."""

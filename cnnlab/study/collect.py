@@ -1,0 +1,103 @@
+"""A sweep's results, gathered from its runs' workdirs for the report: one row per (cell, seed)
+with its metrics and provenance, the learning curves, each cell's variance-shift diagnostics and
+first-layer filter picture; `write_sweep_report` hands them to `cnnlab.study.report`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cnnlab.base import environment
+from cnnlab.study import sweep
+from cnnlab.training import rundir, train
+
+
+def curve_split(metrics: list[dict]) -> str:
+  """The split a run's learning curve was measured on: validation if it had one, else test."""
+  return "validation" if any(m["split"] == "validation" for m in metrics) else "test"
+
+
+def steps_to_target(metrics: list[dict], target: float) -> int | None:
+  """The first step whose end-of-epoch accuracy on the curve split (validation, or test for a
+  run without one) reached `target` (None if none did)."""
+  split = curve_split(metrics)
+  for m in metrics:
+    if m["split"] == split and m["accuracy"] >= target:
+      return m["step"]
+  return None
+
+
+def write_sweep_report(config, cells: list[sweep.Cell], seeds: tuple[int, ...], workdir: str, *,
+                       command: str = "") -> str:
+  """Collects every (cell, seed) result into rows, curves and diagnostics; writes the report."""
+  from cnnlab.inspection import summary
+  from cnnlab.study import report  # Post-processing only: scipy, statsmodels, matplotlib.
+  settings = sweep.sweep_settings(config)
+  rows, curves, diagnostics = [], {}, {}
+  for cell in cells:
+    curves[cell.name] = []
+    cost = summary.summarize(cell.seed_config(seeds[0]), step_flops=False)
+    step_flops = None  # Recorded by training; counted here only for results without it.
+    for seed in seeds:
+      run = rundir.RunDir(sweep.seed_workdir(workdir, cell, seed, False))
+      res, metrics = run.finished_result(cell.seed_config(seed)), run.read_metrics()
+      env = res["environment"]
+      if step_flops is None:
+        step_flops = res.get("train_step_flops") or summary.summarize(
+            cell.seed_config(seed)).train_step_flops
+      rows.append({
+          "cell": cell.name, "cell_hash": cell.digest, "seed": seed,
+          **{axis: str(value) for axis, value in cell.values.items()},
+          **{k: res[k] for k in ("test_accuracy", "test_loss", "train_loss", "train_accuracy")},
+          "steps_to_target": steps_to_target(metrics, settings.target_accuracy),
+          "curve_split": curve_split(metrics),
+          "wall_time_s": res["wall_time_s"], "num_params": res["num_params"],
+          "forward_macs": cost.total_macs, "train_step_flops": step_flops,
+          **{k: env[k] for k in report.PROVENANCE}, "vmapped_seeds": res["vmapped_seeds"],
+          "params_sha256": res.get("params_sha256"), "status": res.get("status", "finished"),
+          "diverged_step": res.get("diverged_step"),
+          "diverged_reason": res.get("diverged_reason")})
+      curves[cell.name].append(metrics)
+    path = os.path.join(workdir, "cells", cell.dirname, "diagnostics.json")
+    diagnostics[cell.name] = rundir.read_json(path) if os.path.exists(path) else []
+  filter_grids = _filter_grids(cells, seeds, workdir)
+  baseline = settings.baseline or cells[0].name
+  meta = {"command": command, "config": rundir.config_to_dict(config),
+          "packages": environment.package_versions(), "git_commit": environment.git_commit(),
+          "environment": {k: rows[0][k] for k in report.PROVENANCE},
+          "filter_grids": filter_grids}
+  return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
+                             target_accuracy=settings.target_accuracy, meta=meta,
+                             min_effect=settings.min_effect, plot_axis=settings.plot_axis)
+
+
+def _filter_grids(cells: list[sweep.Cell], seeds, workdir: str) -> dict[str, tuple[int, str]]:
+  """{cell name: (seed, path relative to workdir)} of each cell's filter picture (`filter_grid`;
+  cells whose model has no conv layer have none)."""
+  grids = {}
+  for cell in cells:
+    found = filter_grid(cell, seeds, workdir)
+    if found:
+      grids[cell.name] = found
+  return grids
+
+
+def filter_grid(cell: sweep.Cell, seeds, workdir: str) -> tuple[int, str] | None:
+  """(seed, path relative to workdir) of a picture of the first conv layer's filters of the
+  cell's first finished seed, drawn unless it exists (workers draw it when they finish the cell);
+  None when no seed finished or the model has no 2-D conv layer."""
+  from cnnlab.inspection import visualize  # Matplotlib: post-processing only.
+  for seed in seeds:
+    run_dir = sweep.seed_workdir(workdir, cell, seed, False)
+    if rundir.RunDir(run_dir).read_results().get("status", "finished") != "finished":
+      continue
+    path = os.path.join("cells", cell.dirname, "filters.png")
+    if not os.path.exists(os.path.join(workdir, path)):
+      state = train.load_trained_state(cell.seed_config(seed), run_dir)
+      try:
+        visualize.write_filter_grid(state, os.path.join(workdir, path),
+                                    title=f"{cell.name}, seed {seed}: first conv layer")
+      except ValueError:  # No 2-D conv kernel.
+        return None
+    return seed, path
+  return None

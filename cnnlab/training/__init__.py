@@ -1,0 +1,1 @@
+"""One training run: steps, loop, mesh, seeds, checkpoints, run directory, writers."""
