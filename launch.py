@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cnnlab.base import interrupts  # Standard library only: keeps `--help` fast.
+from cnnlab.study import settings as sweep_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/default.py[:variant].",
@@ -122,7 +123,7 @@ def main(argv):
     # sweep section).
     validation.validate_workdir(workdir)
     validation.validate_config(_CONFIG.value)
-    sweep.sweep_settings(_CONFIG.value)
+    sweep_config.sweep_settings(_CONFIG.value)
     # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
     environment.apply_numerics(_CONFIG.value)
     environment.enable_compilation_cache()

@@ -20,10 +20,10 @@ framework's window pays for its threads (measured on the 2-core CPU: cnnlab's fi
 torch window took 9.9 ms against 4.7 in steady state, torch's first after cnnlab's 6.7 against
 5.0: torch's OpenMP threads spin on after their work, XLA's pool wakes its own), which is 5-10%
 of a 10-step window.
-Reports images/s (min/median/max over repeats), achieved GFLOP/s (6 x multiply-adds per
-training example, 2 x per eval example, from cnnlab.inspection.summary) against the measured float32 matmul
-peak of this machine (numpy and jax, the best; on a GPU jax's float32 without TF32), the first
-call (compile) time, and the ratio to torch channels_last (float32). CPU contention: the load
+Reports images/s (min/median/max over repeats), achieved GFLOP/s (6 x multiply-adds per training
+example, 2 x per eval example, from cnnlab.inspection.summary) against the measured float32 matmul
+peak of this machine (numpy and jax, the best; on a GPU jax's float32 without TF32), the first call
+(compile) time, and the ratio to torch channels_last (float32). CPU contention: the load
 average before/after, and per timed window the CPU share other processes took (/proc/stat busy
 time minus this process's); a window where they used more than --noisy_share of a core is
 marked noisy. A drift probe, cnnlab's train step of the ablation net timed before and after

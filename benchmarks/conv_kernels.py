@@ -29,7 +29,7 @@ from nets import NETS, NUM_CLASSES, CnnlabRunner
 from cnnlab import cli
 from cnnlab.base import environment
 from cnnlab.configs import base_config
-from cnnlab.inspection import summary
+from cnnlab.training import steps
 
 _NETS = flags.DEFINE_list("nets", ["vgg_small", "resnet20"], "Nets to profile.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows per program (the best counts).",
@@ -96,11 +96,12 @@ def profile(net: str) -> list[str]:
   runner = CnnlabRunner(net, "float32", images, rng.integers(0, NUM_CLASSES, spec["batch"]))
   rows, total = [], 0.0
   for (kind, lhs, rhs, dtype, params), count in step_convolutions(runner).items():
-    conv = jax.jit(lambda x, w, params=params: lax.conv_general_dilated_p.bind(x, w, **dict(params)))
+    conv = jax.jit(lambda x, w, params=params:
+                   lax.conv_general_dilated_p.bind(x, w, **dict(params)))
     x = np.asarray(rng.standard_normal(lhs), dtype)
     w = np.asarray(rng.standard_normal(rhs), dtype)
     with jax.default_matmul_precision(runner.precision):
-      flops = summary.lowered_flops(conv.lower(x, w))
+      flops = steps.lowered_flops(conv.lower(x, w))
       ms = best_ms(conv, x, w)
     total += count * ms
     rows.append(f"| {net} | {kind} | {'x'.join(map(str, lhs))} * {'x'.join(map(str, rhs))} | "
@@ -119,7 +120,8 @@ def main(_):
   print(f"{env['backend']} ({env['device_kind']}), jax {env['packages']['jax']}, "
         f"XLA_FLAGS='{env['xla_flags']}', best of {_REPEATS.value} windows of {_STEPS.value} "
         "calls", flush=True)
-  lines = ["| net | convolution | lhs * rhs | per step | ms | GFLOP/s |", "|---|---|---|---|---|---|"]
+  lines = ["| net | convolution | lhs * rhs | per step | ms | GFLOP/s |",
+           "|---|---|---|---|---|---|"]
   for net in _NETS.value:
     for row in profile(net):
       print(row, flush=True)

@@ -17,7 +17,7 @@ import optax
 
 from cnnlab.configs import base_config
 from cnnlab.nets import models
-from cnnlab.training import optim, train
+from cnnlab.training import optim, steps
 
 NETS = {
     "vgg_small": dict(model=dict(name="vgg_cnn", stages=((32, 32), (64, 64), (128,))),
@@ -38,7 +38,7 @@ def cnnlab_config(net: str, dtype: str):
 
 
 class CnnlabRunner:
-  """cnnlab's `train.train_step` (jitted, state donated) and `train.eval_step` on fixed batches,
+  """cnnlab's `steps.train_step` (jitted, state donated) and `steps.eval_step` on fixed batches,
   traced and run under float32 matmul/conv `precision` (cnnlab's `config.matmul_precision`)."""
 
   def __init__(self, net: str, dtype: str, images: np.ndarray, labels: np.ndarray,
@@ -47,12 +47,12 @@ class CnnlabRunner:
     config = cnnlab_config(net, dtype)
     self.model = models.get_model(config.model, NUM_CLASSES, dtype=jnp.dtype(dtype))
     tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(LEARNING_RATE))
-    self.state = train.create_train_state(self.model, tx, train.split_seed(0), images.shape[1:])
+    self.state = steps.create_train_state(self.model, tx, steps.split_seed(0), images.shape[1:])
     self.batch = {"image": jnp.asarray(images, jnp.dtype(dtype)), "label": jnp.asarray(labels)}
     self.eval_batch = dict(self.batch, mask=jnp.ones(len(labels), jnp.float32))
-    self.train_step = functools.partial(train.train_step, aux_loss_weight=0.0)
+    self.train_step = functools.partial(steps.train_step, aux_loss_weight=0.0)
     self._train = jax.jit(self.train_step, donate_argnums=0)
-    self._eval = jax.jit(train.eval_step)
+    self._eval = jax.jit(steps.eval_step)
 
   def train(self, steps: int) -> None:
     with jax.default_matmul_precision(self.precision):

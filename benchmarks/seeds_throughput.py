@@ -21,7 +21,7 @@ from cnnlab import cli
 from cnnlab.base import environment
 from cnnlab.configs import base_config
 from cnnlab.nets import models
-from cnnlab.training import optim, train
+from cnnlab.training import optim, steps
 
 _SEEDS = flags.DEFINE_integer("seeds", 4, "Seeds per cell.", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size per seed.", lower_bound=1)
@@ -38,7 +38,7 @@ def main(_):
   model = models.get_model(config.model, 10)
   tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(0.05))
   n, b = _SEEDS.value, _BATCH.value
-  states = [train.create_train_state(model, tx, train.split_seed(s), (28, 28, 1)) for s in range(n)]
+  states = [steps.create_train_state(model, tx, steps.split_seed(s), (28, 28, 1)) for s in range(n)]
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(n, b, 28, 28, 1)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, (n, b)), jnp.int32)}
@@ -53,7 +53,7 @@ def main(_):
     jax.block_until_ready(m)
     return time.perf_counter() - start
 
-  step = functools.partial(train.train_step, aux_loss_weight=0.0)
+  step = functools.partial(steps.train_step, aux_loss_weight=0.0)
   single = jax.jit(step)
   seq_s = sum(timed(single, states[i], lambda i=i: jax.tree_util.tree_map(lambda x: x[i], batch))
               for i in range(n))

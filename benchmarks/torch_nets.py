@@ -6,7 +6,7 @@ torch's NCHW or channels_last memory format. torch is a benchmark-only dependenc
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -12,7 +12,7 @@ see which models need it and what it costs. On the CPU every model is determinis
 
 Each model runs at its natural input size (ImageNet 224x224x3, CIFAR 32x32x3, MNIST 28x28x1),
 BN before the activation and standard dropout (so the dropout streams are used), on one random
-batch, with cnnlab's jitted `train.train_step` and the default SGD; the two runs share the
+batch, with cnnlab's jitted `steps.train_step` and the default SGD; the two runs share the
 compiled program and the initial state, so only the kernels' own run-to-run behaviour can part
 them. Prints a markdown table: compile (first step) seconds, median ms per later step, whether
 the digests of params and batch_stats after both runs are equal, and the final loss.
@@ -34,7 +34,8 @@ from cnnlab import cli
 from cnnlab.base import environment
 from cnnlab.configs import base_config
 from cnnlab.nets import models
-from cnnlab.training import optim, train
+from cnnlab.training import optim
+from cnnlab.training import steps as steps_lib
 
 _MODELS = flags.DEFINE_list("models", list(models.MODEL_NAMES), "Zoo models to train.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Train steps per run (two runs per model).",
@@ -65,11 +66,11 @@ def check_model(name: str, steps: int, batch_size: int) -> dict:
   shape = input_shape(name)
   model = models.get_model(config.model, 10)
   tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(0.01))
-  start = train.create_train_state(model, tx, train.split_seed(0), shape)
+  start = steps_lib.create_train_state(model, tx, steps_lib.split_seed(0), shape)
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.standard_normal((batch_size, *shape)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
-  step = jax.jit(functools.partial(train.train_step,
+  step = jax.jit(functools.partial(steps_lib.train_step,
                                    aux_loss_weight=config.model.aux_loss_weight))
   digests, seconds = [], []
   for _ in range(2):
@@ -79,7 +80,7 @@ def check_model(name: str, steps: int, batch_size: int) -> dict:
       state, metrics = step(state, batch)
       jax.block_until_ready(metrics)
       seconds.append(time.perf_counter() - begin)
-    digests.append(train.state_digest(state))
+    digests.append(steps_lib.state_digest(state))
   return {"model": name, "input": "x".join(map(str, shape)), "compile_s": seconds[0],
           "step_ms": 1e3 * statistics.median(seconds[1:]), "digests": digests,
           "bit_identical": digests[0] == digests[1], "loss": float(metrics["loss"])}

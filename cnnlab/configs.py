@@ -7,6 +7,9 @@ fields that default to None are declared with `config_dict.placeholder(type)` so
 
 from ml_collections import config_dict
 
+from cnnlab.study.settings import sweep_defaults
+from cnnlab.training.init_settings import init_defaults
+
 
 def base_config() -> config_dict.ConfigDict:
   """Every field a run reads, with the values of the default experiment (LeNet-5 on mnist5k)."""
@@ -108,82 +111,7 @@ def base_config() -> config_dict.ConfigDict:
   return config
 
 
-def init_defaults() -> config_dict.ConfigDict:
-  """`config.init`: start from another run, re-initialise or freeze parts (cnnlab.training.transfer).
-
-  Path patterns are globs over parameter paths like `stage2_conv0/conv/kernel` (`*` crosses `/`);
-  a pattern starting with `!` excludes, and the last pattern that matches a path decides, as in
-  .gitignore: ("*", "!head/*") is everything but the head.
-  """
-  init = config_dict.ConfigDict()
-  # "" (train from scratch) | a cnnlab workdir | a torchvision weight file (see `arch`) |
-  # "sweep:pretrain" (the sweep's pretraining run of the same seed, see config.sweep.pretrain).
-  init.source = ""
-  # A torchvision state_dict file as the source (.safetensors/.pt/.pth/.bin) needs its
-  # architecture (cnnlab.nets.convert.TORCHVISION_ARCHS, e.g. "resnet18") and config.model set to
-  # convert.torchvision_model_config(arch).
-  init.arch = ""
-  init.step = config_dict.placeholder(int)    # The source checkpoint's step; None = the latest.
-  # Arrays (params and BN statistics) to re-initialise instead of loading. The classifier head
-  # is re-initialised anyway when the source has another number of classes.
-  init.reinit = ()
-  init.freeze = ()          # Parameters that do not train (no update, no optimizer state).
-  # BatchNorm layers whose parameters are frozen use their running statistics in training and
-  # keep them (as Keras' trainable=False); False: they normalise with batch statistics and
-  # update the running ones (PyTorch's requires_grad=False without model.eval()).
-  init.freeze_bn = True
-  # Learning rate of the trained parameters but the head and the `reinit` ones, relative to the
-  # schedule's (discriminative fine-tuning); 1 = the same rate everywhere.
-  init.body_lr_scale = 1.0
-  # Named settings of the fields above, e.g. recipes.probe = {"freeze": ("*", "!head/*")}; the
-  # one named by `recipe` overrides them ("" = none): a sweep axis over `init.recipe` then
-  # varies several fields at once.
-  init.recipe = ""
-  init.recipes = config_dict.ConfigDict()
-  return init
-
-
 SWEEP_VARIANTS = ("full", "quick", "cifar10")
-
-
-def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
-  """Every field of `config.sweep`, with its default (the one place they are stated)."""
-  sweep = config_dict.ConfigDict()
-  # Named axes: axes.<name> = {key: dotted config key, values: tuple}; cells are their product.
-  sweep.axes = config_dict.ConfigDict()
-  sweep.seeds = (seed,)
-  # The cell every other is paired with in the report ("" = the first cell).
-  sweep.baseline = ""
-  # Train a cell's seeds as one vmapped program: auto (= off on CPU, on on GPU/TPU) | on | off.
-  sweep.vmap_seeds = "auto"
-  # Processes training cells in parallel, each pinned to one core and one XLA thread. None: one
-  # per CPU core this process may use (at most one per cell) when JAX runs on CPU with the local
-  # launcher, else 1.
-  sweep.workers = 1
-  # "Steps to reach" this end-of-epoch accuracy, per cell.
-  sweep.target_accuracy = 0.9
-  # A pretraining stage (cnnlab.study.pretrain): overrides of the config (nested, e.g.
-  # {"dataset": {"name": "mnist5k"}}) for runs trained once per seed into
-  # <workdir>/pretrain/seed_<s> before any cell; cells start from them with
-  # init.source="sweep:pretrain". Empty: no stage.
-  sweep.pretrain = config_dict.ConfigDict()
-  # Config keys set to each run's seed besides `seed`, e.g. ("dataset.subset_seed",): every
-  # seed draws its own training subset, so the spread over seeds includes the draw's.
-  sweep.seed_keys = ()
-  # An axis to plot test accuracy against, one line per value of the other axes ("" = none).
-  sweep.plot_axis = ""
-  # The smallest test-accuracy difference worth detecting (0.01 = 1 point): the report says how
-  # many seeds a paired t-test would need to detect it with 80% power.
-  sweep.min_effect = 0.01
-  # Where workers run: local (`workers` processes on this machine) | slurm (a job array).
-  sweep.launcher = "local"
-  # launcher=slurm: a submitit job array; each job trains cells until none is left.
-  sweep.slurm = config_dict.ConfigDict(dict(
-      cluster="slurm",      # slurm | local (the same job array run on this machine, for a test)
-      partition="", account="", qos="",   # "" = the cluster's default
-      array_size=4, gpus_per_job=1, cpus_per_job=4, mem_gb=0, time_limit_min=240,
-      max_requeues=3))
-  return sweep
 
 
 def sweep_base(name: str, variant: str = "full") -> config_dict.ConfigDict:

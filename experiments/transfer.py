@@ -15,10 +15,11 @@ held out) training examples per class, four ways:
     last_stage  a new head; the first two stages frozen, the last stage and the head trained;
     full        a new head; everything trained, the transferred layers at 1/10 of the rate.
 
-Every cell takes the same number of steps (a small subset is repeated to the whole split's
-length per epoch). Seed s draws its own subset (subset_seed = s), the same for every method, so
-the spread over seeds includes which examples were drawn and the pairs share them. The report pairs every method with `scratch` at the same data size, over 5
-seeds, and plots test accuracy against the data size per method (accuracy_by_per_class.png).
+Every cell takes the same number of steps (a small subset is repeated to the whole split's length
+per epoch). Seed s draws its own subset (subset_seed = s), the same for every method, so the spread
+over seeds includes which examples were drawn and the pairs share them. The report pairs every
+method with `scratch` at the same data size, over 5 seeds, and plots test accuracy against the data
+size per method (accuracy_by_per_class.png).
 
 Why this pair: both are handwritten digits (related tasks, so transfer can help), but from
 different writers, scanners and preprocessing (MNIST's 28x28 anti-aliased strokes vs digits'
@@ -34,15 +35,16 @@ source's class mapping. Variants:
 from ml_collections import config_dict
 
 from cnnlab.configs import sweep_base
-from cnnlab.training import transfer
+from cnnlab.training import init_settings
 
 NEW_HEAD = ("head/*",)
 RECIPES = {
     "scratch": {"source": ""},
-    "probe": {"source": transfer.SWEEP_PRETRAIN, "reinit": NEW_HEAD, "freeze": ("*", "!head/*")},
-    "last_stage": {"source": transfer.SWEEP_PRETRAIN, "reinit": NEW_HEAD,
+    "probe": {"source": init_settings.SWEEP_PRETRAIN, "reinit": NEW_HEAD,
+              "freeze": ("*", "!head/*")},
+    "last_stage": {"source": init_settings.SWEEP_PRETRAIN, "reinit": NEW_HEAD,
                    "freeze": ("stage0_*", "stage1_*")},
-    "full": {"source": transfer.SWEEP_PRETRAIN, "reinit": NEW_HEAD, "body_lr_scale": 0.1},
+    "full": {"source": init_settings.SWEEP_PRETRAIN, "reinit": NEW_HEAD, "body_lr_scale": 0.1},
 }
 VARIANTS = ("full", "quick")
 

@@ -4,7 +4,6 @@ set before JAX starts, so it cannot run inside the pytest process). Prints one J
     python tests/mesh_probe.py step DATA_DIR   one train step + eval on 1 vs 4 devices
 """
 
-import functools
 import json
 import sys
 
@@ -15,7 +14,7 @@ from conftest import load_config
 
 from cnnlab import data
 from cnnlab.base.errors import ConfigError
-from cnnlab.training import loop, train
+from cnnlab.training import loop, steps
 from cnnlab.training import mesh as mesh_lib
 
 
@@ -40,9 +39,9 @@ def skewed_batch(config):
 def one_step(config, devices, local):
   """One train step on `local` and a whole-split eval of a fresh state on a data mesh over
   `devices`."""
-  s = train.setup(config)
+  s = steps.setup(config)
   placement = loop.Replicated(mesh_lib.make_mesh(1, devices))
-  state = placement.combine([train.create_train_state(s.model, s.tx, train.split_seed(0),
+  state = placement.combine([steps.create_train_state(s.model, s.tx, steps.split_seed(0),
                                                       s.info.image_shape)])
   train_fn, eval_fn = placement.steps(0.3)
   state, metrics = train_fn(state, placement.batch([local]))
@@ -63,7 +62,7 @@ def scaled_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main():
-  mode, data_dir = sys.argv[1], sys.argv[2]
+  data_dir = sys.argv[2]
   config = tiny(data_dir)
   assert len(jax.devices()) == 4, jax.devices()
   local = skewed_batch(config)
@@ -82,7 +81,7 @@ def main():
   # quarter with that quarter's statistics; averaging the four devices' running statistics
   # afterwards (as flax's imagenet example does) still differs from the global ones.
   config.batch_size = 8
-  train.setup.__globals__["_SETUPS"].clear()
+  steps.setup.__globals__["_SETUPS"].clear()
   shards = [one_step(config, jax.devices()[:1], {k: v[8 * i:8 * (i + 1)] for k, v in
                                                  local.items()}) for i in range(4)]
   per_device = jax.tree_util.tree_map(lambda *xs: np.mean(xs, axis=0),

@@ -283,7 +283,7 @@ def test_digests_of_arrays_spread_over_two_processes(tmp_path):
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
            for pid in range(2)]
   outs = [p.communicate(timeout=180) for p in procs]
-  for proc, (out, err) in zip(procs, outs):
+  for proc, (_, err) in zip(procs, outs):
     assert proc.returncode == 0, err[-3000:]
   assert [out.strip().splitlines()[-1] for out, _ in outs] == [
       "ok 1 [0.0, 1.0, 2.0]", "ok 1 [12.0, 13.0, 14.0]"]

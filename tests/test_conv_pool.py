@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax_helpers import KEY, conv_block, eval_apply, init_np, normal, train_apply
+from jax_helpers import KEY, conv_block, eval_apply, init_np, normal
 
 from cnnlab.base.errors import ConfigError
 from cnnlab.nets import layers

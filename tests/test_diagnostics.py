@@ -1,7 +1,6 @@
 """The variance-shift diagnostic's per-layer numbers, by hand."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_config
@@ -35,10 +34,10 @@ def test_bn_input_variance_by_hand_and_one_compilation_per_model():
 
 def test_variance_shift_of_a_run_without_batchnorm_is_empty_and_compiles_nothing(tiny_config,
                                                                                   tmp_path):
-  from cnnlab.training import train
+  from cnnlab.training import loop
   tiny_config.model.bn_placement, tiny_config.num_epochs = "none", 1
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config, workdir, progress=False)
+  loop.train_and_evaluate(tiny_config, workdir, progress=False)
   misses = diagnostics._recording_forward.cache_info().misses
   assert diagnostics.variance_shift(tiny_config, workdir) == []
   assert diagnostics._recording_forward.cache_info().misses == misses

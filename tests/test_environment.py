@@ -10,7 +10,7 @@ from conftest import SHELL_XLA_FLAGS
 
 from cnnlab.base import environment
 from cnnlab.configs import base_config
-from cnnlab.study import launchers
+from cnnlab.study import workers as local_workers
 
 _PROBE = """
 import os, jax
@@ -47,7 +47,7 @@ def test_ynn_convolutions_off_reaches_xla_in_a_single_threaded_worker(tmp_path):
   # What a worker starts with: the parent's flags, then the single-thread flags, and a user's
   # flag after those still applies (XLA stops reading at a bare token such as the common recipe's
   # intra_op_parallelism_threads=1, which cnnlab does not use).
-  flags, options = _run(False, tmp_path, xla_flags=f"{launchers.SINGLE_THREAD_XLA_FLAGS} "
+  flags, options = _run(False, tmp_path, xla_flags=f"{local_workers.SINGLE_THREAD_XLA_FLAGS} "
                         "--xla_dump_hlo_as_text")
   assert flags[0] == environment.YNN_CONVOLUTIONS_OFF_XLA_FLAG
   assert "xla_dump_hlo_as_text: true" in options
@@ -79,7 +79,7 @@ def test_vector_width_reaches_xla_and_users_own_width_is_kept(tmp_path):
   # The base config's 512 is applied (XLA's own default is 256) and recorded in XLA_FLAGS.
   assert base_config().xla_cpu_vector_width == 512
   flags, options = _run(False, tmp_path, width=512,
-                        xla_flags=launchers.SINGLE_THREAD_XLA_FLAGS)
+                        xla_flags=local_workers.SINGLE_THREAD_XLA_FLAGS)
   assert "--xla_cpu_prefer_vector_width=512" in flags
   assert "xla_cpu_prefer_vector_width: 512" in options
   assert "xla_cpu_multi_thread_eigen: false" in options
@@ -96,7 +96,7 @@ import functools
 import jax, jax.numpy as jnp, numpy as np, optax
 from cnnlab.base import digests, environment
 from cnnlab.nets import models
-from cnnlab.training import optim, train
+from cnnlab.training import optim, steps
 from cnnlab.configs import base_config
 
 
@@ -108,9 +108,9 @@ def step_digest():
   tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(0.05))
   rng = np.random.default_rng(0)
   images = rng.standard_normal((32, 28, 28, 1)).astype(np.float32)
-  state = train.create_train_state(model, tx, train.split_seed(0), images.shape[1:])
+  state = steps.create_train_state(model, tx, steps.split_seed(0), images.shape[1:])
   batch = {"image": jnp.asarray(images), "label": jnp.asarray(rng.integers(0, 10, 32))}
-  state, _ = jax.jit(functools.partial(train.train_step, aux_loss_weight=0.0))(state, batch)
+  state, _ = jax.jit(functools.partial(steps.train_step, aux_loss_weight=0.0))(state, batch)
   return digests.tree_sha256(state.params)["sha256"]
 """
 
@@ -143,7 +143,8 @@ environment.apply_numerics(base_config())
 jax.jit(lambda x: x + 1)(jax.numpy.ones(3)).block_until_ready()
 names = collections.Counter(open(f"/proc/self/task/{t}/comm").read().strip()
                             for t in os.listdir("/proc/self/task"))
-print(json.dumps({"pool": names["tf_XLAEigen"], "recorded": environment.describe("float32")["threads"],
+print(json.dumps({"pool": names["tf_XLAEigen"],
+                  "recorded": environment.describe("float32")["threads"],
                   "cores": len(os.sched_getaffinity(0))}))
 """
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import load_config, run_launch
 
 from cnnlab.inspection import summary
-from cnnlab.study import report, sweep
+from cnnlab.study import grid, report
 
 
 def _run_quick(path, data_dir, tmp_path):
@@ -43,7 +43,7 @@ def test_architectures_quick_reports_params_and_flops(data_dir, tmp_path):
   config = load_config("experiments/architectures.py", "quick")
   costs = _cost_rows(text)
   assert set(costs) == {f"model={m}" for m in ("mlp", "lenet5", "vgg_cnn", "resnet20", "nin")}
-  for cell in sweep.expand(config):
+  for cell in grid.expand(config):
     expected = summary.summarize(cell.seed_config(0), step_flops=False)
     assert costs[cell.name] == (expected.total_params, expected.total_macs), cell.name
     assert {r["num_params"] for r in rows if r["cell"] == cell.name} == {expected.total_params}
@@ -55,5 +55,5 @@ def test_architectures_quick_reports_params_and_flops(data_dir, tmp_path):
 @pytest.mark.parametrize("variant", [None, "quick", "cifar10"])
 def test_study_files_expand(path, cells, variant):
   config = load_config(path, variant)
-  assert len(sweep.expand(config)) == cells
-  assert config.sweep.baseline in {c.name for c in sweep.expand(config)}
+  assert len(grid.expand(config)) == cells
+  assert config.sweep.baseline in {c.name for c in grid.expand(config)}

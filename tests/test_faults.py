@@ -85,7 +85,8 @@ def test_diverging_cell_is_recorded_and_the_sweep_finishes(data_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
   status = {(r["cell"], r["seed"]): r["status"] for r in rows}
-  assert status == {("bn=0.05,dropout=none", 0): "finished", ("bn=0.05,dropout=none", 1): "finished",
+  assert status == {("bn=0.05,dropout=none", 0): "finished",
+                    ("bn=0.05,dropout=none", 1): "finished",
                     ("bn=1000000.0,dropout=none", 0): "diverged",
                     ("bn=1000000.0,dropout=none", 1): "diverged"}
   text = open(os.path.join(workdir, "report.md")).read()
@@ -180,7 +181,7 @@ def test_signal_while_the_sweep_writes_its_report_leaves_no_report(data_dir, tmp
   """SIGTERM while the report's plots are drawn: one line, exit 130, and no report.md (which
   would look finished); the trained run is kept."""
   workdir = tmp_path / "sweep"
-  proc = _launch_signalled_at("cnnlab.inspection.plots.curves", "lambda args: True", [
+  _launch_signalled_at("cnnlab.inspection.plots.curves", "lambda args: True", [
       "--config=experiments/ablation.py:quick", f"--workdir={workdir}", "--noprogress",
       f"--config.dataset.data_dir={data_dir}", "--config.num_epochs=1",
       "--config.sweep.axes.bn.values=('none',)", "--config.sweep.axes.dropout.values=('none',)",

@@ -1,5 +1,6 @@
 """Multi-process runs end together, in one line each, and resume: cnnlab.training.hosts and
-cnnlab.training.supervisor, driven through launch.py as a user runs it (2 processes of 2 forced devices).
+cnnlab.training.supervisor, driven through launch.py as a user runs it (2 processes of 2 forced
+devices).
 
 Bounds checked here (with CNNLAB_PEER_TIMEOUT_S=5 and CNNLAB_START_TIMEOUT_S=5 to keep the tests
 short; the defaults are 30 s and 120 s): a killed process's peer ends within the peer timeout

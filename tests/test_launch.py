@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, run_launch
 
 from cnnlab.base import environment, errors
-from cnnlab.training import rundir, train
+from cnnlab.training import loop, rundir
 
 
 def _assert_clean_failure(proc, *fragments):
@@ -70,7 +70,7 @@ def test_bad_values_raise_one_clear_error(tiny_config, tmp_path, key, value, fra
   (tiny_config[section] if section else tiny_config)[field] = value
   workdir = str(tmp_path / "run")
   with pytest.raises(errors.CnnlabError) as info:
-    train.train_and_evaluate(tiny_config, workdir, progress=False)
+    loop.train_and_evaluate(tiny_config, workdir, progress=False)
   for fragment in fragments:
     assert fragment in str(info.value)
   assert not os.path.exists(os.path.join(workdir, "results.json"))
@@ -83,7 +83,7 @@ def test_flipped_checkpoint_bit_falls_back_then_all_corrupt_is_a_clear_error(tin
   one CheckpointError line."""
   workdir = str(tmp_path / "run")
   tiny_config.num_epochs = 1
-  first = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  first = loop.train_and_evaluate(tiny_config, workdir, progress=False)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
   assert len(steps) >= 2
@@ -95,7 +95,7 @@ def test_flipped_checkpoint_bit_falls_back_then_all_corrupt_is_a_clear_error(tin
   data = bytearray(open(biggest, "rb").read())
   data[len(data) // 2] ^= 0x10
   open(biggest, "wb").write(bytes(data))
-  again = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  again = loop.train_and_evaluate(tiny_config, workdir, progress=False)
   assert {k: v for k, v in again.items() if k != "wall_time_s"} == {
       k: v for k, v in first.items() if k != "wall_time_s"}
   assert os.path.isdir(os.path.join(ckpt_dir, f"{steps[-1]}.corrupt"))
@@ -107,7 +107,7 @@ def test_flipped_checkpoint_bit_falls_back_then_all_corrupt_is_a_clear_error(tin
         with open(os.path.join(root, name), "wb") as f:
           f.write(b"garbage")
   with pytest.raises(errors.CheckpointError, match="can be restored"):
-    train.train_and_evaluate(tiny_config, workdir, progress=False)
+    loop.train_and_evaluate(tiny_config, workdir, progress=False)
 
 
 def test_default_workdir_from_config_name():

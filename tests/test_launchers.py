@@ -14,6 +14,7 @@ from conftest import ROOT
 
 from cnnlab.base.errors import ConfigError
 from cnnlab.study import launchers
+from cnnlab.study import workers as local_workers
 from cnnlab.study.launchers import WorkerError
 
 LOCAL_ARRAY = {"cluster": "local", "array_size": 2, "gpus_per_job": 0, "cpus_per_job": 1,
@@ -46,7 +47,7 @@ def test_worker_with_huge_output_fails_with_one_line_not_a_hang(tmp_path):
                  "i, file=sys.stderr)\nprint('error: no space left on device: /ckpt', "
                  "file=sys.stderr)\nprint('W shutting down', file=sys.stderr)\nsys.exit(1)")
   calls = []
-  _, error = run_in_thread(launchers.run_local_workers, str(tmp_path), 2,
+  _, error = run_in_thread(local_workers.run_local_workers, str(tmp_path), 2,
                            lambda: calls.append(1), command=noisy, poll_s=0.05)
   log = tmp_path / "logs" / "worker_0.log"
   assert isinstance(error, WorkerError) and log.stat().st_size > 200_000
@@ -59,7 +60,7 @@ def test_worker_with_huge_output_fails_with_one_line_not_a_hang(tmp_path):
 def test_failure_quotes_the_exception_line_of_a_traceback(tmp_path):
   crashing = python("import sys\nprint('epoch 1\\rstep 10/20\\rstep 20/20', flush=True)\n"
                     "raise RuntimeError('RESOURCE_EXHAUSTED: out of memory')")
-  _, error = run_in_thread(launchers.run_local_workers, str(tmp_path), 1, command=crashing,
+  _, error = run_in_thread(local_workers.run_local_workers, str(tmp_path), 1, command=crashing,
                            poll_s=0.05)
   assert str(error).endswith("ends: RuntimeError: RESOURCE_EXHAUSTED: out of memory")
   assert str(error).startswith("1 of 1 sweep workers failed")
@@ -68,21 +69,21 @@ def test_failure_quotes_the_exception_line_of_a_traceback(tmp_path):
 def test_killed_worker_is_named_with_its_signal(tmp_path):
   killed = python("import os, signal\nprint('step 5', flush=True)\n"
                   "os.kill(os.getpid(), signal.SIGKILL)")
-  _, error = run_in_thread(launchers.run_local_workers, str(tmp_path), 1, command=killed,
+  _, error = run_in_thread(local_workers.run_local_workers, str(tmp_path), 1, command=killed,
                            poll_s=0.05)
   assert "(worker 0 was killed by SIGKILL)" in str(error) and str(error).endswith("ends: step 5")
 
 
 def test_workers_are_pinned_to_one_core_and_one_xla_thread(tmp_path):
   report = python("import os\nprint(sorted(os.sched_getaffinity(0)), os.environ['XLA_FLAGS'])")
-  _, error = run_in_thread(launchers.run_local_workers, str(tmp_path), 2, command=report,
+  _, error = run_in_thread(local_workers.run_local_workers, str(tmp_path), 2, command=report,
                            poll_s=0.05)
   assert error is None
   cpus = sorted(os.sched_getaffinity(0))
   for i in range(2):
     text = (tmp_path / "logs" / f"worker_{i}.log").read_text()
     assert text.startswith(f"[{cpus[i % len(cpus)]}] ")
-    assert launchers.SINGLE_THREAD_XLA_FLAGS in text
+    assert local_workers.SINGLE_THREAD_XLA_FLAGS in text
 
 
 def test_workers_start_without_forking_a_multithreaded_jax_process(tmp_path):
@@ -90,8 +91,8 @@ def test_workers_start_without_forking_a_multithreaded_jax_process(tmp_path):
   JAX's threads run: Python's docs say that can deadlock, and JAX printed "os.fork() was called
   ... will likely lead to a deadlock" on every sweep with workers."""
   code = ("import sys, jax; jax.numpy.zeros(1).block_until_ready()\n"
-          "from cnnlab.study import launchers\n"
-          "launchers.run_local_workers(sys.argv[1], 2, command=[sys.executable, '-c', 'pass'])")
+          "from cnnlab.study import workers as local_workers\n"
+          "local_workers.run_local_workers(sys.argv[1], 2, command=[sys.executable, '-c', 'pass'])")
   done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                         text=True, cwd=ROOT, timeout=120)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -104,8 +105,8 @@ def test_workers_stop_when_the_sweep_is_killed_outright(tmp_path):
   worker = ("import os, sys, time\n"
             "open(os.path.join(sys.argv[1], f'worker_{os.getpid()}'), 'w').close()\n"
             "time.sleep(120)")
-  sweep = ("import sys\nfrom cnnlab.study import launchers\n"
-           "launchers.run_local_workers(sys.argv[1], 2, command=[sys.executable, '-c', "
+  sweep = ("import sys\nfrom cnnlab.study import workers as local_workers\n"
+           "local_workers.run_local_workers(sys.argv[1], 2, command=[sys.executable, '-c', "
            f"{worker!r}, sys.argv[1]])")
   parent = subprocess.Popen([sys.executable, "-c", sweep, str(tmp_path)], cwd=ROOT)
   deadline = time.time() + 60
@@ -214,10 +215,10 @@ while True:
 
 _LAUNCHING_PARENT = """
 import sys
-from cnnlab.study import launchers
+from cnnlab.study import workers as local_workers
 from cnnlab.base.errors import CnnlabError
 try:
-  launchers.run_local_workers(sys.argv[1], 2, poll_s=0.05,
+  local_workers.run_local_workers(sys.argv[1], 2, poll_s=0.05,
                               command=[sys.executable, "-c", sys.argv[2], sys.argv[1]])
 except CnnlabError as e:
   print(f"error: {e}")

@@ -261,7 +261,8 @@ def test_conv_block_bad_values(field, value):
 
 
 # Seed 002's worked example: input 1x3x4 (C x H x W), kernel [[a, b], [c, d]], stride (1, 2).
-X_SEED = np.arange(1., 13., dtype=np.float32).reshape(1, 3, 4, 1)  # [[1..4], [5..8], [9..12]] in NHWC.
+# [[1..4], [5..8], [9..12]] in NHWC.
+X_SEED = np.arange(1., 13., dtype=np.float32).reshape(1, 3, 4, 1)
 
 
 def test_seed_002_convolution_stride_1_2():

@@ -1,4 +1,5 @@
-"""CellLock on a shared filesystem: races, stale locks (dead pid, silent foreign host), heartbeats."""
+"""CellLock on a shared filesystem: races, stale locks (dead pid, silent foreign host),
+heartbeats."""
 
 import json
 import os
@@ -66,7 +67,8 @@ def test_threads_racing_for_a_free_lock_one_wins(tmp_path):
 
 def test_processes_racing_for_a_free_lock_one_wins(tmp_path):
   go = tmp_path / "go"
-  code = (f"import os, time\nfrom cnnlab.base.locks import CellLock\nlock = CellLock({str(tmp_path)!r})\n"
+  code = (f"import os, time\nfrom cnnlab.base.locks import CellLock\n"
+          f"lock = CellLock({str(tmp_path)!r})\n"
           f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
           "print(int(lock.acquire()), flush=True)\ntime.sleep(1.0)\nlock.release()\n")
   procs = [run_python(code) for _ in range(4)]

@@ -5,7 +5,6 @@ Shape checks use `jax.eval_shape` (tracing only, no compilation), so the grid st
 numeric train step per model checks the values are finite and BN statistics move.
 """
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ import pytest
 from jax_helpers import eval_apply, init_np
 
 from cnnlab.base.errors import ConfigError
-from cnnlab.nets import layers, models
+from cnnlab.nets import models
 from experiments.default import get_config
 
 KEY = jax.random.key(0, impl="unsafe_rbg")  # Compiles much faster than threefry on this CPU.

@@ -15,8 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cnnlab.base import errors
-from cnnlab.study import sweep
-from cnnlab.training import rundir, train
+from cnnlab.study import grid, sweep
+from cnnlab.training import loop, rundir
 from cnnlab.training.rundir import RunDir
 
 _TRAINED = {}  # One finished run per test module; each test works on its own copy.
@@ -32,7 +32,7 @@ def trained(tiny_config, tmp_path_factory, tmp_path):
   tiny_config.num_epochs = 1
   if not _TRAINED:
     path = str(tmp_path_factory.mktemp("trained") / "run")
-    _TRAINED.update(path=path, results=train.train_and_evaluate(tiny_config, path,
+    _TRAINED.update(path=path, results=loop.train_and_evaluate(tiny_config, path,
                                                                progress=False))
   workdir = str(tmp_path / "run")
   shutil.copytree(_TRAINED["path"], workdir)
@@ -65,9 +65,9 @@ def test_another_configs_results_are_refused_when_config_json_is_lost(trained, d
   if damage == "keep only results.json":
     shutil.rmtree(run.checkpoint_dir)
   with pytest.raises(errors.CheckpointError, match=proof):
-    train.train_and_evaluate(other(config, model__dropout="none"), workdir, progress=False)
+    loop.train_and_evaluate(other(config, model__dropout="none"), workdir, progress=False)
   # The run's own config still gets its results, and config.json is written again.
-  assert train.train_and_evaluate(config, workdir, progress=False) == results
+  assert loop.train_and_evaluate(config, workdir, progress=False) == results
   assert rundir.read_json(run.config_path)["fingerprint"] == rundir.fingerprint(config)
 
 
@@ -117,7 +117,7 @@ def test_a_checkpoint_renamed_to_a_later_step_is_set_aside_and_the_steps_are_tra
   config, _, reference = trained
   config.checkpoint_every_steps, config.checkpoints_to_keep = 10, 3  # Not fingerprinted.
   workdir = str(tmp_path / "renamed")
-  train.train_and_evaluate(config, workdir, progress=False)
+  loop.train_and_evaluate(config, workdir, progress=False)
   run = RunDir(workdir)
   steps = sorted(int(n) for n in os.listdir(run.checkpoint_dir) if n.isdigit())
   assert steps == [30, 40, 44]
@@ -126,7 +126,7 @@ def test_a_checkpoint_renamed_to_a_later_step_is_set_aside_and_the_steps_are_tra
   shutil.rmtree(os.path.join(run.checkpoint_dir, "44"))
   os.rename(os.path.join(run.checkpoint_dir, "40"), os.path.join(run.checkpoint_dir, "44"))
   caplog.clear()
-  assert numbers_of(train.train_and_evaluate(config, workdir, progress=False)) == numbers_of(
+  assert numbers_of(loop.train_and_evaluate(config, workdir, progress=False)) == numbers_of(
       reference)
   assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
       f"checkpoint {run.checkpoint_dir}/44 cannot be restored (it holds step 40, not 44: renamed "
@@ -143,7 +143,7 @@ def write_config_json_of(config, workdir):
 
 @pytest.mark.parametrize("damage", ["seed_1 config.json", "other config.json", "metrics line"])
 def test_a_finished_workdir_is_checked_whole(trained, damage):
-  """Issue 22: a finished run (and a finished sweep seed: sweep.finished) took another config's
+  """Issue 22: a finished run (and a finished sweep seed: grid.finished) took another config's
   or seed's config.json, or a garbage line in metrics.jsonl, and reported its results."""
   config, workdir, _ = trained
   run = RunDir(workdir)
@@ -156,7 +156,7 @@ def test_a_finished_workdir_is_checked_whole(trained, damage):
                                           {"model__dropout": "none"})), workdir)
     fragment = (r"config.json records another config \(fingerprint \w+\) than the run's "
                 r"results.json \(\w+\): it was replaced or edited; put back the run's own")
-  for check in (lambda: sweep.finished(workdir, config),
+  for check in (lambda: grid.finished(workdir, config),
                 lambda: sweep.run(config, workdir, progress=False)):
     with pytest.raises(errors.CheckpointError, match=fragment):
       check()
@@ -210,9 +210,9 @@ def test_disk_full_mid_training_then_rerun_resumes_exactly(trained, tmp_path, mo
   monkeypatch.setattr(ocp.CheckpointManager, "save", fills_at_40)
   with pytest.raises(errors.WorkdirError, match=r"checkpoints/40 \(No space left on device\); "
                      r"free space .* resume from step 20\.$"):
-    train.train_and_evaluate(config, workdir, progress=False)
+    loop.train_and_evaluate(config, workdir, progress=False)
   monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
-  assert numbers_of(train.train_and_evaluate(config, workdir, progress=False)) == numbers_of(
+  assert numbers_of(loop.train_and_evaluate(config, workdir, progress=False)) == numbers_of(
       reference)
 
 
@@ -238,12 +238,12 @@ def test_read_only_workdir_is_one_line_and_reruns_exactly_once_writable(trained)
   listing = sorted(os.listdir(workdir))
   with read_only(workdir):
     with pytest.raises(errors.WorkdirError) as info:
-      train.train_and_evaluate(config, workdir, progress=False)
+      loop.train_and_evaluate(config, workdir, progress=False)
     assert sorted(os.listdir(workdir)) == listing
   message = str(info.value)
   assert message.startswith(f"cannot write {os.path.join(workdir, 'config.json')} (")
   assert f"make {workdir} writable or use another --workdir" in message
-  assert numbers_of(train.train_and_evaluate(config, workdir, progress=False)) == numbers_of(
+  assert numbers_of(loop.train_and_evaluate(config, workdir, progress=False)) == numbers_of(
       reference)
 
 

@@ -21,6 +21,7 @@ from test_launchers import importable_tests, run_in_thread  # noqa: F401 (a fixt
 from cnnlab import data
 from cnnlab.base.errors import ConfigError
 from cnnlab.study import launchers, slurm_job
+from cnnlab.study import workers as local_workers
 from cnnlab.study.launchers import WorkerError
 from cnnlab.training import supervisor
 
@@ -118,7 +119,7 @@ def _warn_jobs(workdir, slurm):
   import threading
   def send():
     for up in wait_for(workdir, "up", 2):
-      os.kill(int(open(up).read()), launchers.REQUEUE_SIGNAL)  # The worker's parent: the job.
+      os.kill(int(open(up).read()), local_workers.REQUEUE_SIGNAL)  # The worker's parent: the job.
   threading.Thread(target=send, daemon=True).start()
   launchers.run_slurm_workers(str(workdir), slurm, worker_fn=slurm_workers.saves_on_sigterm,
                               poll_s=0.1)
@@ -137,7 +138,7 @@ def test_a_job_runs_one_single_threaded_worker_per_cpu(tmp_path, importable_test
   assert len(reports) == min(2, cores)
   assert len({cpus for cpus, _ in reports}) == len(reports)  # Each its own core.
   for cpus, flags in reports:
-    assert len(json.loads(cpus)) == 1 and launchers.SINGLE_THREAD_XLA_FLAGS in flags.split()
+    assert len(json.loads(cpus)) == 1 and local_workers.SINGLE_THREAD_XLA_FLAGS in flags.split()
 
 
 def test_job_cpu_sets_follow_the_binding():
@@ -234,7 +235,8 @@ def test_a_refused_submission_leaves_no_files(tmp_path, refusing_sbatch):
   (tmp_path / "slurm").mkdir()
   (tmp_path / "slurm" / "earlier.log").write_text("kept")
   with pytest.raises(ConfigError, match=r"^sbatch refused the sweep's job array \(sbatch: error"):
-    launchers.run_slurm_workers(str(tmp_path), {"partition": "bogus", "gpus_per_job": 0})
+    launchers.run_slurm_workers(str(tmp_path), {"partition": "bogus", "gpus_per_job": 0},
+                                worker_fn=slurm_workers.between_runs)
   assert os.listdir(tmp_path / "slurm") == ["earlier.log"]
 
 

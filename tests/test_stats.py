@@ -1,4 +1,5 @@
-"""cnnlab.study.stats against hand-computed numbers and statsmodels: Holm/BH, paired t-test power."""
+"""cnnlab.study.stats against hand-computed numbers and statsmodels: Holm/BH, paired t-test
+power."""
 
 import math
 import warnings

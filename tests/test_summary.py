@@ -2,8 +2,6 @@
 receptive fields, and a summary of every registered model at every bundled input size."""
 
 import flax.linen as nn
-import jax
-import numpy as np
 import pytest
 from conftest import run_launch
 

@@ -1,4 +1,5 @@
-"""Sweeps: expansion and naming, vmapped seeds, locks, workers, kill-and-resume, the :quick report."""
+"""Sweeps: expansion and naming, vmapped seeds, locks, workers, kill-and-resume, the :quick
+report."""
 
 import json
 import os
@@ -13,9 +14,10 @@ import pytest
 from conftest import ROOT, load_config
 
 from cnnlab.base.errors import ConfigError
-from cnnlab.study import report, sweep
+from cnnlab.study import grid, report, sweep
+from cnnlab.study import settings as sweep_config
+from cnnlab.training import loop, restore
 from cnnlab.training import seeds as seeds_lib
-from cnnlab.training import train
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def quick(data_dir):
 
 
 def test_expansion_names_and_hashes(quick):
-  cells = sweep.expand(quick)
+  cells = grid.expand(quick)
   assert len(cells) == 9
   names = [c.name for c in cells]
   assert names[0] == "bn=none,dropout=none" and "bn=before_act,dropout=spatial" in names
@@ -37,21 +39,21 @@ def test_expansion_names_and_hashes(quick):
   assert cell.dirname.startswith("bn-after_act_dropout-standard-")
   # The hash covers the whole config: another learning rate is another cell.
   quick.optimizer.learning_rate = 0.2
-  assert sweep.expand(quick)[0].digest != cells[0].digest
+  assert grid.expand(quick)[0].digest != cells[0].digest
 
 
 def test_bad_axes_fail_before_training(quick):
   quick.sweep.axes.dropout["values"] = ("none", "gaussian")
   with pytest.raises(ConfigError, match="'gaussian'"):
-    sweep.expand(quick)
+    grid.expand(quick)
   quick.sweep.axes.dropout["values"] = ("none",)
   quick.sweep.axes.dropout.key = "model.dropuot"
   with pytest.raises(ConfigError, match="model.dropuot"):
-    sweep.expand(quick)
+    grid.expand(quick)
   with quick.sweep.axes.dropout.ignore_type():  # A config file may set any type.
     quick.sweep.axes.dropout.key = 3
   with pytest.raises(ConfigError, match=r"axes.dropout needs a `key` \(dotted config key\)"):
-    sweep.expand(quick)  # It was an AttributeError traceback.
+    grid.expand(quick)  # It was an AttributeError traceback.
   with quick.sweep.axes.dropout.ignore_type():
     quick.sweep.axes.dropout.key = "model.dropout"
   quick.sweep.baseline = "bn=none,dropout=standard"
@@ -90,7 +92,7 @@ def test_an_axis_over_a_process_wide_setting_is_refused(quick, key, values):
   quick.sweep.axes.bn.key = key
   quick.sweep.axes.bn["values"] = values
   with pytest.raises(ConfigError, match=f"axes.bn: key='{key}' is set for a whole process"):
-    sweep.expand(quick)
+    grid.expand(quick)
 
 
 def test_vmapped_seeds_match_sequential_runs(quick, tmp_path):
@@ -99,9 +101,9 @@ def test_vmapped_seeds_match_sequential_runs(quick, tmp_path):
   relative after 88 steps) and such differences can grow during training; rtol 1e-4 on the
   metrics and 1e-3 (atol 1e-5) on every parameter is far above that and far below any effect a
   sweep reports. Data order and dropout masks are each seed's own, so anything else would show."""
-  cell = [c for c in sweep.expand(quick) if c.name == "bn=before_act,dropout=spatial"][0]
+  cell = [c for c in grid.expand(quick) if c.name == "bn=before_act,dropout=spatial"][0]
   seeds = (0, 1)
-  seq = [train.train_and_evaluate(cell.seed_config(s), str(tmp_path / f"seq{s}"), progress=False)
+  seq = [loop.train_and_evaluate(cell.seed_config(s), str(tmp_path / f"seq{s}"), progress=False)
          for s in seeds]
   vm = seeds_lib.train_seeds([cell.seed_config(s) for s in seeds],
                              [str(tmp_path / f"vm{s}") for s in seeds], progress=False)
@@ -110,8 +112,8 @@ def test_vmapped_seeds_match_sequential_runs(quick, tmp_path):
     assert b["vmapped_seeds"] == 2
     for key in ("test_accuracy", "test_loss", "train_loss", "train_accuracy"):
       assert b[key] == pytest.approx(a[key], rel=1e-4)
-    pa = train.load_trained_state(cell.seed_config(s), str(tmp_path / f"seq{s}"))
-    pb = train.load_trained_state(cell.seed_config(s), str(tmp_path / f"vm{s}"))
+    pa = restore.load_trained_state(cell.seed_config(s), str(tmp_path / f"seq{s}"))
+    pb = restore.load_trained_state(cell.seed_config(s), str(tmp_path / f"vm{s}"))
     for x, y in zip(jax.tree_util.tree_leaves(pa.params), jax.tree_util.tree_leaves(pb.params)):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 
@@ -250,7 +252,7 @@ def test_quick_ablation_end_to_end_report_is_recomputable(quick_ablation):
 @pytest.mark.parametrize("variant", [None, "quick", "cifar10"])
 def test_experiment_files_expand_and_name_their_baseline(path, cells, variant):
   config = load_config(path, variant)
-  expanded = sweep.expand(config)
+  expanded = grid.expand(config)
   assert len(expanded) == cells
   assert config.sweep.baseline in [c.name for c in expanded]
   with pytest.raises(ValueError, match="not a variant"):
@@ -258,7 +260,7 @@ def test_experiment_files_expand_and_name_their_baseline(path, cells, variant):
 
 
 def test_worker_count_none_is_one_per_cpu_core_at_most_one_per_cell(monkeypatch):
-  settings = sweep.sweep_settings(load_config("experiments/ablation.py"))
+  settings = sweep_config.sweep_settings(load_config("experiments/ablation.py"))
   assert settings.workers is None  # The main job's sweeps use every core.
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
   assert sweep.worker_count(settings, 9, 45) == 4
@@ -267,14 +269,14 @@ def test_worker_count_none_is_one_per_cpu_core_at_most_one_per_cell(monkeypatch)
   assert sweep.worker_count(settings, 9, 45) == 1  # SLURM jobs set their own parallelism.
   settings.launcher, settings.workers = "local", 2
   assert sweep.worker_count(settings, 9, 45) == 2
-  quick = sweep.sweep_settings(load_config("experiments/ablation.py", "quick"))
+  quick = sweep_config.sweep_settings(load_config("experiments/ablation.py", "quick"))
   assert sweep.worker_count(quick, 9, 9) == 1
 
 
 def test_more_workers_than_can_help_are_not_started(monkeypatch, caplog):
   """`--config.sweep.workers=99` on a 2-core machine started 99 processes of ~400 MB each, about
   50 pinned to each core, for a sweep of 9 runs; it was killed with 9 of 23 GiB left."""
-  settings = sweep.sweep_settings(load_config("experiments/ablation.py", "quick"))
+  settings = sweep_config.sweep_settings(load_config("experiments/ablation.py", "quick"))
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
   settings.workers = 99
   with caplog.at_level("WARNING"):
@@ -293,9 +295,9 @@ def test_a_free_process_helps_with_the_seeds_of_a_cell_another_holds(quick, tmp_
   import threading
   quick.sweep.axes.bn["values"], quick.sweep.axes.dropout["values"] = ("before_act",), ("none",)
   quick.sweep.seeds, quick.num_epochs = (0, 1), 1
-  (cell,) = sweep.expand(quick)
+  (cell,) = grid.expand(quick)
   workdir = str(tmp_path / "sweep")
-  dirs = [sweep.seed_workdir(workdir, cell, s, False) for s in (0, 1)]
+  dirs = [grid.seed_workdir(workdir, cell, s, False) for s in (0, 1)]
   holder = sweep.CellLock(os.path.dirname(dirs[0]))  # Another process holds the cell...
   assert holder.acquire()
   helper = threading.Thread(target=sweep.work, args=(quick, workdir),

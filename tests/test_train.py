@@ -16,7 +16,7 @@ from conftest import ROOT, load_config, wait_for_checkpoint
 
 from cnnlab import data
 from cnnlab.nets import models
-from cnnlab.training import optim, train
+from cnnlab.training import loop, optim, steps
 from cnnlab.training.rundir import RunDir
 
 # Fields of results.json that measure time, not numbers: the only ones allowed to differ.
@@ -28,12 +28,12 @@ def numbers_of(results):
 
 
 def test_rerun_is_bit_identical_and_seed_changes_it(tiny_config, tmp_path):
-  a = train.train_and_evaluate(tiny_config, str(tmp_path / "a"), progress=False)
-  b = train.train_and_evaluate(tiny_config, str(tmp_path / "b"), progress=False)
+  a = loop.train_and_evaluate(tiny_config, str(tmp_path / "a"), progress=False)
+  b = loop.train_and_evaluate(tiny_config, str(tmp_path / "b"), progress=False)
   assert numbers_of(a) == numbers_of(b)
   assert a["test_accuracy"] > 0.5  # It learned something: 2 epochs on digits.
   tiny_config.seed = 1
-  c = train.train_and_evaluate(tiny_config, str(tmp_path / "c"), progress=False)
+  c = loop.train_and_evaluate(tiny_config, str(tmp_path / "c"), progress=False)
   assert c["params_sha256"] != a["params_sha256"]
   assert c["test_loss"] != a["test_loss"]
   # The metrics logs agree line for line, apart from wall time.
@@ -44,7 +44,7 @@ def test_rerun_is_bit_identical_and_seed_changes_it(tiny_config, tmp_path):
 
 def test_workdir_contents(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
-  results = train.train_and_evaluate(tiny_config, workdir, overrides=["model.name='vgg_cnn'"],
+  results = loop.train_and_evaluate(tiny_config, workdir, overrides=["model.name='vgg_cnn'"],
                                      progress=False)
   for key in ("test_accuracy", "test_loss", "train_loss", "epochs", "steps", "seed",
               "wall_time_s", "params_sha256", "environment"):
@@ -67,8 +67,8 @@ def test_workdir_contents(tiny_config, tmp_path):
   assert train_lines[-1]["step"] == results["steps"]
   assert os.listdir(run.checkpoint_dir)
   # XLA's FLOPs of one step, taken from the loop's own (cached) lowering, are the count
-  # `cnnlab.inspection.summary` gets by lowering the step afresh (whose stand-in learning-rate schedule
-  # costs a few scalar FLOPs less): the report reads this instead.
+  # `cnnlab.inspection.summary` gets by lowering the step afresh (whose stand-in learning-rate
+  # schedule costs a few scalar FLOPs less): the report reads this instead.
   from cnnlab.inspection import summary
   assert results["train_step_flops"] == pytest.approx(
       summary.summarize(tiny_config).train_step_flops, rel=1e-4)
@@ -76,9 +76,9 @@ def test_workdir_contents(tiny_config, tmp_path):
 
 def test_finished_workdir_is_not_retrained(tiny_config, tmp_path, capsys):
   workdir = str(tmp_path / "run")
-  first = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  first = loop.train_and_evaluate(tiny_config, workdir, progress=False)
   mtime = os.path.getmtime(os.path.join(workdir, "metrics.jsonl"))
-  again = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  again = loop.train_and_evaluate(tiny_config, workdir, progress=False)
   assert "already holds a finished run" in capsys.readouterr().out
   assert again == first
   assert os.path.getmtime(os.path.join(workdir, "metrics.jsonl")) == mtime
@@ -88,7 +88,7 @@ def _state_and_batch(config):
   info = data.dataset_info(config.dataset)
   model = models.get_model(config.model, info.num_classes)
   tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(0.01))
-  state = train.create_train_state(model, tx, train.split_seed(config.seed), info.image_shape)
+  state = steps.create_train_state(model, tx, steps.split_seed(config.seed), info.image_shape)
   batch = next(data.train_iterator(config.dataset, config.batch_size, 0))
   return model, state, batch
 
@@ -99,7 +99,7 @@ def test_dropout_masks_differ_between_steps_and_repeat_across_reruns(tiny_config
 
   def forward(step):
     out, _ = model.apply(variables, batch["image"], train=True,
-                         rngs=train.step_rngs(state.rngs, jnp.int32(step)),
+                         rngs=steps.step_rngs(state.rngs, jnp.int32(step)),
                          mutable=["batch_stats"])
     return np.asarray(out)
 
@@ -116,14 +116,14 @@ def test_train_step_threads_batch_stats_and_eval_uses_them(tiny_config):
   batch = {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"])}
   before = jax.tree_util.tree_map(np.asarray, state.batch_stats)
   eval_batch = dict(batch, mask=jnp.ones(batch["label"].shape, jnp.float32))
-  eval_before = train.eval_step(state, eval_batch)
-  new_state, metrics = jax.jit(train.train_step, static_argnums=2)(state, batch, 0.3)
+  eval_before = steps.eval_step(state, eval_batch)
+  new_state, metrics = jax.jit(steps.train_step, static_argnums=2)(state, batch, 0.3)
   assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
   changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, np.asarray(b)), before,
                                    new_state.batch_stats)
   assert all(jax.tree_util.tree_leaves(changed))
   # Eval is deterministic (no dropout) and depends on the running statistics.
-  e1, e2 = train.eval_step(new_state, eval_batch), train.eval_step(new_state, eval_batch)
+  e1, e2 = steps.eval_step(new_state, eval_batch), steps.eval_step(new_state, eval_batch)
   assert float(e1["loss_sum"]) == float(e2["loss_sum"])
   assert float(e1["loss_sum"]) != float(eval_before["loss_sum"])
 
@@ -217,15 +217,15 @@ def test_train_step_adds_sown_aux_losses_with_their_weight():
           self.sow("aux_logits", "a", aux)
       return nn.Dense(3, name="main")(x)
 
-  state = train.create_train_state(Toy(), optax.sgd(1.0), train.split_seed(0), (2, 2, 1))
+  state = steps.create_train_state(Toy(), optax.sgd(1.0), steps.split_seed(0), (2, 2, 1))
   batch = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((4, 2, 2, 1)),
                                 jnp.float32), "label": jnp.array([0, 1, 2, 1])}
   delta = {}
   for weight in (0.0, 0.3, 0.6):
-    new, metrics = train.train_step(state, batch, weight)
+    new, metrics = steps.train_step(state, batch, weight)
     delta[weight] = jax.tree_util.tree_map(lambda a, b: np.asarray(a - b), new.params,
                                            state.params)
-    main_only = train.cross_entropy(state.apply_fn({"params": state.params}, batch["image"],
+    main_only = steps.cross_entropy(state.apply_fn({"params": state.params}, batch["image"],
                                                    train=False), batch["label"]).mean()
     np.testing.assert_allclose(metrics["loss"], main_only, rtol=1e-6)
   assert not np.any(delta[0.0]["aux"]["kernel"])
@@ -237,7 +237,7 @@ def test_train_step_adds_sown_aux_losses_with_their_weight():
 
 def test_validation_split_drives_curves_and_test_is_read_once(tiny_config, tmp_path):
   tiny_config.dataset.validation_fraction = 0.1
-  results = train.train_and_evaluate(tiny_config, str(tmp_path / "run"), progress=False)
+  results = loop.train_and_evaluate(tiny_config, str(tmp_path / "run"), progress=False)
   metrics = RunDir(str(tmp_path / "run")).read_metrics()
   assert {m["split"] for m in metrics} == {"train", "validation"}
   assert [m["epoch"] for m in metrics if m["split"] == "validation"] == [1.0, 2.0]
@@ -248,15 +248,15 @@ def test_validation_split_drives_curves_and_test_is_read_once(tiny_config, tmp_p
 
 @pytest.mark.parametrize("name", ["lenet5", "vgg_cnn", "resnet20", "nin"])
 def test_init_compiled_for_speed_gives_the_default_compilers_bits(name):
-  """train._init_fn compiles with INIT_COMPILER_OPTIONS (a faster compile): the parameters, BN
+  """steps._init_fn compiles with INIT_COMPILER_OPTIONS (a faster compile): the parameters, BN
   statistics and optimizer state must be the bits XLA's default compilation gives."""
   config = load_config("experiments/default.py")
   config.model.name, config.model.bn_placement = name, "before_act"
   model = models.get_model(config.model, 10)
   tx = optim.create_optimizer(config.optimizer, optax.constant_schedule(0.1))
-  fast = train._init_fn(model, tx, (16, 16, 3))
-  default = jax.jit(train.init_program(model, tx, (16, 16, 3)))  # XLA's default options.
-  assert train.INIT_COMPILER_OPTIONS["cpu"], "the test compares against a changed option"
+  fast = steps._init_fn(model, tx, (16, 16, 3))
+  default = jax.jit(steps.init_program(model, tx, (16, 16, 3)))  # XLA's default options.
+  assert steps.INIT_COMPILER_OPTIONS["cpu"], "the test compares against a changed option"
   key = jax.random.key(7)
   for a, b in zip(jax.tree_util.tree_leaves(fast(key)), jax.tree_util.tree_leaves(default(key))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,6 +1,6 @@
-"""Transfer learning (cnnlab.training.transfer): loading by path and shape, re-initialising, freezing
-(bit-identical parameters, no optimizer state, BN on running statistics), resume, bad sources,
-the data subsets, and the study's `:quick` variant end to end."""
+"""Transfer learning (cnnlab.training.transfer): loading by path and shape, re-initialising,
+freezing (bit-identical parameters, no optimizer state, BN on running statistics), resume, bad
+sources, the data subsets, and the study's `:quick` variant end to end."""
 
 import copy
 import os
@@ -16,8 +16,8 @@ from cnnlab import data
 from cnnlab.base.errors import CnnlabError, ConfigError
 from cnnlab.data import subsets
 from cnnlab.nets import convert
-from cnnlab.study import report, sweep
-from cnnlab.training import rundir, train, transfer
+from cnnlab.study import grid, report, sweep
+from cnnlab.training import loop, restore, rundir, transfer
 
 PROBE = ("*", "!head/*")
 
@@ -42,7 +42,7 @@ def source(data_dir, tmp_path_factory):
   """A trained source run: (its config, its workdir)."""
   config = _config(data_dir)
   workdir = str(tmp_path_factory.mktemp("source") / "run")
-  train.train_and_evaluate(config, workdir, progress=False)
+  loop.train_and_evaluate(config, workdir, progress=False)
   return config, workdir
 
 
@@ -60,7 +60,7 @@ def _flat(tree):
 
 
 def _final(config, workdir):
-  state = train.load_trained_state(config, workdir)
+  state = restore.load_trained_state(config, workdir)
   return _flat(state.params), _flat(state.batch_stats), state
 
 
@@ -100,7 +100,7 @@ def test_linear_probe_keeps_frozen_bits_bn_statistics_and_no_optimizer_state(sou
   config = _target(source, reinit=("head/*",), freeze=PROBE)
   config.optimizer.weight_decay = 5e-3  # Would move every frozen kernel if it applied.
   workdir = str(tmp_path / "probe")
-  results = train.train_and_evaluate(config, workdir, progress=False)
+  results = loop.train_and_evaluate(config, workdir, progress=False)
   src_params, src_stats, _ = _final(source[0], source[1])
   params, stats, state = _final(config, workdir)
   record = results["transfer"]
@@ -126,7 +126,7 @@ def test_linear_probe_keeps_frozen_bits_bn_statistics_and_no_optimizer_state(sou
 def test_unfrozen_bn_updates_statistics_and_body_lr_scale_trains_slower(source, tmp_path):
   config = _target(source, reinit=("head/*",), freeze=PROBE, freeze_bn=False)
   workdir = str(tmp_path / "bn")
-  train.train_and_evaluate(config, workdir, progress=False)
+  loop.train_and_evaluate(config, workdir, progress=False)
   params, stats, _ = _final(config, workdir)
   src_params, src_stats, _ = _final(source[0], source[1])
   assert params["stage0_conv0/conv/kernel"].tobytes() == src_params[
@@ -136,7 +136,7 @@ def test_unfrozen_bn_updates_statistics_and_body_lr_scale_trains_slower(source, 
   for scale in (1.0, 0.1):
     config = _target(source, body_lr_scale=scale)
     workdir = str(tmp_path / f"lr{scale}")
-    train.train_and_evaluate(config, workdir, progress=False)
+    loop.train_and_evaluate(config, workdir, progress=False)
     p, _, _ = _final(config, workdir)
     moved[scale] = np.abs(p["stage1_conv0/conv/kernel"]
                           - src_params["stage1_conv0/conv/kernel"]).mean()
@@ -145,21 +145,21 @@ def test_unfrozen_bn_updates_statistics_and_body_lr_scale_trains_slower(source, 
 
 def test_resume_restores_own_checkpoint_not_the_source(source, tmp_path):
   config = _target(source, reinit=("head/*",), freeze=("stage0_*",))
-  whole = train.train_and_evaluate(config, str(tmp_path / "whole"), progress=False)
+  whole = loop.train_and_evaluate(config, str(tmp_path / "whole"), progress=False)
   # Copy the source, train from the copy, then keep only an early checkpoint and delete the
   # source: the resumed run needs only its own checkpoint and ends bit-identical.
   copied = str(tmp_path / "source_copy")
   shutil.copytree(source[1], copied)
   config.init.source = copied
   workdir = str(tmp_path / "cut")
-  first = train.train_and_evaluate(config, workdir, progress=False)
+  first = loop.train_and_evaluate(config, workdir, progress=False)
   ckpts = os.path.join(workdir, "checkpoints")
   steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
   assert len(steps) >= 2
   shutil.rmtree(os.path.join(ckpts, str(steps[-1])))
   os.remove(os.path.join(workdir, "results.json"))
   shutil.rmtree(copied)
-  resumed = train.train_and_evaluate(config, workdir, progress=False)
+  resumed = loop.train_and_evaluate(config, workdir, progress=False)
   assert resumed["params_sha256"] == first["params_sha256"] == whole["params_sha256"]
   assert resumed["transfer"]["source"] == copied
 
@@ -307,13 +307,13 @@ def test_study_quick_end_to_end(data_dir, tmp_path):
   rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
   config = load_config("experiments/transfer.py", "quick")
   config.dataset.data_dir = data_dir
-  assert len(rows) == len(sweep.expand(config)) * len(config.sweep.seeds)
+  assert len(rows) == len(grid.expand(config)) * len(config.sweep.seeds)
   for seed in config.sweep.seeds:  # One pretraining run per seed, shared by every cell.
     assert os.path.exists(os.path.join(workdir, "pretrain", f"seed_{seed}", "results.json"))
     sources = {r["transfer"]["source"] for r in _results(workdir) if r["seed"] == seed
                and "transfer" in r}
     assert sources == {os.path.join(workdir, "pretrain", f"seed_{seed}")}
-  for cell in sweep.expand(config):  # config.sweep.seed_keys: seed s trains on subset s.
+  for cell in grid.expand(config):  # config.sweep.seed_keys: seed s trains on subset s.
     for seed in config.sweep.seeds:
       saved = rundir.read_json(os.path.join(workdir, "cells", cell.dirname, f"seed_{seed}",
                                             "config.json"))

@@ -11,7 +11,8 @@ from ml_collections import config_dict
 
 from cnnlab import configs
 from cnnlab.base.errors import ConfigError
-from cnnlab.study import sweep
+from cnnlab.study import grid
+from cnnlab.study import settings as sweep_config
 from cnnlab.training import validation
 
 
@@ -97,13 +98,13 @@ def _experiments():
 def test_every_experiment_config_validates(path, variant):
   config = load_config(path, variant)
   validation.validate_config(config)
-  validation.validate_sweep(sweep.sweep_settings(config))
-  assert sweep.expand(config)   # Validates every cell.
+  sweep_config.validate_sweep(sweep_config.sweep_settings(config))
+  assert grid.expand(config)   # Validates every cell.
 
 
 def _settings(**changes):
   """The default sweep settings with `changes` (any types: a ConfigDict would refuse some)."""
-  return config_dict.ConfigDict({**sweep.sweep_settings(configs.base_config()).to_dict(),
+  return config_dict.ConfigDict({**sweep_config.sweep_settings(configs.base_config()).to_dict(),
                                  **changes})
 
 
@@ -125,12 +126,12 @@ def _settings(**changes):
 ])
 def test_bad_sweep_settings_are_refused(changes, fragment):
   with pytest.raises(ConfigError, match=fragment):
-    validation.validate_sweep(_settings(**changes))
+    sweep_config.validate_sweep(_settings(**changes))
 
 
 def test_good_sweep_settings_pass():
-  validation.validate_sweep(_settings(seeds=(3, 0, 7), workers=2, target_accuracy=1.0))
-  validation.validate_sweep(_settings(workers=None))  # One per CPU core (sweep.worker_count).
+  sweep_config.validate_sweep(_settings(seeds=(3, 0, 7), workers=2, target_accuracy=1.0))
+  sweep_config.validate_sweep(_settings(workers=None))  # One per CPU core (sweep.worker_count).
 
 
 def test_workdir_that_is_a_file_is_refused(tmp_path):

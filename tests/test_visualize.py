@@ -1,6 +1,7 @@
-"""cnnlab.inspection.visualize on a tiny trained run (VGG-style, BN before the activation, spatial dropout):
-every picture is written, the filter grid has one tile per first-layer filter, saliency maps have
-the input's shape, and a workdir without a checkpoint fails cleanly with nothing written."""
+"""cnnlab.inspection.visualize on a tiny trained run (VGG-style, BN before the activation, spatial
+dropout): every picture is written, the filter grid has one tile per first-layer filter, saliency
+maps have the input's shape, and a workdir without a checkpoint fails cleanly with nothing
+written."""
 
 import copy
 import os
@@ -15,7 +16,7 @@ from PIL import Image
 from cnnlab.base.errors import CheckpointError
 from cnnlab.inspection import visualize
 from cnnlab.inspection.visualize import dropout_masks, filters, predictions
-from cnnlab.training import train
+from cnnlab.training import images, loop, steps
 
 PICTURES = ("filters.png", "feature_maps.png", "class_accuracy.png", "confusion_matrix.png",
             "misclassified.png", "saliency.png", "bn_running_stats.png", "bn_train_vs_eval.png",
@@ -32,7 +33,7 @@ def trained(tiny_config, tmp_path_factory, _trained_runs):
   """(config, workdir) of one tiny run, trained once for the module."""
   if not _trained_runs:
     workdir = str(tmp_path_factory.mktemp("trained"))
-    train.train_and_evaluate(tiny_config, workdir, progress=False)
+    loop.train_and_evaluate(tiny_config, workdir, progress=False)
     _trained_runs["run"] = (tiny_config, workdir)
   return _trained_runs["run"]
 
@@ -57,7 +58,7 @@ def test_filter_grid_has_one_tile_per_first_layer_filter(trained, tmp_path):
   width = config.model.stages[0][0]
   assert visualize.write_filter_grid(state, str(tmp_path / "grid.png")) == width
   assert visualize.write_filter_grid(state.params, str(tmp_path / "grid2.png")) == width
-  name, kernel = filters.first_conv_kernel({"params": state.params})
+  name, kernel = images.first_conv_kernel({"params": state.params})
   assert name == "stage0_conv0/conv" and kernel.shape[-1] == width
   tiles = visualize.filter_tiles(kernel)
   assert tiles.shape == (width, 3, 3, 1) and tiles.min() >= 0 and tiles.max() <= 1
@@ -70,7 +71,7 @@ def test_filter_grid_has_one_tile_per_first_layer_filter(trained, tmp_path):
 def test_feature_maps_are_the_last_block_of_each_resolution(trained):
   config, workdir = trained
   _, state = visualize.load_run(workdir)
-  model = train.setup(config).model
+  model = steps.setup(config).model
   stages = filters.stage_outputs(model, {"params": state.params, "batch_stats": state.batch_stats},
                                  jnp.zeros((2, 8, 8, 1)))
   assert [(s.path, s.output.shape) for s in stages] == [
@@ -98,7 +99,7 @@ def test_confusion_counts_and_most_confident_mistakes():
 
 
 def test_spatial_mask_drops_whole_channels_and_standard_single_units():
-  rngs = train.step_rngs(train.split_seed(0), jnp.asarray(3))
+  rngs = steps.step_rngs(steps.split_seed(0), jnp.asarray(3))
   shape = (1, 6, 6, 64)
   spatial = dropout_masks.keep_mask("spatial", 0.5, 3, shape, rngs)
   standard = dropout_masks.keep_mask("standard", 0.5, 3, shape, rngs)

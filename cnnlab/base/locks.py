@@ -41,7 +41,7 @@ HEARTBEAT_S = 5.0
 # crashed worker's cell is trained again within a minute.
 STALE_AFTER_S = 60.0
 
-_HELD: set["CellLock"] = set()  # The locks this process holds (acquired, not yet released).
+_HELD: set[CellLock] = set()  # The locks this process holds (acquired, not yet released).
 
 
 class LockLost(WorkdirError):

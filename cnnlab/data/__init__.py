@@ -106,8 +106,9 @@ def prepare(name: str, data_dir: str, manual_dir: str | None) -> tfds.core.Datas
     try:
       builder.download_and_prepare(download_config=config)
     except (ValueError, OSError, EOFError, KeyError, tarfile.TarError) as e:
+      expected = ', '.join(builder.FILES) or 'package data'
       raise DatasetError(f"preparing dataset {name!r} from its raw files failed: {e}. Check "
-                         f"them (expected: {', '.join(builder.FILES) or 'package data'}).") from None
+                         f"them (expected: {expected}).") from None
   return builder
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from cnnlab import data as data_lib
 from cnnlab.nets import layers
-from cnnlab.training import rundir, train
+from cnnlab.training import restore, rundir, steps
 
 DIAGNOSTIC_BATCH = 512
 
@@ -69,15 +69,15 @@ def _recording_forward(model: nn.Module, train_mode: bool):
 
 def variance_shift(config, workdir: str) -> list[dict[str, float | str]]:
   """The diagnostic records of one trained run (empty for a model without BatchNorm)."""
-  state = train.load_trained_state(config, workdir)
+  state = restore.load_trained_state(config, workdir)
   if not jax.tree_util.tree_leaves(state.batch_stats):
     return []  # No BatchNorm: nothing to record, and no forward to compile.
-  model = train.setup(config).model
+  model = steps.setup(config).model
   batch = next(iter(data_lib.eval_batches(config.dataset, "train", DIAGNOSTIC_BATCH)))
   images = jnp.asarray(batch["image"])[: int(np.sum(batch["mask"]))]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   # Draw dropout masks as the last training step did.
-  rngs = train.step_rngs(state.rngs, state.step - 1)
+  rngs = steps.step_rngs(state.rngs, state.step - 1)
   in_train = bn_input_variances(model, variables, images, train_mode=True, rngs=rngs)
   in_eval = bn_input_variances(model, variables, images, train_mode=False)
   return [{"layer": name, "var_train": in_train[name]["var"], "var_eval": in_eval[name]["var"],

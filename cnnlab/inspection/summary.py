@@ -15,7 +15,7 @@ layers and global pooling see the whole input ("all"). Multiply-adds count one p
 (conv: output elements x kernel volume x input channels per group; dense: in x out), without
 biases, BN or pooling, as the lecture does (10 5x5 filters on 3x32x32, pad 2: 768,000).
 The training-step FLOPs are XLA's own count (cost analysis of the lowered program) for
-`train.train_step` (forward, backward and optimizer update) at the config's batch size.
+`steps.train_step` (forward, backward and optimizer update) at the config's batch size.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 from cnnlab import data
 from cnnlab.base.errors import ConfigError
 from cnnlab.nets import layers, models
-from cnnlab.training import optim, train
+from cnnlab.training import optim, steps
 from cnnlab.training.validation import validate_config
 
 GLOBAL = None   # The geometry of values that depend on every input pixel.
@@ -257,26 +257,16 @@ def summarize_model(model: nn.Module, input_shape: tuple[int, ...], *,
 
 def train_step_flops(config: ml_collections.ConfigDict, model: nn.Module,
                      input_shape: tuple[int, ...], batch_size: int) -> float:
-  """XLA's FLOP count of one compiled `train.train_step` of `model` on a batch (no data read)."""
+  """XLA's FLOP count of one compiled `steps.train_step` of `model` on a batch (no data read)."""
   tx = optim.create_optimizer(config.optimizer, optim.learning_rate_schedule(
       config.optimizer, 1, 1))
-  streams = train.split_seed(0)
-  state = train.create_train_state(model, tx, streams, input_shape, abstract=True)
+  streams = steps.split_seed(0)
+  state = steps.create_train_state(model, tx, streams, input_shape, abstract=True)
   batch = {"image": jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.dtype(config.dtype)),
            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-  step = functools.partial(train.train_step,
+  step = functools.partial(steps.train_step,
                            aux_loss_weight=float(config.model.get("aux_loss_weight", 0.3)))
-  return lowered_flops(jax.jit(step).lower(state, batch))   # Lowered, not compiled: fast.
-
-
-def lowered_flops(lowered: jax.stages.Lowered) -> float:
-  """XLA's FLOP count of a lowered program (the whole program: every seed and device)."""
-  try:
-    cost = lowered.cost_analysis()
-  except NotImplementedError:  # PJRT plugin backends (GPUs) count only compiled programs.
-    cost = lowered.compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
+  return steps.lowered_flops(jax.jit(step).lower(state, batch))   # Lowered, not compiled: fast.
 
 
 def summarize(config: ml_collections.ConfigDict, input_shape: tuple[int, ...] | None = None,

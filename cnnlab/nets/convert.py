@@ -27,7 +27,7 @@ import importlib
 import os
 import pickle
 import re
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -220,7 +220,8 @@ def _vgg_rules(arch: str) -> list[Rule]:
 def _alexnet_rules() -> list[Rule]:
   names = {f"features.{k}": ((f"conv{i}", "conv"), None)
            for i, k in enumerate((0, 3, 6, 8, 10), start=1)}
-  names.update({"classifier.1": (("fc1", "dense"), alexnet.CLASSIFIER_POOL), "classifier.4": (("fc2", "dense"), None),
+  names.update({"classifier.1": (("fc1", "dense"), alexnet.CLASSIFIER_POOL),
+                "classifier.4": (("fc2", "dense"), None),
                 "classifier.6": (("head",), None)})
   return _fixed(names)
 
@@ -270,7 +271,7 @@ def _convert_leaf(leaf: str, value: np.ndarray, flatten_hw: int | None):
   return ("params", "kernel", value.T) if value.ndim == 2 else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract_variables(arch: str, aux_classifiers: bool, num_classes: int):
   """{collection: {path: shape}} of cnnlab's model for `arch` (shapes only, nothing computed)."""
   config = ml_collections.ConfigDict(torchvision_model_config(arch, aux_classifiers))

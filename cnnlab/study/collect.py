@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 
 from cnnlab.base import environment
-from cnnlab.study import sweep
-from cnnlab.training import rundir, train
+from cnnlab.study.grid import Cell, seed_workdir
+from cnnlab.study.settings import sweep_settings
+from cnnlab.training import restore, rundir
 
 
 def curve_split(metrics: list[dict]) -> str:
@@ -27,19 +28,19 @@ def steps_to_target(metrics: list[dict], target: float) -> int | None:
   return None
 
 
-def write_sweep_report(config, cells: list[sweep.Cell], seeds: tuple[int, ...], workdir: str, *,
+def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdir: str, *,
                        command: str = "") -> str:
   """Collects every (cell, seed) result into rows, curves and diagnostics; writes the report."""
   from cnnlab.inspection import summary
   from cnnlab.study import report  # Post-processing only: scipy, statsmodels, matplotlib.
-  settings = sweep.sweep_settings(config)
+  settings = sweep_settings(config)
   rows, curves, diagnostics = [], {}, {}
   for cell in cells:
     curves[cell.name] = []
     cost = summary.summarize(cell.seed_config(seeds[0]), step_flops=False)
     step_flops = None  # Recorded by training; counted here only for results without it.
     for seed in seeds:
-      run = rundir.RunDir(sweep.seed_workdir(workdir, cell, seed, False))
+      run = rundir.RunDir(seed_workdir(workdir, cell, seed, False))
       res, metrics = run.finished_result(cell.seed_config(seed)), run.read_metrics()
       env = res["environment"]
       if step_flops is None:
@@ -71,7 +72,7 @@ def write_sweep_report(config, cells: list[sweep.Cell], seeds: tuple[int, ...], 
                              min_effect=settings.min_effect, plot_axis=settings.plot_axis)
 
 
-def _filter_grids(cells: list[sweep.Cell], seeds, workdir: str) -> dict[str, tuple[int, str]]:
+def _filter_grids(cells: list[Cell], seeds, workdir: str) -> dict[str, tuple[int, str]]:
   """{cell name: (seed, path relative to workdir)} of each cell's filter picture (`filter_grid`;
   cells whose model has no conv layer have none)."""
   grids = {}
@@ -82,18 +83,18 @@ def _filter_grids(cells: list[sweep.Cell], seeds, workdir: str) -> dict[str, tup
   return grids
 
 
-def filter_grid(cell: sweep.Cell, seeds, workdir: str) -> tuple[int, str] | None:
+def filter_grid(cell: Cell, seeds, workdir: str) -> tuple[int, str] | None:
   """(seed, path relative to workdir) of a picture of the first conv layer's filters of the
   cell's first finished seed, drawn unless it exists (workers draw it when they finish the cell);
   None when no seed finished or the model has no 2-D conv layer."""
   from cnnlab.inspection import visualize  # Matplotlib: post-processing only.
   for seed in seeds:
-    run_dir = sweep.seed_workdir(workdir, cell, seed, False)
+    run_dir = seed_workdir(workdir, cell, seed, False)
     if rundir.RunDir(run_dir).read_results().get("status", "finished") != "finished":
       continue
     path = os.path.join("cells", cell.dirname, "filters.png")
     if not os.path.exists(os.path.join(workdir, path)):
-      state = train.load_trained_state(cell.seed_config(seed), run_dir)
+      state = restore.load_trained_state(cell.seed_config(seed), run_dir)
       try:
         visualize.write_filter_grid(state, os.path.join(workdir, path),
                                     title=f"{cell.name}, seed {seed}: first conv layer")

@@ -1,7 +1,9 @@
-"""Launchers for sweep workers: local processes, or a SLURM job array through submitit.
+"""The SLURM launcher for sweep workers: a job array through submitit (local processes are
+`cnnlab.study.workers`).
 
-Every worker runs the same loop (`cnnlab.study.sweep.worker_main(workdir)`): it trains the cells of the
-sweep recorded in `<workdir>/sweep.json` whose `CellLock` it gets and returns when all are done.
+Every worker runs the entry point the sweep passes down (`worker_fn(workdir)`): it trains the
+cells of the sweep recorded in `<workdir>/sweep.json` whose `CellLock` it gets and returns when
+all are done.
 The launchers start workers, call `on_progress()` about every `poll_s` seconds while they run (the
 caller refreshes its progress bar), and raise a `WorkerError` naming the logs of failed workers.
 
@@ -22,23 +24,21 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import submitit
 from submitit.core.utils import FailedJobError
 
-from cnnlab.base.errors import CnnlabError, ConfigError, Interrupted
+from cnnlab.base.errors import ConfigError, Interrupted
 from cnnlab.base.interrupts import interrupt_guard
+from cnnlab.study.slurm_job import SweepWorker
+from cnnlab.study.workers import WorkerError, failure
 
 # Pins XLA's CPU backend to one intra-op thread (recorded as threads=1 in every result). Not
 # the common recipe's extra `intra_op_parallelism_threads=1`: that is no XLA flag, and XLA stops
 # reading XLA_FLAGS at it, so any flag after it was recorded but never applied.
-SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"
-LOG_TAIL_BYTES = 65536  # Of a log, only its end is read for the error message...
-QUOTED_LINE_CHARS = 500  # ...and of the line it quotes, at most this much.
 CLUSTERS = ("slurm", "local")
 # config.sweep.launcher: workers as local processes, or as a SLURM job array.
 LAUNCHERS = ("local", "slurm")
@@ -56,149 +56,10 @@ MEM_GB_PER_CPU = 2
 SIGNAL_DELAY_S = 90
 MIN_TIME_LIMIT_MIN = 5
 # The signal submitit's SLURM job receives SIGNAL_DELAY_S before its time limit (or preemption).
-REQUEUE_SIGNAL = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
 # SLURM job states (sacct) of a job that has not ended yet: submitit's list.
 UNFINISHED_STATES = ("READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING",
                      "PREEMPTED")
 STOP_TIMEOUT_S = 120  # How long a cancelled sweep waits for its jobs to stop.
-
-
-class WorkerError(CnnlabError):
-  """Sweep workers failed; the message names their logs and what they said last."""
-
-
-def last_meaningful_line(log_path: str) -> str:
-  """The line of a log that says what went wrong: its last cnnlab `error: ...` line, else the
-  exception line of its last Python traceback, else its last non-blank line."""
-  try:
-    with open(log_path, "rb") as f:
-      f.seek(max(0, os.fstat(f.fileno()).st_size - LOG_TAIL_BYTES))
-      text = f.read().decode("utf-8", "replace")
-  except OSError as e:
-    return f"(log unreadable: {e.strerror})"
-  # Progress bars redraw with carriage returns: keep what each line showed last.
-  lines = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
-  lines = [line for line in lines if line.strip()]
-  errors = [line for line in lines if line.startswith("error: ")]
-  if errors:
-    return errors[-1]
-  tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
-  if tracebacks:
-    after = [line for line in lines[tracebacks[-1] + 1:] if not line[0].isspace()]
-    if after:
-      return after[0]
-  return lines[-1] if lines else "(log is empty)"
-
-
-def _failure(log_path: str, what: str) -> str:
-  return f"{what}; {log_path} ends: {last_meaningful_line(log_path)[:QUOTED_LINE_CHARS]}"
-
-
-def _exit_status(returncode: int) -> str:
-  if returncode < 0:
-    try:
-      return f"was killed by {signal.Signals(-returncode).name}"
-    except ValueError:
-      return f"was killed by signal {-returncode}"
-  return f"exited with status {returncode}"
-
-
-# A worker is started by a fresh, single-threaded interpreter that pins it to its cores, asks
-# Linux to send it SIGTERM when the sweep's process dies (PR_SET_PDEATHSIG: a `kill -9` of the
-# sweep then stops its workers at a checkpoint instead of leaving them training unseen), ignores
-# SLURM's time-limit warning (REQUEUE_SIGNAL, sent to every process of a job: the job's supervisor
-# turns it into one SIGTERM per worker) and execs it; these settings survive the exec. Doing this
-# in a preexec_fn would run Python between fork and exec in the sweep's process, whose JAX threads
-# make that unsafe (Python's docs: it can deadlock; JAX warns). argv: cpus (comma-separated), the
-# sweep's pid, the signal to ignore, the worker's command.
-_PIN_AND_EXEC = """
-import ctypes, os, signal, sys
-os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
-signal.signal(int(sys.argv[3]), signal.SIG_IGN)
-try:
-  ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux only).
-except (AttributeError, OSError):
-  pass
-if os.getppid() != int(sys.argv[2]):  # The sweep died before prctl took effect.
-  sys.exit(1)
-os.execvp(sys.argv[4], sys.argv[4:])
-"""
-
-
-def pinned(cpus: Sequence[int], command: Sequence[str]) -> list[str]:
-  """`command` started through `_PIN_AND_EXEC`, on `cpus`, by this process (start it in a
-  session of its own, `start_new_session=True`)."""
-  return [sys.executable, "-c", _PIN_AND_EXEC, ",".join(map(str, cpus)), str(os.getpid()),
-          str(int(REQUEUE_SIGNAL)), *command]
-
-
-def run_local_workers(workdir: str, workers: int, on_progress: Callable[[], None] | None = None,
-                      *, command: Sequence[str] | None = None, poll_s: float = 0.25,
-                      cpu_sets: Sequence[Sequence[int]] | None = None,
-                      log_paths: Sequence[str] | None = None,
-                      signalled_too: Callable[[], bool] | None = None,
-                      stop: Callable[[], str | None] | None = None) -> None:
-  """Runs `workers` processes of `command` (default `python -m cnnlab.study.sweep WORKDIR`), each
-  pinned to its `cpu_sets` entry (default: one core each, in turn) and one XLA thread, with its
-  output in its `log_paths` entry (default `<workdir>/logs/worker_<i>.log`); returns when all
-  have exited and raises WorkerError (one line) if any failed.
-
-  SIGTERM/SIGINT (Ctrl-C) to this process reach each worker as one SIGTERM, on which it saves
-  a checkpoint and exits; then this raises `Interrupted` (one line). The workers run in their
-  own session, so a terminal's Ctrl-C reaches them only this way (a second signal to a worker
-  would stop it before its checkpoint is written); where the signal may have reached the workers
-  as well (a SLURM job), `signalled_too()` says whether it did. Once `stop()` returns a reason,
-  each worker gets one SIGTERM too. If this process is killed outright (kill -9), Linux sends
-  each worker SIGTERM (`_PIN_AND_EXEC`)."""
-  command = list(command or [sys.executable, "-m", "cnnlab.study.sweep", workdir])
-  cpus = sorted(os.sched_getaffinity(0))
-  cpu_sets = cpu_sets or [[cpus[i % len(cpus)]] for i in range(workers)]
-  if log_paths is None:
-    log_paths = [os.path.join(workdir, "logs", f"worker_{i}.log") for i in range(workers)]
-  for log_dir in {os.path.dirname(p) for p in log_paths}:
-    os.makedirs(log_dir, exist_ok=True)
-  flags = os.environ.get("XLA_FLAGS", "")
-  if SINGLE_THREAD_XLA_FLAGS not in flags.split():
-    flags = f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip()
-  env = dict(os.environ, XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
-  procs = []
-  with interrupt_guard() as interrupt:
-    try:
-      for cpu_set, log_path in zip(cpu_sets, log_paths):
-        with open(log_path, "wb") as log:  # The child keeps its own descriptor.
-          procs.append(subprocess.Popen(
-              pinned(cpu_set, command), env=env, stdin=subprocess.DEVNULL, stdout=log,
-              stderr=subprocess.STDOUT, start_new_session=True))
-      stopping = None
-      while any(p.poll() is None for p in procs):
-        reason = interrupt["signal"] or (stop() if stop else None)
-        if reason and not stopping:
-          if not (interrupt["signal"] and signalled_too and signalled_too()):
-            for p in procs:
-              if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-          stopping = reason
-        if on_progress:
-          on_progress()
-        time.sleep(poll_s)
-    finally:  # An error here, or failed to start one: stop the others.
-      for p in procs:
-        if p.poll() is None:
-          p.terminate()
-      for p in procs:
-        p.wait()
-  if on_progress:
-    on_progress()
-  stopping = interrupt["signal"] or stopping
-  if stopping:
-    raise Interrupted(f"interrupted by {stopping}: each worker saved a checkpoint of the run it "
-                      f"was training; rerun the same command to resume.")
-  failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-  if failed:
-    first = failed[0]
-    raise WorkerError(_failure(
-        log_paths[first], f"{len(failed)} of {len(procs)} sweep workers failed (worker {first} "
-        f"{_exit_status(procs[first].returncode)})"))
 
 
 def slurm_settings(slurm: Mapping[str, Any]) -> dict[str, Any]:
@@ -279,14 +140,9 @@ def job_mem_gb(settings: Mapping[str, Any]) -> int:
   return settings["mem_gb"] or MEM_GB_PER_CPU * settings["cpus_per_job"]
 
 
-def _sweep_worker_main(workdir: str) -> None:
-  from cnnlab.study import sweep  # In the worker: the launcher itself need not import the trainer.
-  sweep.worker_main(workdir)
-
-
 def run_slurm_workers(workdir: str, slurm: Mapping[str, Any],
                       on_progress: Callable[[], None] | None = None, *,
-                      worker_fn: Callable[[str], None] = _sweep_worker_main,
+                      worker_fn: Callable[[str], None],
                       poll_s: float = 10.0) -> None:
   """Submits a job array of `array_size` `SweepWorker` jobs, with logs in `<workdir>/slurm/`,
   and waits until SLURM says each has ended (a requeued job is waited for); raises WorkerError,
@@ -315,7 +171,7 @@ def run_slurm_workers(workdir: str, slurm: Mapping[str, Any],
   failed = [(job, state) for job, state in zip(jobs, states) if not _succeeded(job, state)]
   if failed:
     job, state = failed[0]
-    first = _failure(str(job.paths.stderr), f"job {job.job_id} {_outcome(job, state, settings)}")
+    first = failure(str(job.paths.stderr), f"job {job.job_id} {_outcome(job, state, settings)}")
     others = "".join(f"; job {j.job_id}: {s}" for j, s in failed[1:])
     raise WorkerError(f"{len(failed)} of {len(jobs)} sweep jobs did not complete: {first}{others}"
                       f"; rerun the same command to resume.")
@@ -329,7 +185,6 @@ def _submit(workdir: str, settings: Mapping[str, Any], worker_fn) -> list:
   executor = make_executor(folder, settings)
   try:
     with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error itself.
-      from cnnlab.study.slurm_job import SweepWorker  # It imports this module.
       return executor.map_array(SweepWorker(worker_fn, settings),
                                 [workdir] * settings["array_size"])
   except FailedJobError as e:

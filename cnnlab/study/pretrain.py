@@ -14,9 +14,10 @@ import time
 
 import ml_collections
 
-from cnnlab import configs
 from cnnlab.base.locks import CellLock
-from cnnlab.training import rundir
+from cnnlab.study.grid import finished
+from cnnlab.study.settings import sweep_settings
+from cnnlab.training.init_settings import init_defaults
 
 
 def run_dir(sweep_workdir: str, seed: int) -> str:
@@ -27,14 +28,13 @@ def run_dir(sweep_workdir: str, seed: int) -> str:
 def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   """The pretraining run of every sweep seed: `config` without its sweep and init sections,
   updated with `config.sweep.pretrain` (empty: no stage, [])."""
-  from cnnlab.study import sweep
-  s = sweep.sweep_settings(config)
+  s = sweep_settings(config)
   if not s.pretrain:
     return []
   base = copy.deepcopy(config)
   with base.unlocked():
     del base["sweep"]
-    base.init = configs.init_defaults()
+    base.init = init_defaults()
     base.update(s.pretrain)
   out = []
   for seed in s.seeds:
@@ -48,10 +48,9 @@ def run_stage(config: ml_collections.ConfigDict, sweep_workdir: str, *, poll_s: 
               **train_kwargs) -> None:
   """Trains the pretraining runs of `config`'s sweep (resumable; one process at a time holds
   <sweep_workdir>/pretrain/.lock, the others wait until every run is finished)."""
-  from cnnlab.study import sweep
-  from cnnlab.training import train
+  from cnnlab.training import loop
   runs = [(c, run_dir(sweep_workdir, c.seed)) for c in stage_configs(config)]
-  while not all(sweep.finished(d, c) for c, d in runs):
+  while not all(finished(d, c) for c, d in runs):
     lock = CellLock(os.path.join(sweep_workdir, "pretrain"))
     if not lock.acquire():
       lock.close()
@@ -59,7 +58,7 @@ def run_stage(config: ml_collections.ConfigDict, sweep_workdir: str, *, poll_s: 
       continue
     try:
       for c, d in runs:
-        if not sweep.finished(d, c):
-          train.train_and_evaluate(c, d, **train_kwargs)
+        if not finished(d, c):
+          loop.train_and_evaluate(c, d, **train_kwargs)
     finally:
       lock.release()

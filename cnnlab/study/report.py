@@ -224,7 +224,8 @@ def _p(p: float) -> str:
 
 
 def _cost_section(rows, meta) -> list[str]:
-  """Parameters and compute per cell (from `cnnlab.inspection.summary`), when the rows carry them."""
+  """Parameters and compute per cell (from `cnnlab.inspection.summary`), when the rows carry
+  them."""
   if not all(r.get("train_step_flops") not in (None, "") for r in rows):
     return []
   batch = meta["config"].get("batch_size", "?")

@@ -21,16 +21,15 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from cnnlab.base.errors import CnnlabError, Interrupted
-from cnnlab.study.launchers import REQUEUE_SIGNAL, WorkerError, pinned, run_local_workers
+from cnnlab.study.workers import (
+  REQUEUE_SIGNAL,
+  WorkerError,
+  function_command,
+  pinned,
+  run_local_workers,
+)
 
 SENTINEL_WAIT_S = 1.0  # How long after a job's signal its sentinel may take to end (_sentinel).
-
-
-def _worker_command(worker_fn: Callable[[str], None], workdir: str) -> list[str]:
-  """The command that runs `worker_fn(workdir)` (a module-level function) in a new process."""
-  code = "import importlib, sys; getattr(importlib.import_module(sys.argv[1]), sys.argv[2])(" \
-         "sys.argv[3])"
-  return [sys.executable, "-c", code, worker_fn.__module__, worker_fn.__qualname__, workdir]
 
 
 def job_cpu_sets(cpus_per_job: int, one_worker: bool, task_index: int) -> list[list[int]]:
@@ -105,7 +104,7 @@ class SweepWorker(submitit.helpers.Checkpointable):
             for i in range(len(cpu_sets))]
     sentinel = _sentinel(cpu_sets[0])
     try:
-      run_local_workers(workdir, len(cpu_sets), command=_worker_command(self.worker_fn, workdir),
+      run_local_workers(workdir, len(cpu_sets), command=function_command(self.worker_fn, workdir),
                         cpu_sets=cpu_sets, log_paths=logs, stop=lambda: warned.get("signal"),
                         signalled_too=lambda: _ended_within(sentinel, SENTINEL_WAIT_S))
     except CnnlabError as e:

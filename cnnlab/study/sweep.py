@@ -18,147 +18,33 @@ by the OS, finished seeds are kept and an interrupted one resumes from its check
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import itertools
-import json
 import logging
 import os
-import re
-import subprocess
 import sys
 import time
-from typing import Any
 
 import jax
 import ml_collections
-from ml_collections import config_dict
 
-from cnnlab import configs
 from cnnlab.base import environment, errors
 from cnnlab.base.errors import ConfigError, TrainingDivergedError
 from cnnlab.base.locks import CellLock
+from cnnlab.inspection import diagnostics
 from cnnlab.study import collect, launchers, pretrain
-from cnnlab.training import rundir, train, transfer
+from cnnlab.study import workers as workers_lib
+from cnnlab.study.grid import expand, finished, seed_workdir
+from cnnlab.study.settings import VMAP_AUTO, sweep_settings
+from cnnlab.training import loop, rundir, transfer
 from cnnlab.training import seeds as seeds_lib
-from cnnlab.training.validation import check_key, validate_config, validate_setup, validate_sweep
-
-VMAP_CHOICES = ("auto", "on", "off")
-# Measured (see README, "Performance"): on this 2-core CPU vmapped seeds ran slower than one
-# after another; on a GPU they share the idle device and win.
-VMAP_AUTO = {"cpu": False, "gpu": True, "tpu": True}
-
-
-@dataclasses.dataclass
-class Cell:
-  """One combination of axis values; `config` has the overrides applied (seed unset)."""
-  name: str
-  values: dict[str, Any]
-  config: ml_collections.ConfigDict
-  digest: str
-  seed_keys: tuple[str, ...] = ()   # Config keys set to the seed too (config.sweep.seed_keys).
-
-  @property
-  def dirname(self) -> str:
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name.replace("=", "-")) or "base"
-    return f"{readable}-{self.digest}"
-
-  def seed_config(self, seed: int) -> ml_collections.ConfigDict:
-    config = copy.deepcopy(self.config)
-    config.seed = seed
-    for key in self.seed_keys:
-      _set_dotted(config, key, seed, "seed_keys")
-    return config
-
-
-def sweep_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.sweep` with defaults filled in; a config without one is a single run."""
-  s = configs.sweep_defaults(config.seed)
-  if "sweep" in config:
-    s.update(config.sweep)
-  validate_sweep(s)
-  return s
-
-
-def _set_dotted(config: ml_collections.ConfigDict, key: str, value: Any, axis: str) -> None:
-  *parents, leaf = key.split(".")
-  node = config
-  for part in parents:
-    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-      raise ConfigError(f"config.sweep.axes.{axis}.key={key!r} names no config field.")
-    node = node[part]
-  if leaf not in node:
-    raise ConfigError(f"config.sweep.axes.{axis}.key={key!r} names no config field.")
-  try:
-    node[leaf] = value
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.sweep.axes.{axis}: {key}={value!r} does not fit the field "
-                      f"({e}).") from None
-
-
-def expand(config: ml_collections.ConfigDict) -> list[Cell]:
-  """The cells of the grid, in product order of the (alphabetically sorted) axes; each cell's
-  config is validated, so a bad value fails before anything trains."""
-  settings = sweep_settings(config)
-  axes = settings.axes
-  seed_keys = tuple(settings.seed_keys)
-  for key in seed_keys:
-    check_key(config, key)
-  names = sorted(axes.keys())
-  for name in names:
-    if ("key" not in axes[name] or not isinstance(axes[name].key, str)
-        or "values" not in axes[name] or not axes[name]["values"]):
-      raise ConfigError(f"config.sweep.axes.{name} needs a `key` (dotted config key) and a "
-                        f"non-empty tuple of `values`.")
-    values = tuple(axes[name]["values"])
-    repeated = [v for i, v in enumerate(values) if str(v) in map(str, values[:i])]
-    if repeated:  # Its cells would share a name and a directory.
-      raise ConfigError(f"config.sweep.axes.{name}.values={values!r} repeats {repeated[0]!r}; "
-                        f"give each value once.")
-    if axes[name].key in environment.PROCESS_WIDE_FIELDS:
-      raise ConfigError(
-          f"config.sweep.axes.{name}: key={axes[name].key!r} is set for a whole process (the XLA "
-          f"flags and matmul precision every worker starts with), so the cells of one sweep "
-          f"cannot differ in it; run one sweep per value, e.g. --config.{axes[name].key}=... "
-          f"with its own --workdir.")
-  base = copy.deepcopy(config)
-  if "sweep" in base:
-    with base.unlocked():
-      del base["sweep"]
-  cells = []
-  for combo in itertools.product(*(tuple(axes[n]["values"]) for n in names)):
-    cell_config = copy.deepcopy(base)
-    for name, value in zip(names, combo):
-      _set_dotted(cell_config, axes[name].key, value, name)
-    validate_config(cell_config)
-    name = ",".join(f"{n}={v}" for n, v in zip(names, combo))
-    cells.append(Cell(name, dict(zip(names, combo)), cell_config,
-                      rundir.fingerprint(cell_config, exclude=("seed",))[:8], seed_keys))
-    same = [c.name for c in cells[:-1] if c.digest == cells[-1].digest]
-    if same:  # E.g. 1 and 1.0 for a float field: one config trained twice, reported as two.
-      raise ConfigError(f"config.sweep.axes: the cells {same[0]} and {name} train the same config "
-                        f"(values that differ only as written, e.g. 1 and 1.0, or in a field the "
-                        f"model does not read); give each config once.")
-  return cells
-
-
-def seed_workdir(workdir: str, cell: Cell, seed: int, degenerate: bool) -> str:
-  return workdir if degenerate else os.path.join(workdir, "cells", cell.dirname, f"seed_{seed}")
+from cnnlab.training.init_settings import SWEEP_PRETRAIN
+from cnnlab.training.init_settings import settings as init_settings
+from cnnlab.training.validation import validate_setup
 
 
 def use_vmap(setting: str, num_seeds: int) -> bool:
   if num_seeds < 2 or setting == "off":
     return False
   return setting == "on" or VMAP_AUTO.get(jax.default_backend(), False)
-
-
-def finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> bool:
-  """Whether `workdir` holds results (of `config`, if given: results that do not prove they are
-  this config's raise CheckpointError rather than count as finished or not)."""
-  run = rundir.RunDir(workdir)
-  if config is None:
-    return run.finished()
-  return run.finished_result(config) is not None
 
 
 def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), command: str = "",
@@ -194,15 +80,15 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
       try:  # Look again under the lock: another process may have just finished the cell.
         todo = [(c, d) for c, d in zip(configs, dirs) if not finished(d, c)]
         if vmapped and len(todo) > 1:
-          seeds_lib.train_seeds([c for c, _ in todo], [d for _, d in todo], **train_kwargs)
+          seeds_lib.train_seeds([c for c, _ in todo], [d for _, d in todo], **train_kwargs,
+                                pretrain_runs=[pretrain_run(c, workdir) for c, _ in todo])
           if on_seed_done:
             on_seed_done(len(todo))
         else:
           while not all(finished(d, c) for c, d in todo):  # Helpers may hold some seeds.
-            if not _train_free_seeds(todo, degenerate, on_seed_done, train_kwargs):
+            if not _train_free_seeds(todo, degenerate, on_seed_done, train_kwargs, workdir):
               time.sleep(poll_s)
         if diag_path and not os.path.exists(diag_path):
-          from cnnlab.inspection import diagnostics  # Only sweeps need it.
           trained = [(s, d) for s, d in zip(seeds, dirs)  # Diverged runs have no weights.
                      if rundir.RunDir(d).read_results().get("status", "finished") == "finished"]
           diagnostics.write_variance_shift(cell, [s for s, _ in trained], [d for _, d in trained],
@@ -215,12 +101,22 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
       return
     helped = not vmapped and not degenerate and any(
         _train_free_seeds([(c, d) for c, d in zip(configs, dirs) if not finished(d, c)],
-                          degenerate, on_seed_done, train_kwargs) for configs, dirs in held)
+                          degenerate, on_seed_done, train_kwargs, workdir)
+        for configs, dirs in held)
     if not helped:
       time.sleep(poll_s)
 
 
-def _train_free_seeds(todo, degenerate: bool, on_seed_done, train_kwargs) -> bool:
+def pretrain_run(config: ml_collections.ConfigDict, sweep_workdir: str) -> str | None:
+  """The workdir `init.source="sweep:pretrain"` names for a cell's run of `config` (None for
+  another source): the sweep resolves it, so that a run needs to know nothing of sweeps."""
+  if init_settings(config).source != SWEEP_PRETRAIN:
+    return None
+  return pretrain.run_dir(sweep_workdir, config.seed)
+
+
+def _train_free_seeds(todo, degenerate: bool, on_seed_done, train_kwargs,
+                      sweep_workdir: str) -> bool:
   """Trains the unfinished (config, workdir) runs of `todo` no other process has started, each
   under its own seed lock (none for a degenerate one-run sweep, whose cell lock is the run's);
   returns whether it trained any."""
@@ -232,7 +128,9 @@ def _train_free_seeds(todo, degenerate: bool, on_seed_done, train_kwargs) -> boo
       continue
     try:
       if not finished(run_dir, config):  # Look again under the lock.
-        results = train.train_and_evaluate(config, run_dir, **train_kwargs)
+        results = loop.train_and_evaluate(
+            config, run_dir, **train_kwargs,
+            pretrain_run=None if degenerate else pretrain_run(config, sweep_workdir))
         if results.get("status") == "diverged" and not degenerate:  # A single run raises.
           print(f"{results['diverged_reason']}; recorded in {run_dir}; the sweep goes on.")
         trained = True
@@ -265,7 +163,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     if not single:
       raise ConfigError("a multi-process launch (--num_processes > 1) trains one config; run "
                         "sweeps with config.sweep.workers or on SLURM (config.sweep.launcher).")
-    results = train.train_and_evaluate(config, workdir, overrides=overrides, command=command,
+    results = loop.train_and_evaluate(config, workdir, overrides=overrides, command=command,
                                        progress=progress and jax.process_index() == 0)
   elif single:
     transfer.check(config, rundir.RunDir(workdir))  # A bad source: fail before the lock file.
@@ -308,7 +206,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     if workers > 1 and cells_left < workers and not imported:
       # A worker with no cell left waits for the others: use its core to import the report's
       # libraries (matplotlib, scipy.stats, statsmodels: ~4 s) before the report is due.
-      from cnnlab.inspection import summary, visualize
       from cnnlab.study import report  # noqa: F401
       imported.append(True)
   # On a CPU even one worker is a pinned one-thread process, as a SLURM job's are: the thread
@@ -317,9 +214,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     work(config, workdir, overrides=overrides, command=command, progress=progress,
          on_seed_done=bar.update)
   elif settings.launcher == "slurm":
-    launchers.run_slurm_workers(workdir, settings.slurm.to_dict(), advance)
+    launchers.run_slurm_workers(workdir, settings.slurm.to_dict(), advance,
+                                worker_fn=worker_main)
   else:
-    launchers.run_local_workers(workdir, workers, advance)
+    workers_lib.run_local_workers(workdir, workers, advance,
+                                  command=workers_lib.function_command(worker_main, workdir))
   bar.close()
   return collect.write_sweep_report(config, cells, seeds, workdir, command=command)
 

@@ -18,8 +18,8 @@ others never reach, so both wait forever. Here:
 - a signal is acted on by every process at the same step (`agree_to_stop`, a collective at log
   points), so all save the same checkpoint and stop.
 
-Checkpoints are written by a rename once complete (cnnlab.training.checkpoint), so however a process ends,
-the newest complete one is intact and the same commands resume from it.
+Checkpoints are written by a rename once complete (cnnlab.training.checkpoint), so however a
+process ends, the newest complete one is intact and the same commands resume from it.
 """
 
 from __future__ import annotations

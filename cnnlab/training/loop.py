@@ -3,10 +3,10 @@
     runs = [Run(config, workdir)]                      # one seed's workdir, data, checkpoints
     train_runs(runs, Replicated(make_mesh()))          # -> [results.json dict]
 
-A `Run` owns one seed's side effects (its workdir, data order, checkpoints, metric lines,
-results). A placement says how the runs' states sit on the device mesh: `Replicated` is a single
-run, data-parallel over every device; `cnnlab.training.seeds.StackedSeeds` stacks K runs of one sweep cell
-into one vmapped program. The loop is the same for both: it asks the placement to `combine` the
+A `Run` owns one seed's side effects (its workdir, data order, checkpoints, metric lines, results).
+A placement says how the runs' states sit on the device mesh: `Replicated` is a single run,
+data-parallel over every device; `cnnlab.training.seeds.StackedSeeds` stacks K runs of one sweep
+cell into one vmapped program. The loop is the same for both: it asks the placement to `combine` the
 runs' states and `split` them again for checkpoints and metrics.
 
 Faults end in one line and keep the state: SIGTERM/SIGINT save a checkpoint at the next step
@@ -30,10 +30,10 @@ from cnnlab import data as data_lib
 from cnnlab.base import environment
 from cnnlab.base.errors import Interrupted
 from cnnlab.base.interrupts import Signalled, interrupt_guard
-from cnnlab.inspection import summary
-from cnnlab.training import hosts, rundir, train, transfer
+from cnnlab.training import hosts, images, rundir, steps, transfer
 from cnnlab.training import mesh as mesh_lib
 from cnnlab.training.checkpoint import Checkpointer
+from cnnlab.training.validation import validate_config
 from cnnlab.training.writers import MetricWriter
 
 RESULT_METRICS = ("test_accuracy", "test_loss", "train_loss", "train_accuracy")
@@ -47,17 +47,18 @@ class Run:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, overrides=(),
-               command: str = ""):
+               command: str = "", pretrain_run: str | None = None):
     self.config = config
     self.dir = rundir.RunDir(workdir)
     self.primary = jax.process_index() == 0
-    transfer.check(config, self.dir)  # Before anything is written.
+    self.pretrain_run = pretrain_run  # What init.source="sweep:pretrain" names (transfer).
+    transfer.check(config, self.dir, pretrain_run)  # Before anything is written.
     if self.primary:
       self.dir.claim(config, overrides=overrides, command=command)
     else:
       self.dir.fingerprint = rundir.fingerprint(config)
     self.results = self.dir.finished_result(config)  # Proves it is this config's, or raises.
-    self.streams = train.split_seed(config.seed)
+    self.streams = steps.split_seed(config.seed)
     self.diverged: dict | None = None
     self.writer: MetricWriter | None = None
 
@@ -65,7 +66,7 @@ class Run:
     """Builds the data iterator over this process's `rows` of each global batch (may raise a
     DatasetError/ConfigError) and the checkpointer."""
     self.train_iter = data_lib.train_iterator(
-        self.config.dataset, self.config.batch_size, train.data_seed(self.streams["data"]), rows)
+        self.config.dataset, self.config.batch_size, steps.data_seed(self.streams["data"]), rows)
     self.checkpointer = Checkpointer(self.dir.checkpoint_dir,
                                      keep=max(2, self.config.checkpoints_to_keep))
 
@@ -82,8 +83,8 @@ class Run:
     if self.writer is not None:
       self.writer.write_images(step, images)
 
-  def save(self, step: int, state: train.TrainState, progress: dict[str, Any]) -> None:
-    self.checkpointer.save(step, train.checkpointed(state), {
+  def save(self, step: int, state: steps.TrainState, progress: dict[str, Any]) -> None:
+    self.checkpointer.save(step, steps.checkpointed(state), {
         "data_iterator": self.train_iter.get_state(),
         "config_fingerprint": self.dir.fingerprint, **progress})
 
@@ -134,13 +135,13 @@ class Replicated:
     return _replicated_steps(self.mesh, aux_loss_weight)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _replicated_steps(mesh, aux_loss_weight: float):
   """The jitted train and eval steps of one run on `mesh` (compiled once per mesh and weight)."""
   state_out = mesh_lib.replicated(mesh)
-  train_fn = jax.jit(functools.partial(train.train_step, aux_loss_weight=aux_loss_weight),
+  train_fn = jax.jit(functools.partial(steps.train_step, aux_loss_weight=aux_loss_weight),
                      out_shardings=(state_out, state_out), donate_argnums=0)
-  return train_fn, jax.jit(train.eval_step, out_shardings=state_out)
+  return train_fn, jax.jit(steps.eval_step, out_shardings=state_out)
 
 
 @jax.jit
@@ -154,7 +155,7 @@ def _restore(runs, fresh_states, placement, total_steps):
   set aside with one warning) into `placement`'s mesh: any topology resumes any other's
   checkpoint. Returns (states, step, progress)."""
   template = Replicated(placement.mesh)
-  targets = [train.checkpointed(template.combine([fresh])) for fresh in fresh_states]
+  targets = [steps.checkpointed(template.combine([fresh])) for fresh in fresh_states]
   found = [run.checkpointer.restore_latest(t) for run, t in zip(runs, targets)]
   if any(f is None for f in found):  # A fresh start: from config.init's source, if any.
     return [transfer.start(run, fresh) for run, fresh in zip(runs, fresh_states)], 0, {}
@@ -201,13 +202,13 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
   """Trains `runs` (configs equal but for the seed) as one program on `placement`'s mesh;
   returns each run's results.json dict."""
   config = runs[0].config
-  info, model, steps_per_epoch, total_steps, schedule, tx = train.setup(config)
+  info, model, steps_per_epoch, total_steps, schedule, tx = steps.setup(config)
   mesh = placement.mesh
   mesh_lib.check_batch_size("batch_size", config.batch_size, mesh)
   for run in runs:
     run.open(mesh_lib.process_slice(config.batch_size))
   assert runs[0].train_iter.steps_per_epoch == steps_per_epoch
-  fresh = [train.create_train_state(model, tx, run.streams, info.image_shape) for run in runs]
+  fresh = [steps.create_train_state(model, tx, run.streams, info.image_shape) for run in runs]
   states, first_step, saved = _restore(runs, fresh, placement, total_steps)
   for run in runs:
     run.start_metrics(first_step)
@@ -280,7 +281,7 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
       for run, m in zip(runs, means):
         if run.diverged is not None:
           continue
-        health = {k: float(m[k]) for k in train.HEALTH_KEYS}
+        health = {k: float(m[k]) for k in steps.HEALTH_KEYS}
         if any(health.values()):
           run.diverged = _divergence(run, done, count_now, health, epoch, lr)
           if len(runs) > 1:  # One run's caller reports it: its one error line, or a sweep's note.
@@ -325,7 +326,7 @@ def _step_flops(train_fn, state, placement, runs: list[Run]) -> float:
   batch = placement.batch([next(run.train_iter) for run in runs])
   for run, position in zip(runs, positions):
     run.train_iter.set_state(position)
-  return summary.lowered_flops(train_fn.lower(state, batch)) / len(runs)
+  return steps.lowered_flops(train_fn.lower(state, batch)) / len(runs)
 
 
 def _interrupted(runs: list[Run], signame: str, done: int, bar) -> None:
@@ -366,7 +367,7 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, in
       results.update({"test_accuracy": test[i]["accuracy"], "test_loss": test[i]["loss"],
                       "train_loss": train_eval[i]["loss"],
                       "train_accuracy": train_eval[i]["accuracy"],
-                      "params_sha256": train.state_digest(run_state)})
+                      "params_sha256": steps.state_digest(run_state)})
       if validation is not None:
         results.update({"validation_accuracy": validation[i]["accuracy"],
                         "validation_loss": validation[i]["loss"]})
@@ -376,34 +377,25 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, in
   return out
 
 
-def _log_filters(run: Run, step: int, state: train.TrainState) -> None:
+def _log_filters(run: Run, step: int, state: steps.TrainState) -> None:
   """The first conv layer's filters as a TensorBoard image (models without one have none)."""
-  from cnnlab.inspection.visualize import filters  # Matplotlib: only once a run has trained.
   try:
-    image = filters.filter_grid_image(mesh_lib.to_host(state.params))
+    image = images.filter_grid_image(mesh_lib.to_host(state.params))
   except ValueError:  # No 2-D conv kernel (an MLP).
     return
   run.log_images(step, {"first_conv_filters": image})
 
 
-def load_latest_state(config: ml_collections.ConfigDict, workdir: str,
-                      step: int | None = None) -> train.TrainState:
-  """The state of checkpoint `step` (None: the newest) in `workdir`, on this process's devices
-  (replicated), read without changing the workdir.
-
-  Restores into an abstract state (`jax.eval_shape`): nothing is initialised or compiled only to
-  be overwritten."""
-  s = train.setup(config)
-  streams = train.split_seed(config.seed)
-  abstract = train.create_train_state(s.model, s.tx, streams, s.info.image_shape, abstract=True)
-  sharding = mesh_lib.replicated(mesh_lib.make_mesh(1))
-  target = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      train.checkpointed(abstract))
-  # Read-only: `workdir` may belong to a run that is still training (a transfer source).
-  checkpointer = Checkpointer(rundir.RunDir(workdir).checkpoint_dir, read_only=True)
-  try:
-    _, restored, _ = checkpointer.read(target, step)
-  finally:
-    checkpointer.close()
-  return abstract.replace(rngs={n: streams[n] for n in train.DROPOUT_STREAMS}, **restored)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       overrides: tuple[str, ...] = (), command: str = "",
+                       progress: bool = True, pretrain_run: str | None = None) -> dict[str, Any]:
+  """Trains `config` in `workdir` data-parallel over all devices, resuming from its latest
+  checkpoint; returns results.json's dict. A workdir that already holds results.json for the
+  same config is not retrained. `pretrain_run`: the workdir `init.source="sweep:pretrain"`
+  names (a sweep passes it)."""
+  validate_config(config)
+  run = Run(config, workdir, overrides=overrides, command=command, pretrain_run=pretrain_run)
+  if run.results is not None:
+    print(f"{workdir} already holds a finished run of this config: {run.dir.results_path}")
+    return run.results
+  return train_runs([run], Replicated(mesh_lib.make_mesh(1)), progress=progress)[0]

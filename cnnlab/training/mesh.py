@@ -7,9 +7,9 @@ mean and variance are reduced over all B examples on all devices (XLA inserts th
 the statistics are global, exactly as on one device with the whole batch — not per-device as
 under `pmap`/`shard_map` without an `axis_name` (flax issue 319). tests/test_mesh.py shows it.
 
-When K seeds train as one vmapped program (cnnlab.training.seeds), their stacked states [K, ...] are split
-over the `seed` axis, so K seeds on K devices each get a device of their own; the batch [K, B, ...]
-is split over both axes.
+When K seeds train as one vmapped program (cnnlab.training.seeds), their stacked states [K, ...] are
+split over the `seed` axis, so K seeds on K devices each get a device of their own; the batch [K, B,
+...] is split over both axes.
 
 Multi-host: every process holds the same mesh over all processes' devices; each process feeds its
 own share of every global batch (`global_batch` builds the global array from process-local rows,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cnnlab.training import loop, train
+from cnnlab.training import loop, steps
 from cnnlab.training import mesh as mesh_lib
 from cnnlab.training.validation import validate_config
 
@@ -40,7 +40,7 @@ class StackedSeeds:
 
   def split(self, tree: Any) -> list:
     n = jax.tree_util.tree_leaves(tree)[0].shape[0]
-    return [jax.tree_util.tree_map(lambda x: x[i], tree) for i in range(n)]
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], tree) for i in range(n)]
 
   def batch(self, local_batches: list[dict]) -> dict[str, jax.Array]:
     local = {k: jnp.stack([b[k] for b in local_batches]) for k in local_batches[0]}
@@ -51,25 +51,29 @@ class StackedSeeds:
     return _stacked_steps(self.mesh, aux_loss_weight)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stacked_steps(mesh, aux_loss_weight: float):
   stacked = mesh_lib.seed_stacked(mesh)
-  step = functools.partial(train.train_step, aux_loss_weight=aux_loss_weight)
+  step = functools.partial(steps.train_step, aux_loss_weight=aux_loss_weight)
   train_fn = jax.jit(jax.vmap(step), out_shardings=(stacked, stacked), donate_argnums=0)
-  eval_fn = jax.jit(jax.vmap(train.eval_step, in_axes=(0, None)), out_shardings=stacked)
+  eval_fn = jax.jit(jax.vmap(steps.eval_step, in_axes=(0, None)), out_shardings=stacked)
   return train_fn, eval_fn
 
 
 def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, overrides=(),
-                command: str = "", progress: bool = True) -> list[dict[str, Any]]:
+                command: str = "", progress: bool = True,
+                pretrain_runs: list[str | None] | None = None) -> list[dict[str, Any]]:
   """Trains configs that differ only in `seed`, each in its own workdir, as one vmapped program.
 
   Finished seeds are skipped; unfinished ones resume from the latest checkpoint step they all
-  hold. Returns every seed's results.json dict, in the order of `configs`.
+  hold. Returns every seed's results.json dict, in the order of `configs`. `pretrain_runs`: per
+  seed, the workdir `init.source="sweep:pretrain"` names (see `loop.Run`).
   """
   for config in configs:
     validate_config(config)
-  runs = [loop.Run(c, w, overrides=overrides, command=command) for c, w in zip(configs, workdirs)]
+  pretrain_runs = pretrain_runs or [None] * len(configs)
+  runs = [loop.Run(c, w, overrides=overrides, command=command, pretrain_run=p)
+          for c, w, p in zip(configs, workdirs, pretrain_runs)]
   for run in runs:
     if run.results is not None:
       print(f"{run.dir.workdir} already holds a finished run of this config: "

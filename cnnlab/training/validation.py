@@ -18,13 +18,13 @@ from cnnlab import data
 from cnnlab.base import environment
 from cnnlab.base.errors import ConfigError
 from cnnlab.nets import models
-from cnnlab.training import optim
+from cnnlab.training import optim, steps
 
 DTYPES = ("float32", "bfloat16")
 SEED_MAX = 2**63 - 1  # numpy's and JAX's seeds are 64-bit integers.
 
 
-def _choice(key: str, value, allowed) -> None:
+def choice(key: str, value, allowed) -> None:
   if value not in allowed:
     raise ConfigError(f"config.{key}={value!r} is not allowed; choose one of: "
                       f"{', '.join(map(str, allowed))}.")
@@ -36,7 +36,7 @@ def _interval(low, high, low_open, high_open) -> str:
   return f"{lo}, {hi}"
 
 
-def _number(key: str, value, *, low=None, high=None, low_open=False, high_open=False,
+def check_number(key: str, value, *, low=None, high=None, low_open=False, high_open=False,
             integer=False) -> None:
   """ConfigError unless `value` is a finite number (an integer if `integer`) in the interval."""
   interval = _interval(low, high, low_open, high_open)
@@ -53,40 +53,40 @@ def _number(key: str, value, *, low=None, high=None, low_open=False, high_open=F
 
 def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> None:
   """Checks the model name and the options every architecture shares."""
-  _choice(f"{prefix}.name", model.name, models.MODEL_NAMES)
+  choice(f"{prefix}.name", model.name, models.MODEL_NAMES)
   models.block_options(model, prefix=f"config.{prefix}.")
-  _number(f"{prefix}.aux_loss_weight", model.get("aux_loss_weight", 0.3), low=0)
+  check_number(f"{prefix}.aux_loss_weight", model.get("aux_loss_weight", 0.3), low=0)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid value in `config`."""
-  _number("seed", config.seed, low=0, high=SEED_MAX, integer=True)
-  _choice("dtype", config.dtype, DTYPES)
-  _choice("deterministic", config.deterministic, (True, False))
-  _choice("matmul_precision", config.matmul_precision, environment.MATMUL_PRECISIONS)
-  _choice("xla_cpu_ynn_convolutions",
+  check_number("seed", config.seed, low=0, high=SEED_MAX, integer=True)
+  choice("dtype", config.dtype, DTYPES)
+  choice("deterministic", config.deterministic, (True, False))
+  choice("matmul_precision", config.matmul_precision, environment.MATMUL_PRECISIONS)
+  choice("xla_cpu_ynn_convolutions",
           environment.numerics_setting(config, "xla_cpu_ynn_convolutions"), (True, False))
-  _choice("xla_cpu_vector_width", environment.numerics_setting(config, "xla_cpu_vector_width"),
+  choice("xla_cpu_vector_width", environment.numerics_setting(config, "xla_cpu_vector_width"),
           environment.XLA_CPU_VECTOR_WIDTHS)
-  _choice("dataset.name", config.dataset.name, data.DATASET_NAMES)
-  _number("dataset.validation_fraction", config.dataset.get("validation_fraction", 0.0),
+  choice("dataset.name", config.dataset.name, data.DATASET_NAMES)
+  check_number("dataset.validation_fraction", config.dataset.get("validation_fraction", 0.0),
           low=0, high=0.5)
   for key in ("validation_seed", "subset_seed"):
-    _number(f"dataset.{key}", config.dataset.get(key, 0), low=0, high=SEED_MAX, integer=True)
+    check_number(f"dataset.{key}", config.dataset.get(key, 0), low=0, high=SEED_MAX, integer=True)
   validate_model(config.model)
   opt = config.optimizer
-  _choice("optimizer.name", opt.name, optim.OPTIMIZERS)
-  _choice("optimizer.schedule", opt.schedule, optim.SCHEDULES)
-  _number("optimizer.learning_rate", opt.learning_rate, low=0, low_open=True)
-  _number("optimizer.momentum", opt.momentum, low=0, high=1, high_open=True)
-  _number("optimizer.weight_decay", opt.weight_decay, low=0)
-  _number("optimizer.warmup_epochs", opt.warmup_epochs, low=0)
+  choice("optimizer.name", opt.name, optim.OPTIMIZERS)
+  choice("optimizer.schedule", opt.schedule, optim.SCHEDULES)
+  check_number("optimizer.learning_rate", opt.learning_rate, low=0, low_open=True)
+  check_number("optimizer.momentum", opt.momentum, low=0, high=1, high_open=True)
+  check_number("optimizer.weight_decay", opt.weight_decay, low=0)
+  check_number("optimizer.warmup_epochs", opt.warmup_epochs, low=0)
   for b in opt.step_boundaries:
-    _number("optimizer.step_boundaries[]", b, low=0, high=1, low_open=True, high_open=True)
-  _number("optimizer.step_factor", opt.step_factor, low=0, low_open=True)
+    check_number("optimizer.step_boundaries[]", b, low=0, high=1, low_open=True, high_open=True)
+  check_number("optimizer.step_factor", opt.step_factor, low=0, low_open=True)
   for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
               "checkpoint_every_steps", "checkpoints_to_keep"):
-    _number(key, config[key], low=1, integer=True)
+    check_number(key, config[key], low=1, integer=True)
   if opt.warmup_epochs > config.num_epochs:
     raise ConfigError(f"config.optimizer.warmup_epochs={opt.warmup_epochs!r} is longer than the "
                       f"run (config.num_epochs={config.num_epochs}); allowed: [0, "
@@ -108,56 +108,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def validate_setup(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for what only building a run refuses: a model field its layers check
   when called (model.stages, model.pool, model.hidden, ...) or an input they cannot take, and a
-  batch larger than the training split. Builds what training builds (`train.setup`: the
+  batch larger than the training split. Builds what training builds (`steps.setup`: the
   dataset's facts, preparing it on first use, the model and optimizer) and the initial state
   abstractly (shapes only: nothing is computed), so that a sweep or a run refuses such a value
   before it writes anything. Needs JAX's backend (some layers choose their kernels by it): call
   it after `validate_config` and the numerics are set."""
-  from cnnlab.training import train  # Here: train imports this module.
-  setup = train.setup(config)
+  setup = steps.setup(config)
   if config.batch_size > setup.info.num_train:
     raise ConfigError(f"config.batch_size={config.batch_size} is larger than the "
                       f"{setup.info.num_train} training examples of {config.dataset.name!r}; "
                       f"use at most {setup.info.num_train}.")
-  init = train.init_program(setup.model, setup.tx, tuple(setup.info.image_shape))
+  init = steps.init_program(setup.model, setup.tx, tuple(setup.info.image_shape))
   jax.eval_shape(init, jax.eval_shape(jax.random.key, 0))
-
-
-def validate_sweep(settings: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for the first invalid value of a sweep's settings (`config.sweep` with
-  its defaults filled in: seeds, workers, vmap_seeds, target_accuracy, baseline), so that a sweep
-  is refused before anything is written."""
-  from cnnlab.study.sweep import (
-    VMAP_CHOICES,  # Here, not at the top: cnnlab.study.sweep imports this module.
-  )
-  seeds = settings.seeds
-  if (not isinstance(seeds, (tuple, list)) or not seeds
-      or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
-                 and 0 <= s <= SEED_MAX for s in seeds)
-      or len(set(seeds)) != len(seeds)):
-    raise ConfigError(f"config.sweep.seeds={_as_tuple(seeds)!r} must be a non-empty tuple of "
-                      f"distinct non-negative integers below 2**63, e.g. (0, 1, 2).")
-  keys = settings.get("seed_keys", ())
-  if not isinstance(keys, (tuple, list)) or not all(isinstance(k, str) and k for k in keys):
-    raise ConfigError(f"config.sweep.seed_keys={_as_tuple(keys)!r} must be a tuple of dotted "
-                      f"config keys, e.g. ('dataset.subset_seed',).")
-  if settings.workers is not None:  # None: one per CPU core (sweep.worker_count).
-    _number("sweep.workers", settings.workers, low=1, integer=True)
-  _choice("sweep.vmap_seeds", settings.vmap_seeds, VMAP_CHOICES)
-  _number("sweep.target_accuracy", settings.target_accuracy, low=0, high=1, low_open=True)
-  if settings.get("min_effect") is not None:
-    _number("sweep.min_effect", settings.min_effect, low=0, high=1, low_open=True)
-  from cnnlab.study import launchers  # Imports submitit: only when a sweep is checked.
-  _choice("sweep.launcher", settings.get("launcher", "local"), launchers.LAUNCHERS)
-  if "slurm" in settings:  # Checked whatever the launcher: a value set is honoured or refused.
-    launchers.slurm_settings(settings.slurm.to_dict())
-  if not isinstance(settings.baseline, str):
-    raise ConfigError(f"config.sweep.baseline={settings.baseline!r} must be a cell name (a "
-                      f"string; \"\" = the first cell).")
-
-
-def _as_tuple(value):
-  return tuple(value) if isinstance(value, (tuple, list)) else value
 
 
 def validate_workdir(workdir: str) -> None:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class MetricWriter:
     except OSError as e:
       raise self._failed(self.event_file, e) from None
 
-  def __enter__(self) -> "MetricWriter":
+  def __enter__(self) -> MetricWriter:
     return self
 
   def __exit__(self, *exc_info: Any) -> None:

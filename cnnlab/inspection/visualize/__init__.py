@@ -30,8 +30,9 @@ import numpy as np
 from cnnlab import data as data_lib
 from cnnlab.base.errors import CheckpointError
 from cnnlab.data.pipeline import normalise
-from cnnlab.inspection.visualize.filters import filter_grid_image, filter_tiles, write_filter_grid
-from cnnlab.training import rundir, train
+from cnnlab.inspection.visualize.filters import write_filter_grid
+from cnnlab.training import restore, rundir, steps
+from cnnlab.training.images import filter_grid_image, filter_tiles
 
 __all__ = ["filter_grid_image", "filter_tiles", "load_run", "write_filter_grid",
            "write_pictures"]
@@ -42,7 +43,7 @@ MISTAKES = 12               # Misclassified test images (and saliency maps) draw
 BN_BATCH = 256              # Training images of the BN train-vs-eval picture.
 
 
-def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, train.TrainState]:
+def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, steps.TrainState]:
   """The config (from config.json) and latest-checkpoint state of the run in `workdir`.
 
   Raises:
@@ -56,7 +57,7 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, train.TrainState]
   if not (os.path.isdir(run.checkpoint_dir)
           and any(name.isdigit() for name in os.listdir(run.checkpoint_dir))):
     raise CheckpointError(f"{workdir} holds no checkpoint in {run.checkpoint_dir}; {hint}.")
-  return config, train.load_trained_state(config, workdir)
+  return config, restore.load_trained_state(config, workdir)
 
 
 def write_pictures(workdir: str) -> str:
@@ -68,10 +69,10 @@ def write_pictures(workdir: str) -> str:
   config, state = load_run(workdir)
   out = os.path.join(workdir, PICTURES_DIR)
   os.makedirs(out, exist_ok=True)
-  model = train.setup(config).model
+  model = steps.setup(config).model
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   apply_eval = functools.partial(jax.jit(lambda v, x: model.apply(v, x, train=False)), variables)
-  rngs = train.step_rngs(state.rngs, state.step - 1)   # The masks of the last training step.
+  rngs = steps.step_rngs(state.rngs, state.step - 1)   # The masks of the last training step.
   mean, std = data_lib.normalisation(config.dataset)
   test = data_lib.load_split(config.dataset, "test")
   entries: list[tuple[str, str | None, str]] = []      # (heading, PNG name or None, text)

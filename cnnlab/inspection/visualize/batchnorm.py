@@ -9,8 +9,9 @@ import numpy as np
 from flax import traverse_util
 from matplotlib import ticker
 
-from cnnlab.inspection.visualize.common import grid_shape, record_calls, save
+from cnnlab.inspection.visualize.common import record_calls, save
 from cnnlab.nets import layers
+from cnnlab.training.images import grid_shape
 
 MAX_PANELS = 16           # BN layers drawn in the train-vs-eval figure (evenly spaced if more).
 HISTOGRAM_BINS = 80

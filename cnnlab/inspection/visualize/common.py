@@ -1,5 +1,5 @@
-"""What every picture of `cnnlab.inspection.visualize` shares: the Agg backend, saving, showing input images,
-and recording the calls of chosen layers during one forward pass."""
+"""What every picture of `cnnlab.inspection.visualize` shares: the Agg backend, saving, showing
+input images, and recording the calls of chosen layers during one forward pass."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def pyplot():
   """matplotlib.pyplot on the Agg backend, imported on first use: it costs ~1 s, and a training
-  run only needs the numpy filter image (`filters.filter_grid_image`)."""
+  run only needs the numpy filter image (`cnnlab.training.images`)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -40,12 +40,6 @@ def show_image(ax: plt.Axes, image: np.ndarray, title: str | None = None, **titl
   ax.set_yticks([])
   if title:
     ax.set_title(title, **title_kw)
-
-
-def grid_shape(count: int, max_cols: int) -> tuple[int, int]:
-  """(rows, cols) of a near-square grid holding `count` panels, at most `max_cols` wide."""
-  cols = max(1, min(max_cols, int(np.ceil(np.sqrt(count)))))
-  return int(np.ceil(count / cols)), cols
 
 
 def panel_grid(rows: int, cols: int, panel: tuple[float, float] = (1.2, 1.35),

@@ -4,7 +4,7 @@ the gradient of the predicted class score w.r.t. the input pixels)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +14,12 @@ import numpy as np
 from matplotlib import ticker
 
 from cnnlab.inspection.visualize.common import (
-  grid_shape,
   panel_grid,
   save,
   show_image,
   side_colorbar,
 )
+from cnnlab.training.images import grid_shape
 
 MISTAKE_COLUMNS = 4            # Panels per row of misclassified images (saliency: pairs).
 ANNOTATE_MAX_CLASSES = 20      # Confusion matrices up to this size print their counts.

@@ -7,7 +7,8 @@ connected conv.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -119,7 +120,7 @@ class TableConv(nn.Module):
     kernel = jnp.zeros((kh, kw, channels, maps), self.param_dtype)
     for k, outs in sorted(by_fanin.items()):
       fan_in = nn.initializers.lecun_normal()  # Scaled by the true fan-in k*kh*kw.
-      w = self.param(f"fanin{k}", lambda key, shape: {"kernel": fan_in(key, shape)},
+      w = self.param(f"fanin{k}", lambda key, shape, init=fan_in: {"kernel": init(key, shape)},
                      (kh, kw, k, len(outs)))["kernel"]
       ins = [self.connections[j][r] for r in range(k) for j in outs]
       cols = [j for r in range(k) for j in outs]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -100,7 +101,8 @@ def normalize_padding(padding, n: int = 2) -> str | tuple[tuple[int, int], ...]:
 
 
 def spatial_dims(x: jax.Array, what: str, allowed=(1, 2, 3)) -> int:
-  """Number of spatial axes of a channels-last input [N, *spatial, C]; ConfigError if not allowed."""
+  """Number of spatial axes of a channels-last input [N, *spatial, C]; ConfigError if not
+  allowed."""
   n = x.ndim - 2
   if n not in allowed:
     shapes = " or ".join({1: "[N, L, C]", 2: "[N, H, W, C]", 3: "[N, D, H, W, C]"}[k]
@@ -176,11 +178,11 @@ class BlockOptions:
   def act(self, x: jax.Array) -> jax.Array:
     return ACTIVATIONS[self.activation](x)
 
-  def norm(self, name: str | None = None) -> "BatchNorm":
+  def norm(self, name: str | None = None) -> BatchNorm:
     epsilon = BN_EPSILON if self.bn_epsilon is None else self.bn_epsilon
     return BatchNorm(self.bn_convention, epsilon, dtype=self.dtype, name=name)
 
-  def replace(self, **changes) -> "BlockOptions":
+  def replace(self, **changes) -> BlockOptions:
     return dataclasses.replace(self, **changes)
 
 

@@ -12,7 +12,8 @@ module): `"name": from_fields(FamilyModule.Class, **fixed_fields)`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -1,24 +1,24 @@
-"""Training: a row of small pure functions and one plain loop, after flax's examples/imagenet.
+"""One training step and what it needs: a row of small pure functions, after flax's
+examples/imagenet (the loop that runs them is cnnlab.training.loop).
 
     setup(config)            data facts, model, schedule, optimizer
     create_train_state(...)  parameters, BN statistics, optimizer state, RNG streams
-    train_step / eval_step   pure, jit-compiled over a device mesh (cnnlab.training.mesh), state donated
-    train_and_evaluate(...)  restore-or-init, a loop of steps, periodic log/eval/checkpoint, finish
+    train_step / eval_step   pure, jit-compiled over a device mesh (cnnlab.training.mesh)
 
 One run trains data-parallel over every device (`config.batch_size` is the global batch). K seeds
-trained as one vmapped program (cnnlab.training.seeds) reuse `train_runs`, the same loop, with a
-`Placement` that stacks their states; a single run never sees a seed axis.
+trained as one vmapped program (cnnlab.training.seeds) use the same steps under `jax.vmap`.
 
 RNG discipline: `jax.random.key(config.seed)` is split once into the streams `params`, `dropout`,
-`channel_dropout` and `data`; the train step draws with `fold_in(stream_key, step)`, so a resumed run
-draws exactly the masks an uninterrupted one draws.
+`channel_dropout` and `data`; the train step draws with `fold_in(stream_key, step)`, so a resumed
+run draws exactly the masks an uninterrupted one draws.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +29,8 @@ from flax import struct
 
 from cnnlab import data as data_lib
 from cnnlab.nets import models
+from cnnlab.training import init_settings, optim, rundir
 from cnnlab.training import mesh as mesh_lib
-from cnnlab.training import optim, rundir, transfer
-from cnnlab.training.validation import validate_config
 
 DROPOUT_STREAMS = ("dropout", "channel_dropout")
 # Non-finite checks the train step makes, in the order they are reported.
@@ -208,31 +207,18 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     steps_per_epoch = info.num_train // config.batch_size  # Each epoch drops its remainder.
     total_steps = steps_per_epoch * config.num_epochs
     schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps)
-    model, param_labels, lr_scales = transfer.prepare(config, model, info.image_shape)
+    model, param_labels, lr_scales = init_settings.prepare(config, model, info.image_shape)
     _SETUPS[key] = Setup(info, model, steps_per_epoch, total_steps, schedule,
                          optim.create_optimizer(config.optimizer, schedule, param_labels,
                                                 lr_scales))
   return _SETUPS[key]
 
 
-def load_trained_state(config: ml_collections.ConfigDict, workdir: str,
-                       step: int | None = None) -> TrainState:
-  """The state of checkpoint `step` in `workdir` (None: the latest, the final one for a finished
-  run), restored onto this process's devices (replicated), whatever topology wrote it."""
-  from cnnlab.training import loop  # The loop imports this module.
-  return loop.load_latest_state(config, workdir, step)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       overrides: tuple[str, ...] = (), command: str = "",
-                       progress: bool = True) -> dict[str, Any]:
-  """Trains `config` in `workdir` data-parallel over all devices, resuming from its latest
-  checkpoint; returns results.json's dict. A workdir that already holds results.json for the
-  same config is not retrained."""
-  from cnnlab.training import loop
-  validate_config(config)
-  run = loop.Run(config, workdir, overrides=overrides, command=command)
-  if run.results is not None:
-    print(f"{workdir} already holds a finished run of this config: {run.dir.results_path}")
-    return run.results
-  return loop.train_runs([run], loop.Replicated(mesh_lib.make_mesh(1)), progress=progress)[0]
+def lowered_flops(lowered: jax.stages.Lowered) -> float:
+  """XLA's FLOP count of a lowered program (the whole program: every seed and device)."""
+  try:
+    cost = lowered.cost_analysis()
+  except NotImplementedError:  # PJRT plugin backends (GPUs) count only compiled programs.
+    cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
