@@ -1,5 +1,6 @@
-"""Data: TFDS builders (cnnlab.data.builders) prepared on first use, read with `tfds.data_source`,
-and a seeded grain index pipeline (cnnlab.data.pipeline).
+"""Data: registered datasets (cnnlab.data.registry: a researcher's `load(data_dir)` function, or
+a TFDS builder such as the built-ins of cnnlab.data.builders, prepared on first use and read with
+`tfds.data_source`), and a seeded grain index pipeline (cnnlab.data.pipeline).
 
     info = dataset_info(config.dataset)            # prepares the dataset on first use
     it = train_iterator(config.dataset, batch_size=64, seed=0)
@@ -26,11 +27,17 @@ import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
 from cnnlab.base.errors import ConfigError, DatasetError
-from cnnlab.data import subsets
-from cnnlab.data.builders import BUILDERS, RECORD_FILE, examples_digest
+from cnnlab.data import registry, subsets
+from cnnlab.data.builders import BUILDERS, RECORD_FILE, _ImageBuilder, examples_digest  # noqa: F401
 from cnnlab.data.pipeline import TrainIterator, eval_batches_from_arrays
+from cnnlab.data.registry import dataset_names, lookup, register_dataset  # noqa: F401
 
-DATASET_NAMES = tuple(BUILDERS)
+
+def __getattr__(attr: str):
+  """`DATASET_NAMES`: a live view of `dataset_names()`, so it includes later registrations."""
+  if attr == "DATASET_NAMES":
+    return dataset_names()
+  raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 class DatasetInfo(NamedTuple):
@@ -52,10 +59,13 @@ def _data_dir(data_config) -> str:
                             or os.path.join("~", "tensorflow_datasets"))
 
 
-def _check_name(name: str) -> None:
-  if name not in BUILDERS:
-    raise ConfigError(f"config.dataset.name={name!r} is not allowed; choose one of: "
-                      f"{', '.join(DATASET_NAMES)}.")
+def _builder(name: str) -> type[tfds.core.DatasetBuilder]:
+  """The TFDS builder class registered as `name` (ConfigError if unknown or a load function)."""
+  builder = lookup(name).builder
+  if builder is None:
+    raise ConfigError(f"dataset {name!r} is registered with a load function; it has no TFDS "
+                      f"builder to prepare.")
+  return builder
 
 
 # What reading damaged prepared files raises (Riegeli/ArrayRecord: RuntimeError; TFDS metadata:
@@ -70,9 +80,10 @@ def _redo(name: str, where: str, problem: str) -> DatasetError:
 
 def _open_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """The builder of `name` in `data_dir`; it reads the prepared metadata, if there is any."""
-  where = os.path.join(data_dir, BUILDERS[name].name, str(BUILDERS[name].VERSION))
+  cls = _builder(name)
+  where = os.path.join(data_dir, cls.name, str(cls.VERSION))
   try:
-    return BUILDERS[name](data_dir=data_dir, file_format="array_record")
+    return cls(data_dir=data_dir, file_format="array_record")
   except _READ_ERRORS as e:
     raise _redo(name, where, f"has unreadable metadata ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -88,7 +99,6 @@ def prepare(name: str, data_dir: str, manual_dir: str | None) -> tfds.core.Datas
     DatasetError: the raw files are neither in `manual_dir` nor downloadable, or malformed; or
       the prepared metadata is unreadable.
   """
-  _check_name(name)
   builder = _open_builder(name, data_dir)
   if builder.is_prepared():
     return builder
@@ -106,16 +116,19 @@ def prepare(name: str, data_dir: str, manual_dir: str | None) -> tfds.core.Datas
     try:
       builder.download_and_prepare(download_config=config)
     except (ValueError, OSError, EOFError, KeyError, tarfile.TarError) as e:
-      expected = ', '.join(builder.FILES) or 'package data'
+      files = ", ".join(getattr(builder, "FILES", ())) or "package data"
       raise DatasetError(f"preparing dataset {name!r} from its raw files failed: {e}. Check "
-                         f"them (expected: {expected}).") from None
+                         f"them (expected: {files}).") from None
   return builder
 
 
 def _prepared_record(name: str, builder: tfds.core.DatasetBuilder) -> dict | None:
   """RECORD_FILE of a prepared dataset: {split: {"num_examples", "sha256"}}; None (with a
-  warning) for a dataset prepared without one (by an older cnnlab, or mocked in tests)."""
+  warning) for a dataset prepared without one (by an older cnnlab, or mocked in tests), and for
+  a builder not derived from cnnlab's (it writes none)."""
   path = os.path.join(builder.data_dir, RECORD_FILE)
+  if not isinstance(builder, _ImageBuilder):
+    return None
   if not os.path.exists(path):
     logging.warning("dataset %r in %s has no %s, so it cannot be verified; delete %s to prepare "
                     "it again with one.", name, builder.data_dir, RECORD_FILE, builder.data_dir)
@@ -130,7 +143,10 @@ def _prepared_record(name: str, builder: tfds.core.DatasetBuilder) -> dict | Non
 @functools.lru_cache(maxsize=16)
 def _load_split(name: str, data_dir: str, manual_dir: str | None, split: str) -> Split:
   """Every example of a split, read once through `tfds.data_source` into host memory, checked
-  against what was generated (RECORD_FILE): a DatasetError names the directory to delete."""
+  against what was generated (RECORD_FILE): a DatasetError names the directory to delete. A
+  dataset registered with a load function: that split of what it returned (checked)."""
+  if lookup(name).builder is None:
+    return Split(*registry.read_arrays(name, data_dir)[0][split])
   builder = prepare(name, data_dir, manual_dir)
   where = builder.data_dir
   record = _prepared_record(name, builder)
@@ -183,18 +199,33 @@ def validation_fraction(data_config) -> float:
   return float(data_config.get("validation_fraction", 0.0) or 0.0)
 
 
+def _own_validation(data_config) -> bool:
+  """Whether the dataset brings a validation split of its own (its load function returned one)."""
+  name = data_config.name
+  return (lookup(name).builder is None
+          and "validation" in registry.read_arrays(name, _data_dir(data_config))[0])
+
+
 def load_split(data_config, split: str) -> Split:
   """`train` (less the validation examples), `validation` (a seeded, class-stratified
-  `config.dataset.validation_fraction` of the train split) or `test`, resized (`resize`); the
-  train split cut to `train_per_class` examples per class (`_subset`)."""
+  `config.dataset.validation_fraction` of the train split, or the dataset's own when its load
+  function returns one and the fraction is 0) or `test`, resized (`resize`); the train split cut
+  to `train_per_class` examples per class (`_subset`)."""
   if split not in SPLITS:
     raise ConfigError(f"split={split!r} is not allowed; choose one of: {', '.join(SPLITS)}.")
-  _check_name(data_config.name)
+  lookup(data_config.name)
   where = (data_config.name, _data_dir(data_config), data_config.get("manual_dir"))
   if split == "test":
     return _sized_split(*where, "test", _size(data_config))
   fraction = validation_fraction(data_config)
-  if split == "validation" and fraction == 0:
+  if _own_validation(data_config):
+    if fraction:
+      raise ConfigError(f"config.dataset.validation_fraction={fraction} would carve a validation "
+                        f"split out of train, but dataset {data_config.name!r} has its own; set "
+                        f"it to 0 to use that one.")
+    if split == "validation":
+      return _sized_split(*where, "validation", _size(data_config))
+  elif split == "validation" and fraction == 0:
     raise ConfigError("config.dataset.validation_fraction=0: there is no validation split; set "
                       "it in (0, 0.5], e.g. 0.1.")
   train, validation = _carve(*where, _size(data_config), fraction,
@@ -232,20 +263,32 @@ def _carve(name: str, data_dir: str, manual_dir: str | None, size: tuple[int, in
 
 
 def clear_caches() -> None:
-  """Forgets every split read so far (the next load reads and verifies the files again)."""
-  for cached in (_load_split, _resized_split, _carve, _stats):
+  """Forgets every split read so far (the next load reads and verifies the files again, and
+  calls registered load functions again)."""
+  for cached in (_load_split, _resized_split, _carve, _stats, registry.read_arrays):
     cached.cache_clear()
 
 
-def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
-  """(image shape (H, W, C), number of classes) of dataset `name`, without preparing it."""
-  _check_name(name)
-  return tuple(BUILDERS[name].IMAGE_SHAPE), BUILDERS[name].NUM_CLASSES
+registry.CACHE_CLEARERS.append(clear_caches)
+
+
+def dataset_shape(name: str, data_dir: str | None = None) -> tuple[tuple[int, int, int], int]:
+  """(image shape (H, W, C), number of classes) of dataset `name`: a builder's, without
+  preparing it; a load function's, from what it returns for `data_dir` (None: the default)."""
+  builder = lookup(name).builder
+  data_dir = _data_dir({"data_dir": data_dir})
+  if builder is None:
+    arrays, num_classes = registry.read_arrays(name, data_dir)
+    return tuple(arrays["train"][0].shape[1:]), num_classes
+  if issubclass(builder, _ImageBuilder):
+    return tuple(builder.IMAGE_SHAPE), builder.NUM_CLASSES
+  features = _open_builder(name, data_dir).info.features
+  return tuple(features["image"].shape), features["label"].num_classes
 
 
 def image_shape(data_config) -> tuple[int, int, int]:
-  """(H, W, C) of the dataset's images after `resize`, known without reading the data."""
-  stored, _ = dataset_shape(data_config.name)
+  """(H, W, C) of the dataset's images after `resize`, known without reading a builder's data."""
+  stored, _ = dataset_shape(data_config.name, _data_dir(data_config))
   size = data_config.get("resize")
   return stored if size is None else (*subsets.check_size(size), stored[2])
 
@@ -253,9 +296,9 @@ def image_shape(data_config) -> tuple[int, int, int]:
 def dataset_info(data_config) -> DatasetInfo:
   """Shape and size facts of a dataset (prepares it on first use)."""
   train, test = load_split(data_config, "train"), load_split(data_config, "test")
-  num_validation = (len(load_split(data_config, "validation").labels)
-                    if validation_fraction(data_config) else 0)
-  num_classes = BUILDERS[data_config.name].NUM_CLASSES
+  has_validation = validation_fraction(data_config) or _own_validation(data_config)
+  num_validation = len(load_split(data_config, "validation").labels) if has_validation else 0
+  _, num_classes = dataset_shape(data_config.name, _data_dir(data_config))
   return DatasetInfo(data_config.name, tuple(train.images.shape[1:]), num_classes,
                      len(train.labels), len(test.labels), num_validation)
 

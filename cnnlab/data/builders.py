@@ -18,6 +18,7 @@ stock builders, which need TensorFlow to prepare.
                    pixel bytes per record, R, G, B planes of 32x32; cifar-100-binary.tar.gz: coarse
                    and fine label bytes + 3,072; cnnlab uses the 100 fine labels). 50,000 / 10,000.
 The raw files come through TFDS's download manager, or from `manual_dir` on offline machines.
+Each registers through `cnnlab.data.registry.register_dataset`, as a researcher's dataset does.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cnnlab.base.errors import DatasetError
+from cnnlab.data.registry import register_dataset
 
 VERSION = tfds.core.Version("1.0.0")
 _PROBE_TIMEOUT_S = 3.0
@@ -271,3 +273,5 @@ class CnnlabCifar100(_CifarBuilder):
 BUILDERS = {"mnist5k": CnnlabMnist5k, "digits": CnnlabDigits, "mnist": CnnlabMnist,
             "fashion_mnist": CnnlabFashionMnist, "cifar10": CnnlabCifar10,
             "cifar100": CnnlabCifar100}
+for _name, _cls in BUILDERS.items():
+  register_dataset(_name, _cls, description=_cls.__doc__)

@@ -277,7 +277,7 @@ def summarize(config: ml_collections.ConfigDict, input_shape: tuple[int, ...] | 
   Raises ConfigError for a bad config, an `input_shape` that is not 3 positive integers, or a
   `num_classes` below 1 (given values are used or refused, never replaced by the dataset's)."""
   validate_config(config)
-  shape, classes = data.dataset_shape(config.dataset.name)
+  shape, classes = data.dataset_shape(config.dataset.name, config.dataset.get("data_dir"))
   if input_shape is not None:
     shape = tuple(input_shape)
     if len(shape) != 3 or not all(layers.is_int(v) and v >= 1 for v in shape):

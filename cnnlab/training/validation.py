@@ -68,7 +68,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           environment.numerics_setting(config, "xla_cpu_ynn_convolutions"), (True, False))
   choice("xla_cpu_vector_width", environment.numerics_setting(config, "xla_cpu_vector_width"),
           environment.XLA_CPU_VECTOR_WIDTHS)
-  choice("dataset.name", config.dataset.name, data.DATASET_NAMES)
+  data.lookup(config.dataset.name)   # The names registered so far, each with its module.
   check_number("dataset.validation_fraction", config.dataset.get("validation_fraction", 0.0),
           low=0, high=0.5)
   for key in ("validation_seed", "subset_seed"):
