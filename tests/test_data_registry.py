@@ -1,9 +1,11 @@
 """Registered datasets: a researcher's own data from a file outside the package, the checks of what
-its load function returns, and names listed with their modules."""
+its load function returns, names listed with their modules, and class names in pictures."""
 
 import importlib.util
+import os
 import re
 
+import matplotlib.text
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -11,6 +13,8 @@ from ml_collections import config_dict
 
 from cnnlab import data
 from cnnlab.base.errors import ConfigError, DatasetError
+from cnnlab.data import builders
+from cnnlab.inspection import plots, visualize
 from cnnlab.training import loop, validation
 
 STRIPES = '''
@@ -63,17 +67,28 @@ def _cfg(name, data_dir, **kw):
                                  "augment": False, **kw})
 
 
-def test_a_dataset_registered_from_a_file_outside_the_package_trains(tiny_config, tmp_path):
+def test_a_dataset_registered_from_a_file_outside_the_package_trains(tiny_config, tmp_path,
+                                                                      monkeypatch):
   module = _stripes_module(tmp_path, "stripes", "my_stripes")
   assert "stripes" in data.dataset_names() and "stripes" in data.DATASET_NAMES
   tiny_config.dataset.name = "stripes"
   tiny_config.num_epochs = 1
   info = data.dataset_info(tiny_config.dataset)
-  assert info == data.DatasetInfo("stripes", (8, 8, 1), 3, 600, 90, 0)
+  assert info == data.DatasetInfo("stripes", (8, 8, 1), 3, 600, 90, 0,
+                                  ("horizontal", "vertical", "diagonal"))
   workdir = str(tmp_path / "run")
   results = loop.train_and_evaluate(tiny_config, workdir, progress=False)
   assert results["test_accuracy"] > 0.6   # Chance is 1/3: it learned from the stripes.
   assert module.CALLS == [tiny_config.dataset.data_dir]   # Loaded once, with the config's dir.
+
+  texts = []   # Every text of every picture, e.g. "#3: pred vertical (90%)\ntrue horizontal".
+  save = plots.save
+  monkeypatch.setattr(plots, "save", lambda fig, path: (
+      texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text)), save(fig, path))[1])
+  visualize.write_pictures(workdir)
+  words = " ".join(texts)
+  assert "true horizontal" in words and "pred " in words and "test #0, horizontal" in words
+  assert {"horizontal", "vertical", "diagonal"} <= set(texts)   # Class-accuracy ticks.
 
 
 def test_an_unknown_name_lists_the_registered_names_and_their_modules(tiny_config, tmp_path):
@@ -149,7 +164,7 @@ def test_a_load_functions_own_validation_split(tmp_path):
   cfg = _cfg("with_validation", str(tmp_path))
   info = data.dataset_info(cfg)
   assert (info.num_train, info.num_validation, info.num_test) == (30, 9, 6)
-  assert info.num_classes == 3   # The largest label + 1.
+  assert info.class_names == ("0", "1", "2")   # Unnamed: the largest label + 1 classes.
   cfg.validation_fraction = 0.1
   with pytest.raises(ConfigError, match=r"validation_fraction=0.1 would carve a validation split "
                                         r"out of train, but dataset 'with_validation' has its own"):
@@ -176,5 +191,19 @@ class RegistryTestPlus(tfds.core.GeneratorBasedBuilder):
 def test_a_tfds_builder_of_ones_own_registers_like_the_built_ins(tmp_path):
   data.register_dataset("plus_cross", RegistryTestPlus)
   info = data.dataset_info(_cfg("plus_cross", str(tmp_path)))
-  assert info == data.DatasetInfo("plus_cross", (4, 4, 1), 2, 8, 4, 0)
+  assert info == data.DatasetInfo("plus_cross", (4, 4, 1), 2, 8, 4, 0, ("plus", "cross"))
   assert data.dataset_shape("plus_cross", str(tmp_path)) == ((4, 4, 1), 2)
+
+
+def test_built_in_datasets_name_their_classes(data_dir, tmp_path):
+  assert data.dataset_info(_cfg("digits", data_dir)).class_names == tuple("0123456789")
+  assert data.class_names(_cfg("fashion_mnist", data_dir))[::9] == ("T-shirt/top", "Ankle boot")
+  with tfds.testing.mock_data(num_examples=20):
+    info = data.dataset_info(_cfg("cifar10", str(tmp_path / "mock")))
+  data.clear_caches()
+  assert info.class_names[:3] == ("airplane", "automobile", "bird") and info.num_classes == 10
+  fine = data.class_names(_cfg("cifar100", data_dir))
+  assert len(set(fine)) == 100 and list(fine) == sorted(fine)   # fine_label_names.txt's order.
+  assert (fine[0], fine[1], fine[-1]) == ("apple", "aquarium_fish", "worm")
+  assert builders.CnnlabCifar100.CLASS_NAMES == fine
+  assert not os.path.exists(os.path.join(data_dir, "cnnlab_cifar100"))   # Names: no data read.

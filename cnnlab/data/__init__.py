@@ -47,6 +47,7 @@ class DatasetInfo(NamedTuple):
   num_train: int
   num_test: int
   num_validation: int = 0   # held out of the train split (config.dataset.validation_fraction)
+  class_names: tuple[str, ...] = ()   # one per class, for pictures
 
 
 class Split(NamedTuple):
@@ -286,6 +287,17 @@ def dataset_shape(name: str, data_dir: str | None = None) -> tuple[tuple[int, in
   return tuple(features["image"].shape), features["label"].num_classes
 
 
+def class_names(data_config) -> tuple[str, ...]:
+  """One name per class: as registered, else a TFDS builder's ClassLabel names, else "0".."K-1"."""
+  entry = lookup(data_config.name)
+  if entry.class_names:
+    return entry.class_names
+  if entry.builder is not None:
+    return tuple(_open_builder(entry.name, _data_dir(data_config)).info.features["label"].names)
+  _, num_classes = dataset_shape(entry.name, _data_dir(data_config))
+  return tuple(str(c) for c in range(num_classes))
+
+
 def image_shape(data_config) -> tuple[int, int, int]:
   """(H, W, C) of the dataset's images after `resize`, known without reading a builder's data."""
   stored, _ = dataset_shape(data_config.name, _data_dir(data_config))
@@ -300,7 +312,8 @@ def dataset_info(data_config) -> DatasetInfo:
   num_validation = len(load_split(data_config, "validation").labels) if has_validation else 0
   _, num_classes = dataset_shape(data_config.name, _data_dir(data_config))
   return DatasetInfo(data_config.name, tuple(train.images.shape[1:]), num_classes,
-                     len(train.labels), len(test.labels), num_validation)
+                     len(train.labels), len(test.labels), num_validation,
+                     class_names(data_config))
 
 
 @functools.lru_cache(maxsize=16)

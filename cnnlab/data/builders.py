@@ -18,7 +18,8 @@ stock builders, which need TensorFlow to prepare.
                    pixel bytes per record, R, G, B planes of 32x32; cifar-100-binary.tar.gz: coarse
                    and fine label bytes + 3,072; cnnlab uses the 100 fine labels). 50,000 / 10,000.
 The raw files come through TFDS's download manager, or from `manual_dir` on offline machines.
-Each registers through `cnnlab.data.registry.register_dataset`, as a researcher's dataset does.
+Each registers through `cnnlab.data.registry.register_dataset`, as a researcher's dataset does,
+with its class names (CLASS_NAMES; CIFAR-100: the fine labels, as in its fine_label_names.txt).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder):
   VERSION = VERSION
   IMAGE_SHAPE: tuple[int, int, int] = (0, 0, 0)
   NUM_CLASSES = 10
+  CLASS_NAMES = tuple(str(c) for c in range(10))   # Digits' own; others name theirs.
   # Raw files: {filename: download URL}; empty for package-shipped data.
   FILES: dict[str, str] = {}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -212,6 +214,8 @@ class CnnlabFashionMnist(_IdxBuilder):
   """Fashion-MNIST (Xiao et al. 2017), from the official IDX files; 60,000 / 10,000."""
   name = "cnnlab_fashion_mnist"
   BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+  CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                 "Sneaker", "Bag", "Ankle boot")
 
 
 for _cls in (CnnlabMnist, CnnlabFashionMnist):
@@ -254,6 +258,8 @@ class CnnlabCifar10(_CifarBuilder):
   """CIFAR-10 (Krizhevsky 2009), from the official binary archive; 50,000 / 10,000."""
   name = "cnnlab_cifar10"
   ARCHIVE = "cifar-10-binary.tar.gz"
+  CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
   FILES = {ARCHIVE: "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"}
   MEMBERS = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
              "test": ("test_batch.bin",)}
@@ -263,6 +269,16 @@ class CnnlabCifar100(_CifarBuilder):
   """CIFAR-100 (Krizhevsky 2009), fine labels, from the official binary archive; 50,000 / 10,000."""
   name = "cnnlab_cifar100"
   NUM_CLASSES = 100
+  CLASS_NAMES = tuple("""
+      apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+      butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
+      crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo
+      keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain
+      mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain
+      plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
+      skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank
+      telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf
+      woman worm""".split())
   ARCHIVE = "cifar-100-binary.tar.gz"
   FILES = {ARCHIVE: "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"}
   MEMBERS = {"train": ("train.bin",), "test": ("test.bin",)}
@@ -274,4 +290,4 @@ BUILDERS = {"mnist5k": CnnlabMnist5k, "digits": CnnlabDigits, "mnist": CnnlabMni
             "fashion_mnist": CnnlabFashionMnist, "cifar10": CnnlabCifar10,
             "cifar100": CnnlabCifar100}
 for _name, _cls in BUILDERS.items():
-  register_dataset(_name, _cls, description=_cls.__doc__)
+  register_dataset(_name, _cls, class_names=_cls.CLASS_NAMES, description=_cls.__doc__)

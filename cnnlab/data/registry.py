@@ -73,8 +73,8 @@ def register_dataset(name: str, load: Callable | type, *, class_names=None,
   - a TFDS builder class (a `tfds.core.DatasetBuilder` with "image" and "label" features),
     prepared into data_dir as array_record files on first use, as cnnlab's built-ins are.
 
-  `class_names`: one name per class (default: a builder's ClassLabel names, else "0".."K-1"
-  with K = the largest label + 1). `description`: one line for listings.
+  `class_names`: one name per class, shown in pictures (default: a builder's ClassLabel names,
+  else "0".."K-1" with K = the largest label + 1). `description`: one line for listings.
   Registering a name again from the same module and function (a module imported twice)
   replaces the entry; from anywhere else it is a ConfigError.
   """

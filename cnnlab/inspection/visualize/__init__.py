@@ -75,6 +75,7 @@ def write_pictures(workdir: str) -> str:
   rngs = steps.step_rngs(state.rngs, state.step - 1)   # The masks of the last training step.
   mean, std = data_lib.normalisation(config.dataset)
   test = data_lib.load_split(config.dataset, "test")
+  names = data_lib.class_names(config.dataset)
   entries: list[tuple[str, str | None, str]] = []      # (heading, PNG name or None, text)
   picture = lambda name: os.path.join(out, name)
 
@@ -87,7 +88,7 @@ def write_pictures(workdir: str) -> str:
   shown = _one_per_class(test.labels, FEATURE_MAP_IMAGES)
   stages = filters.write_feature_maps(
       model, variables, test.images[shown], normalise(test.images[shown], mean, std),
-      [f"test #{i}, class {test.labels[i]}" for i in shown], picture("feature_maps.png"))
+      [f"test #{i}, {names[test.labels[i]]}" for i in shown], picture("feature_maps.png"))
   entries.append(("Feature maps", "feature_maps.png" if stages else None,
                   f"Conv stages (last block per resolution, eval mode): {', '.join(stages)}."
                   if stages else "the model has no conv stage with maps larger than 1x1."))
@@ -97,15 +98,16 @@ def write_pictures(workdir: str) -> str:
   assert np.array_equal(labels, test.labels), "eval_batches must keep the split's order"
   probs = np.asarray(jax.nn.softmax(logits, -1))
   counts = predictions.confusion_matrix(labels, probs.argmax(-1), probs.shape[-1])
-  predictions.write_class_accuracy(counts, picture("class_accuracy.png"))
-  predictions.write_confusion_matrix(counts, picture("confusion_matrix.png"))
+  predictions.write_class_accuracy(counts, picture("class_accuracy.png"), names)
+  predictions.write_confusion_matrix(counts, picture("confusion_matrix.png"), names)
   accuracy = np.trace(counts) / counts.sum()
   entries += [("Per-class accuracy", "class_accuracy.png",
                f"Test accuracy {100 * accuracy:.2f}% over {counts.sum()} images."),
               ("Confusion matrix", "confusion_matrix.png", "Rows: true class; columns: "
                "predicted class; log colour scale.")]
   mistakes = predictions.confident_mistakes(probs, labels, MISTAKES)
-  predictions.write_mistakes(test.images, probs, labels, mistakes, picture("misclassified.png"))
+  predictions.write_mistakes(test.images, probs, labels, mistakes, picture("misclassified.png"),
+                             names)
   entries.append(("Most confident mistakes", "misclassified.png",
                   f"{len(mistakes)} of {int(counts.sum() - np.trace(counts))} misclassified "
                   "test images, highest predicted probability first."))
@@ -113,7 +115,7 @@ def write_pictures(workdir: str) -> str:
   what = "misclassified test images" if len(mistakes) else "first test images (none is wrong)"
   grads = predictions.saliency(apply_eval, normalise(test.images[index], mean, std))
   predictions.write_saliency(test.images, grads, probs, labels, index, picture("saliency.png"),
-                             what)
+                             what, names)
   entries.append(("Saliency", "saliency.png", f"Gradient of the predicted class's logit w.r.t. "
                   f"the input, max |.| over channels, for the {what}."))
 

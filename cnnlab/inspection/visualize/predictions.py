@@ -64,7 +64,18 @@ def saliency(apply_eval: Callable, images: jax.Array) -> np.ndarray:
   return np.asarray(jax.jit(jax.grad(score))(jnp.asarray(images, jnp.float32)))
 
 
-def write_class_accuracy(counts: np.ndarray, path: str) -> None:
+def _names(class_names, k: int) -> list[str]:
+  """The labels of classes 0..k-1: their names (None: their numbers)."""
+  return list(class_names) if class_names is not None else [str(i) for i in range(k)]
+
+
+def _class_ticks(set_ticks, names: list[str]) -> None:
+  """Ticks at 0..k-1 labelled with `names`, turned upright when they are words."""
+  set_ticks(range(len(names)), names, fontsize=8,
+            rotation=90 if any(len(n) > 2 for n in names) else 0)
+
+
+def write_class_accuracy(counts: np.ndarray, path: str, class_names=None) -> None:
   """Bar chart of per-class test accuracy (the confusion matrix's diagonal / row sums)."""
   per_class = 100 * np.diag(counts) / np.maximum(counts.sum(1), 1)
   overall = 100 * np.trace(counts) / max(counts.sum(), 1)
@@ -76,14 +87,14 @@ def write_class_accuracy(counts: np.ndarray, path: str) -> None:
   for i, v in enumerate(per_class):
     ax.text(i, v - 0.3, f"{v:.1f}", ha="center", va="top", fontsize=7, color="white",
             rotation=90 if k > 20 else 0)
-  ax.set_xticks(range(k), [str(i) for i in range(k)], fontsize=8)
+  _class_ticks(ax.set_xticks, _names(class_names, k))
   ax.set(xlabel="true class", ylabel="test accuracy (%)", ylim=(bottom, 100.5),
          title=f"Per-class test accuracy (dashed: overall {overall:.2f}%; y axis from "
                f"{bottom:.0f}%)")
   save(fig, path)
 
 
-def write_confusion_matrix(counts: np.ndarray, path: str) -> None:
+def write_confusion_matrix(counts: np.ndarray, path: str, class_names=None) -> None:
   """Heat map of the confusion counts with a colour bar (log-scaled: errors stay visible beside
   the large diagonal)."""
   k = len(counts)
@@ -99,28 +110,29 @@ def write_confusion_matrix(counts: np.ndarray, path: str) -> None:
       if v:
         ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
                 color="white" if v > threshold else "black")
-  ax.set_xticks(range(k), [str(i) for i in range(k)], fontsize=8)
-  ax.set_yticks(range(k), [str(i) for i in range(k)], fontsize=8)
+  _class_ticks(ax.set_xticks, _names(class_names, k))
+  ax.set_yticks(range(k), _names(class_names, k), fontsize=8)
   ax.set(xlabel="predicted class", ylabel="true class",
          title=f"Confusion matrix ({counts.sum()} test images, {np.trace(counts)} correct)")
   save(fig, path)
 
 
-def _caption(probs: np.ndarray, labels: np.ndarray, i: int) -> str:
+def _caption(probs: np.ndarray, labels: np.ndarray, i: int, class_names=None) -> str:
   p = int(probs[i].argmax())
-  return f"#{i}: pred {p} ({100 * probs[i, p]:.0f}%)\ntrue {labels[i]}"
+  names = _names(class_names, probs.shape[-1])
+  return f"#{i}: pred {names[p]} ({100 * probs[i, p]:.0f}%)\ntrue {names[labels[i]]}"
 
 
 def write_mistakes(raw: np.ndarray, probs: np.ndarray, labels: np.ndarray, index: np.ndarray,
-                   path: str) -> None:
+                   path: str, class_names=None) -> None:
   """The test images `index` (uint8 `raw` [N, H, W, C]) captioned with test index, predicted
-  class and probability, and true class."""
+  class and probability, and true class (by name, given `class_names`)."""
   rows, cols = grid_shape(max(len(index), 1), MISTAKE_COLUMNS)
   fig, axes = panel_grid(rows, cols, panel=(1.8, 2.1), top=0.8, hspace=0.45)
   for ax in axes.flat:
     ax.set_axis_off()
   for ax, i in zip(axes.flat, index):
-    show_image(ax, raw[i], _caption(probs, labels, i), fontsize=8)
+    show_image(ax, raw[i], _caption(probs, labels, i, class_names), fontsize=8)
     ax.set_axis_on()
   if not len(index):
     axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
@@ -129,7 +141,7 @@ def write_mistakes(raw: np.ndarray, probs: np.ndarray, labels: np.ndarray, index
 
 
 def write_saliency(raw: np.ndarray, grads: np.ndarray, probs: np.ndarray, labels: np.ndarray,
-                   index: np.ndarray, path: str, what: str) -> None:
+                   index: np.ndarray, path: str, what: str, class_names=None) -> None:
   """Each image `index` beside its saliency map: max over channels of |gradient| (`grads`
   [n, H, W, C] for those images), scaled to the image's own maximum."""
   maps = np.abs(grads).max(axis=-1)
@@ -141,7 +153,7 @@ def write_saliency(raw: np.ndarray, grads: np.ndarray, probs: np.ndarray, labels
   im = None
   for n, i in enumerate(index):
     r, c = divmod(n, cols)
-    show_image(axes[r, 2 * c], raw[i], _caption(probs, labels, i), fontsize=8)
+    show_image(axes[r, 2 * c], raw[i], _caption(probs, labels, i, class_names), fontsize=8)
     axes[r, 2 * c].set_axis_on()
     im = axes[r, 2 * c + 1].imshow(maps[n], cmap="hot", vmin=0, vmax=1, interpolation="nearest")
     axes[r, 2 * c + 1].set_title("saliency", fontsize=8)
