@@ -2,19 +2,36 @@
 
 Experiment files under `experiments/` call `base_config()` and change what their study needs;
 fields that default to None are declared with `config_dict.placeholder(type)` so that
-`--config.a.b=value` can still set them.
+`--config.a.b=value` can still set them. Each section comes from the package that owns it: the
+model's fields from the model registry, `init` from training, `sweep` from study.
+
+A study's own models and datasets live in modules it names: `base_config(imports=(...))`
+imports them first (so their models' fields exist), and records them in `config.imports`, which
+every other process that reads the config imports too.
 """
 
+from collections.abc import Sequence
+
+import ml_collections
 from ml_collections import config_dict
 
+from cnnlab.base import plugins
+from cnnlab.nets import models
 from cnnlab.study.settings import sweep_defaults
 from cnnlab.training.init_settings import init_defaults
 
 
-def base_config() -> config_dict.ConfigDict:
-  """Every field a run reads, with the values of the default experiment (LeNet-5 on mnist5k)."""
+def base_config(imports: Sequence[str] = ()) -> config_dict.ConfigDict:
+  """Every field a run reads, with the values of the default experiment (LeNet-5 on mnist5k).
+
+  `imports`: module names or .py paths (relative to the current directory) to import first,
+  e.g. ("my_models.py",): the models and datasets they register become names a config may use,
+  their models' fields part of `config.model`. ConfigError, one line, for one that fails."""
+  plugins.import_modules(imports)
   config = config_dict.ConfigDict()
   config.name = "default"
+  # The user's modules every process imports before it builds or reads this config.
+  config.imports = tuple(imports)
   config.seed = 0
   # Floating-point dtype of activations ("float32" or "bfloat16"); parameters stay float32.
   config.dtype = "float32"
@@ -54,40 +71,11 @@ def base_config() -> config_dict.ConfigDict:
   config.dataset.validation_fraction = 0.0
   config.dataset.validation_seed = 0
 
-  config.model = config_dict.ConfigDict()
-  # One of cnnlab.nets.models.MODEL_NAMES: linear, mlp, lenet5, lenet5_fcn, alexnet, vgg_cnn,
-  # vgg11/13/16/19, resnet20/32/44/56/110 (CIFAR), resnet18/34/50 (ImageNet), nin, googlenet.
-  config.model.name = "lenet5"
-  # Options every block shares (cnnlab.nets.layers.BlockOptions).
-  config.model.bn_placement = "none"      # none | before_act | after_act (ResNets: no after_act)
-  config.model.bn_convention = "pytorch"  # pytorch | flax
-  config.model.dropout = "none"           # none | standard | spatial | dropblock
-  config.model.dropout_rate = 0.0
-  config.model.dropblock_size = 3         # dropblock only: side of the dropped squares
-  config.model.activation = "relu"        # relu | tanh (LeNet-5 in 1998 used tanh) | ...
-  # BatchNorm epsilon; None = the model's default (1e-5; googlenet 1e-3, as torchvision's).
-  config.model.bn_epsilon = config_dict.placeholder(float)
-  # Conv biases: None = only where no BN directly follows; True/False force them.
-  config.model.conv_bias = config_dict.placeholder(bool)
-  # lenet5, vgg*, alexnet: max | avg | blur (anti-aliased max pool, Zhang 2019).
-  config.model.pool = "max"
-  # alexnet, resnet18/34/50, googlenet: auto (ImageNet stem for inputs >= 64 px) | imagenet | small.
-  config.model.stem = "auto"
-  # resnet*: where BN and the activation sit around the addition (He et al. 2016b):
-  # original | bn_after_add | relu_before_add | relu_only_preact | full_preact.
-  config.model.unit = "original"
-  # googlenet: auxiliary classifiers, their loss weight, and 5 (paper) or 3 (torchvision) for
-  # the kernels of the "5x5" branches.
-  config.model.aux_classifiers = True
-  config.model.aux_loss_weight = 0.3
-  config.model.c5_kernel = 5
-  # googlenet: the max pool between inception 4e and 5a: 3 (paper) or 2 (torchvision).
-  config.model.pool4_window = 3
-  # vgg_cnn only: conv widths per stage (a 2x2 max-pool follows each stage) and the head.
-  config.model.stages = ((32, 32), (64, 64))
-  config.model.head = "gap"               # gap (global average pool) | flatten | classifier
-  # mlp only: hidden layer widths.
-  config.model.hidden = (256, 256)
+  # config.model.name: a registered model (cnnlab.nets.models: linear, mlp, lenet5, lenet5_fcn,
+  # alexnet, vgg_cnn, vgg11/13/16/19, resnet20/32/44/56/110 (CIFAR), resnet18/34/50 (ImageNet),
+  # nin, googlenet, and those of the modules in `imports`); the options every block shares; and
+  # each registered model's own fields, with their defaults (cnnlab.nets.models.registry).
+  config.model = models.field_defaults()
 
   config.optimizer = config_dict.ConfigDict()
   config.optimizer.name = "sgd"           # sgd | adam | adamw | rmsprop
@@ -114,17 +102,19 @@ def base_config() -> config_dict.ConfigDict:
 SWEEP_VARIANTS = ("full", "quick", "cifar10")
 
 
-def sweep_base(name: str, variant: str = "full") -> config_dict.ConfigDict:
+def sweep_base(name: str, variant: str = "full",
+               imports: Sequence[str] = ()) -> config_dict.ConfigDict:
   """The shared setting of cnnlab's sweep experiments (ablation, dropout_rates, bn_placement):
   a three-stage VGG-style CNN on mnist5k and an empty `config.sweep` for the study to fill.
 
   Variants: `full`; `quick` (8x8 digits, a smaller net, 2 epochs: a smoke test of ~1 minute);
-  `cifar10` (needs CIFAR-10 prepared; a wider net, augmentation, 30 epochs).
+  `cifar10` (needs CIFAR-10 prepared; a wider net, augmentation, 30 epochs). `imports`: as for
+  `base_config`.
   """
   if variant not in SWEEP_VARIANTS:
     raise ValueError(f"experiments/{name}.py:{variant} is not a variant; choose one of: "
                      f"{', '.join(SWEEP_VARIANTS)}.")
-  config = base_config()
+  config = base_config(imports)
   config.name = name if variant == "full" else f"{name}_{variant}"
   config.dataset.validation_fraction = 0.1
   config.model.name = "vgg_cnn"
@@ -164,4 +154,17 @@ def sweep_base(name: str, variant: str = "full") -> config_dict.ConfigDict:
     config.log_every_steps = 100
     config.checkpoint_every_steps = 1000
     config.sweep.target_accuracy = 0.8
+  return config
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` ready for a process that did not build it (or got `imports` as an override): its
+  `imports` imported, and the fields of models registered since it was built added to
+  `config.model` with their defaults. Returns `config`."""
+  plugins.import_modules(tuple(config.get("imports", ())))
+  missing = {k: v for k, v in models.field_defaults().items() if k not in config.model}
+  if missing:
+    with config.unlocked():
+      for field, default in missing.items():
+        config.model[field] = default
   return config

@@ -26,7 +26,7 @@ import time
 import jax
 import ml_collections
 
-from cnnlab.base import environment, errors
+from cnnlab.base import environment, errors, plugins
 from cnnlab.base.errors import ConfigError, TrainingDivergedError
 from cnnlab.base.locks import CellLock
 from cnnlab.inspection import diagnostics
@@ -246,6 +246,7 @@ def worker_main(workdir: str) -> None:
   cell is finished (cells other workers hold are waited for)."""
   saved = rundir.read_json(os.path.join(workdir, "sweep.json"))
   config = ml_collections.ConfigDict(saved["config"])
+  plugins.import_modules(tuple(config.get("imports", ())))  # Before anything reads the config.
   environment.apply_numerics(config)
   environment.enable_compilation_cache()
   try:

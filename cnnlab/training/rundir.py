@@ -30,12 +30,15 @@ from typing import Any
 import ml_collections
 import tqdm
 
-from cnnlab.base import digests, environment, locks
+from cnnlab.base import digests, environment, locks, plugins
 from cnnlab.base.errors import CheckpointError, WorkdirError
 from cnnlab.training import checkpoint
 
 # Config fields that only change how a run is observed, never its numbers.
-_NOT_FINGERPRINTED = ("log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep")
+# (`imports` names the modules where a model or dataset comes from; the config names the model
+# and its fields, which are fingerprinted.)
+_NOT_FINGERPRINTED = ("log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep",
+                      "imports")
 
 # Fields added to the config after runs were saved without them, with the value those runs had
 # (environment.SAVED_BEFORE_THE_FIELD). At that value a field is left out of the fingerprint, so
@@ -229,6 +232,7 @@ class RunDir:
     owners = [("results.json", self.read_results().get("config_fingerprint"))] if (
         self.finished()) else []
     self._check_config_json(recorded, owners + self._checkpoint_owner(), hint)
+    plugins.import_modules(tuple(config.get("imports", ())))  # Its models and datasets.
     return config, recorded
 
   def _check_config_json(self, recorded: Any, owners: list[tuple[str, Any]], hint: str) -> None:

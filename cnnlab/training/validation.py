@@ -53,7 +53,7 @@ def check_number(key: str, value, *, low=None, high=None, low_open=False, high_o
 
 def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> None:
   """Checks the model name and the options every architecture shares."""
-  choice(f"{prefix}.name", model.name, models.MODEL_NAMES)
+  models.lookup(model.name)   # Every registered model; an unknown name lists them.
   models.block_options(model, prefix=f"config.{prefix}.")
   check_number(f"{prefix}.aux_loss_weight", model.get("aux_loss_weight", 0.3), low=0)
 
