@@ -84,6 +84,14 @@ def test_finished_workdir_is_not_retrained(tiny_config, tmp_path, capsys):
   assert os.path.getmtime(os.path.join(workdir, "metrics.jsonl")) == mtime
 
 
+def test_progress_bar_names_its_numbers(tiny_config, tmp_path, capsys):
+  """The bar's postfix said `loss=... tes_acc=...`: which loss, and 'tes'?"""
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path / "run"), progress=True)
+  bar = capsys.readouterr().err.split("\r")[-1]
+  assert "train_loss=" in bar and "test_acc=" in bar and "tes_acc" not in bar, bar
+
+
 def _state_and_batch(config):
   info = data.dataset_info(config.dataset)
   model = models.get_model(config.model, info.num_classes)

@@ -293,13 +293,14 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
       alive = [i for i, run in enumerate(runs) if run.diverged is None]
       if not alive:
         break
-      postfix = {"loss": f"{np.mean([means[i]['loss'] / count_now for i in alive]):.4f}"}
+      # Mean over the live runs: train loss since the last log point, held-out accuracy.
+      postfix = {"train_loss": f"{np.mean([means[i]['loss'] / count_now for i in alive]):.4f}"}
       if end_of_epoch:
         held_out = evaluate(state, curve_split)
         for run, t in zip(runs, held_out):
           if run.diverged is None:
             run.log(done, curve_split, {"epoch": epoch, **t})
-        postfix[f"{curve_split[:3]}_acc"] = (
+        postfix[f"{curve_split}_acc"] = (
             f"{np.mean([held_out[i]['accuracy'] for i in alive]):.4f}")
       bar.set_postfix(postfix)
       if done % ckpt_every == 0 or done == total_steps or stop:
