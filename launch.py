@@ -129,7 +129,7 @@ def main(argv):
     environment.enable_compilation_cache()
     hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     hosts.check_same_config(_CONFIG.value)
-    written = sweep.run(
+    outcome = sweep.run(
         _CONFIG.value, workdir, overrides=[f"{k}={v!r}" for k, v in sorted(overrides.items())],
         command=" ".join(sys.argv), progress=_PROGRESS.value)
     hosts.finish()
@@ -142,7 +142,7 @@ def main(argv):
       traceback.print_exc()  # A bug; the other processes are told in one line.
       _fail(f"{type(e).__name__} (a bug in cnnlab? traceback above)")
     _fail(str(known), getattr(known, "exit_code", 2))
-  print(f"wrote {written}")
+  print("\n".join(cli.outcome_lines(outcome)))
 
 
 def _visualize():

@@ -71,6 +71,31 @@ def mode_flag_error(mode: str, flag_values: flags.FlagValues) -> str | None:
   return None
 
 
+# A sweep with more cells than this ends with its best cell's line instead of one per cell.
+MAX_CELL_LINES = 12
+
+
+def outcome_lines(outcome) -> list[str]:
+  """What `launch.py` prints when training ends (`outcome`: a `sweep.Outcome`): the file it
+  wrote and the test accuracy, a sweep's per cell as the mean over its finished seeds."""
+  if outcome.single:
+    ((accuracy, _, _),) = outcome.test_accuracy.values()
+    return [f"wrote {outcome.path}: test accuracy {accuracy:.4f}"]
+
+  def line(cell, accuracy, done, seeds):
+    if accuracy is None:
+      return f"{cell or 'base'}: all {seeds} seeds diverged"
+    return f"{cell or 'base'}: {accuracy:.4f} (mean of {done} of {seeds} seeds)"
+  cells = outcome.test_accuracy
+  if len(cells) > MAX_CELL_LINES:
+    trained = {c: a for c, a in cells.items() if a[0] is not None}
+    best = max(trained, key=lambda c: trained[c][0]) if trained else None
+    return [f"wrote {outcome.path}; best of {len(cells)} cells by test accuracy: "
+            + (line(best, *trained[best]) if best is not None else "none, every run diverged")]
+  return [f"wrote {outcome.path}; test accuracy per cell:"] + [
+      f"  {line(c, *a)}" for c, a in cells.items()]
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for scripts without a config file (the benchmarks; pass it as
   `app.run(main, flags_parser=cli.parse_flags)`): a bad flag ends in one `error:` line naming

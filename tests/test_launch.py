@@ -55,6 +55,29 @@ def test_override_reaches_config_json_and_bad_value_fails_cleanly(data_dir, tmp_
   _assert_clean_failure(proc, "different config", "model.dropout_rate")
 
 
+def test_a_run_ends_with_its_test_accuracy(data_dir, tmp_path):
+  """A run ended with only `wrote W/results.json`: how well it did was inside the file."""
+  workdir = str(tmp_path / "run")
+  proc = run_launch("--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
+                    f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=digits",
+                    "--config.num_epochs=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  accuracy = json.load(open(os.path.join(workdir, "results.json")))["test_accuracy"]
+  assert proc.stdout.splitlines()[-1] == (
+      f"wrote {workdir}/results.json: test accuracy {accuracy:.4f}")
+
+
+def test_a_large_sweep_ends_with_its_best_cell():
+  from cnnlab import cli
+  from cnnlab.study import sweep
+  cells = {f"lr={i}": (i / 100, 3, 3) for i in range(20)} | {"lr=99": (None, 0, 3)}
+  assert cli.outcome_lines(sweep.Outcome("W/report.md", False, cells)) == [
+      "wrote W/report.md; best of 21 cells by test accuracy: lr=19: 0.1900 (mean of 3 of 3 "
+      "seeds)"]
+  assert cli.outcome_lines(sweep.Outcome("W/report.md", False, {"lr=99": (None, 0, 3)})) == [
+      "wrote W/report.md; test accuracy per cell:", "  lr=99: all 3 seeds diverged"]
+
+
 @pytest.mark.parametrize("key, value, fragments", [
     ("model.dropout_rate", 1.5, ("config.model.dropout_rate=1.5", "[0, 1)")),
     ("model.bn_placement", "middle", ("'middle'", "before_act", "after_act")),

@@ -147,6 +147,13 @@ def test_kill_mid_sweep_then_rerun_keeps_finished_cells_and_same_report(data_dir
   done = subprocess.run(_small_sweep_args(data_dir, reference), cwd=ROOT, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
+  rows = report.read_results_csv(os.path.join(reference, "results.csv"))
+  mean = lambda cell: np.mean([r["test_accuracy"] for r in rows if r["cell"] == cell])
+  assert done.stdout.splitlines()[-3:] == [  # It ended with only `wrote W/report.md`.
+      f"wrote {reference}/report.md; test accuracy per cell:",
+      f"  bn=none,dropout=spatial: {mean('bn=none,dropout=spatial'):.4f} (mean of 2 of 2 seeds)",
+      f"  bn=before_act,dropout=spatial: {mean('bn=before_act,dropout=spatial'):.4f} (mean of 2 "
+      f"of 2 seeds)"]
 
   proc = subprocess.Popen(_small_sweep_args(data_dir, killed), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -87,7 +87,7 @@ def test_finished_workdir_is_not_retrained(tiny_config, tmp_path, capsys):
 def test_progress_bar_names_its_numbers(tiny_config, tmp_path, capsys):
   """The bar's postfix said `loss=... tes_acc=...`: which loss, and 'tes'?"""
   tiny_config.num_epochs = 1
-  train.train_and_evaluate(tiny_config, str(tmp_path / "run"), progress=True)
+  loop.train_and_evaluate(tiny_config, str(tmp_path / "run"), progress=True)
   bar = capsys.readouterr().err.split("\r")[-1]
   assert "train_loss=" in bar and "test_acc=" in bar and "tes_acc" not in bar, bar
 

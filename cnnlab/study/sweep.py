@@ -18,6 +18,7 @@ by the OS, finished seeds are kept and an interrupted one resumes from its check
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -39,6 +40,25 @@ from cnnlab.training import seeds as seeds_lib
 from cnnlab.training.init_settings import SWEEP_PRETRAIN
 from cnnlab.training.init_settings import settings as init_settings
 from cnnlab.training.validation import validate_setup
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """What `run` wrote: `path` is results.json (a single run) or report.md (a sweep);
+  `test_accuracy` maps each cell's name to (its test accuracy, the mean over its finished seeds,
+  or None if every seed diverged; finished seeds; seeds)."""
+  path: str
+  single: bool
+  test_accuracy: dict[str, tuple[float | None, int, int]]
+
+
+def cell_accuracy(run_dirs: list[str]) -> tuple[float | None, int, int]:
+  """(mean test accuracy of the finished runs in `run_dirs` or None, finished runs, runs)."""
+  values = [rundir.RunDir(d).read_results().get("test_accuracy") for d in run_dirs]
+  done = [v for v in values if v is not None]  # A diverged run has none.
+  return (sum(done) / len(done) if done else None), len(done), len(values)
+
+
 
 
 def use_vmap(setting: str, num_seeds: int) -> bool:
@@ -148,10 +168,10 @@ def _cell_done(seed_dirs: list[str], configs, diagnostics_path: str | None) -> b
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), command: str = "",
-        progress: bool = True) -> str:
+        progress: bool = True) -> Outcome:
   """Runs a config: a single training run, or a sweep followed by its report.
 
-  Returns the path of results.json (single run) or of report.md (sweep).
+  Returns the path of results.json (single run) or of report.md (sweep), with test accuracies.
   """
   settings = sweep_settings(config)
   cells = expand(config)
@@ -174,7 +194,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
       raise TrainingDivergedError(f"{results['diverged_reason']}. Its results.json says so; "
                                   f"lower the learning rate or add BatchNorm, and use a fresh "
                                   f"--workdir.")
-    return os.path.join(workdir, "results.json")
+    return Outcome(os.path.join(workdir, "results.json"), True,
+                   {cells[0].name: (results["test_accuracy"], 1, 1)})
 
   names = [c.name for c in cells]
   axis, _, value = settings.baseline.partition("=")
@@ -220,7 +241,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     workers_lib.run_local_workers(workdir, workers, advance,
                                   command=workers_lib.function_command(worker_main, workdir))
   bar.close()
-  return collect.write_sweep_report(config, cells, seeds, workdir, command=command)
+  path = collect.write_sweep_report(config, cells, seeds, workdir, command=command)
+  return Outcome(path, False, {c.name: cell_accuracy([seed_workdir(workdir, c, s, False)
+                                                      for s in seeds]) for c in cells})
 
 
 def worker_count(settings: ml_collections.ConfigDict, num_cells: int, num_runs: int) -> int:
