@@ -7,6 +7,7 @@ value and what it allows instead (an unknown config key lists the fields that ex
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import NoReturn
 
@@ -77,10 +78,18 @@ MAX_CELL_LINES = 12
 
 def outcome_lines(outcome) -> list[str]:
   """What `launch.py` prints when training ends (`outcome`: a `sweep.Outcome`): the file it
-  wrote and the test accuracy, a sweep's per cell as the mean over its finished seeds."""
+  wrote and the test accuracy, a sweep's per cell as the mean over its finished seeds; or that
+  the workdir already held every run finished, so nothing was trained."""
+  workdir = os.path.dirname(outcome.path)
   if outcome.single:
     ((accuracy, _, _),) = outcome.test_accuracy.values()
+    if outcome.already_finished:
+      return [f"{workdir} already holds a finished run of this config (test accuracy "
+              f"{accuracy:.4f}): {outcome.path}"]
     return [f"wrote {outcome.path}: test accuracy {accuracy:.4f}"]
+  wrote = (f"{workdir} already holds a finished sweep of this config, nothing was retrained; "
+           f"wrote its report {outcome.path}" if outcome.already_finished
+           else f"wrote {outcome.path}")
 
   def line(cell, accuracy, done, seeds):
     if accuracy is None:
@@ -90,9 +99,9 @@ def outcome_lines(outcome) -> list[str]:
   if len(cells) > MAX_CELL_LINES:
     trained = {c: a for c, a in cells.items() if a[0] is not None}
     best = max(trained, key=lambda c: trained[c][0]) if trained else None
-    return [f"wrote {outcome.path}; best of {len(cells)} cells by test accuracy: "
+    return [f"{wrote}; best of {len(cells)} cells by test accuracy: "
             + (line(best, *trained[best]) if best is not None else "none, every run diverged")]
-  return [f"wrote {outcome.path}; test accuracy per cell:"] + [
+  return [f"{wrote}; test accuracy per cell:"] + [
       f"  {line(c, *a)}" for c, a in cells.items()]
 
 

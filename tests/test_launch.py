@@ -55,16 +55,24 @@ def test_override_reaches_config_json_and_bad_value_fails_cleanly(data_dir, tmp_
   _assert_clean_failure(proc, "different config", "model.dropout_rate")
 
 
-def test_a_run_ends_with_its_test_accuracy(data_dir, tmp_path):
-  """A run ended with only `wrote W/results.json`: how well it did was inside the file."""
+def test_a_run_ends_with_its_test_accuracy_and_a_rerun_says_it_had_finished(data_dir, tmp_path):
+  """A run ended with only `wrote W/results.json` (how well it did was inside the file), and
+  rerunning the finished run printed that same line."""
   workdir = str(tmp_path / "run")
-  proc = run_launch("--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
-                    f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=digits",
-                    "--config.num_epochs=1")
+  args = ("--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
+          f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=digits",
+          "--config.num_epochs=1")
+  proc = run_launch(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  accuracy = json.load(open(os.path.join(workdir, "results.json")))["test_accuracy"]
-  assert proc.stdout.splitlines()[-1] == (
-      f"wrote {workdir}/results.json: test accuracy {accuracy:.4f}")
+  results = os.path.join(workdir, "results.json")
+  accuracy = json.load(open(results))["test_accuracy"]
+  assert proc.stdout.splitlines()[-1] == f"wrote {results}: test accuracy {accuracy:.4f}"
+  mtime = os.path.getmtime(results)
+  proc = run_launch(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines() == [f"{workdir} already holds a finished run of this config "
+                                      f"(test accuracy {accuracy:.4f}): {results}"]
+  assert os.path.getmtime(results) == mtime
 
 
 def test_a_large_sweep_ends_with_its_best_cell():

@@ -175,6 +175,15 @@ def test_kill_mid_sweep_then_rerun_keeps_finished_cells_and_same_report(data_dir
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert {p: os.path.getmtime(p) for p in kept} == kept  # No finished run was retrained.
   assert _report_text(killed) == _report_text(reference)
+  assert rerun.stdout.splitlines()[-3] == f"wrote {killed}/report.md; test accuracy per cell:"
+  # Once every run is finished, a rerun says so (it printed what a fresh sweep prints).
+  again = subprocess.run(_small_sweep_args(data_dir, reference), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.splitlines()[-3:] == [
+      f"{reference} already holds a finished sweep of this config, nothing was retrained; "
+      f"wrote its report {reference}/report.md; test accuracy per cell:",
+      *done.stdout.splitlines()[-2:]]
 
 
 def test_two_workers_train_every_run_once(data_dir, tmp_path):

@@ -46,10 +46,12 @@ from cnnlab.training.validation import validate_setup
 class Outcome:
   """What `run` wrote: `path` is results.json (a single run) or report.md (a sweep);
   `test_accuracy` maps each cell's name to (its test accuracy, the mean over its finished seeds,
-  or None if every seed diverged; finished seeds; seeds)."""
+  or None if every seed diverged; finished seeds; seeds); `already_finished`: every run had
+  finished before, so nothing was trained."""
   path: str
   single: bool
   test_accuracy: dict[str, tuple[float | None, int, int]]
+  already_finished: bool = False
 
 
 def cell_accuracy(run_dirs: list[str]) -> tuple[float | None, int, int]:
@@ -183,10 +185,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     if not single:
       raise ConfigError("a multi-process launch (--num_processes > 1) trains one config; run "
                         "sweeps with config.sweep.workers or on SLURM (config.sweep.launcher).")
-    results = loop.train_and_evaluate(config, workdir, overrides=overrides, command=command,
-                                       progress=progress and jax.process_index() == 0)
+    results = rundir.RunDir(workdir).finished_result(config)
+    already = results is not None
+    if not already:
+      results = loop.train_and_evaluate(config, workdir, overrides=overrides, command=command,
+                                        progress=progress and jax.process_index() == 0)
   elif single:
     transfer.check(config, rundir.RunDir(workdir))  # A bad source: fail before the lock file.
+    already = finished(workdir, config)
     work(config, workdir, overrides=overrides, command=command, progress=progress)
     results = rundir.RunDir(workdir).read_results()
   if single:
@@ -195,7 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
                                   f"lower the learning rate or add BatchNorm, and use a fresh "
                                   f"--workdir.")
     return Outcome(os.path.join(workdir, "results.json"), True,
-                   {cells[0].name: (results["test_accuracy"], 1, 1)})
+                   {cells[0].name: (results["test_accuracy"], 1, 1)}, already)
 
   names = [c.name for c in cells]
   axis, _, value = settings.baseline.partition("=")
@@ -216,8 +222,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   workers = worker_count(settings, len(cells), total)
   finished_per_cell = lambda: [sum(finished(seed_workdir(workdir, c, s, False)) for s in seeds)
                                for c in cells]
-  bar = rundir.progress_bar(total, sum(finished_per_cell()), enabled=progress,
-                            desc="sweep runs", unit="run")
+  done_before = sum(finished_per_cell())  # All of them: nothing is trained, the report redone.
+  bar = rundir.progress_bar(total, done_before, enabled=progress, desc="sweep runs", unit="run")
   imported = []
 
   def advance():
@@ -243,7 +249,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   bar.close()
   path = collect.write_sweep_report(config, cells, seeds, workdir, command=command)
   return Outcome(path, False, {c.name: cell_accuracy([seed_workdir(workdir, c, s, False)
-                                                      for s in seeds]) for c in cells})
+                                                      for s in seeds]) for c in cells},
+                 done_before == total)
 
 
 def worker_count(settings: ml_collections.ConfigDict, num_cells: int, num_runs: int) -> int:

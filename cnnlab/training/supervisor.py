@@ -48,7 +48,8 @@ _NOISE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (?![^\]]*\.py:)[^\
                     r"|terminate called after)")
 _FATAL = re.compile(r"^F\d{4} [^\]]*\] (.*)")
 # What cnnlab itself prints: never swallowed as a continuation of a C++ message.
-_OURS = re.compile(r"^(error: |wrote |resuming |the checkpoint |Traceback |WARNING|\S+\.py:\d+: )")
+_OURS = re.compile(r"^(error: |wrote |resuming |the checkpoint |\S+ already holds |Traceback "
+                   r"|WARNING|\S+\.py:\d+: )")
 
 # Started by a fresh interpreter that asks Linux to kill the child when the parent dies, then
 # execs it (no Python runs between fork and exec in the parent). argv: parent pid, command.
