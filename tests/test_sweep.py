@@ -328,3 +328,5 @@ def test_a_free_process_helps_with_the_seeds_of_a_cell_another_holds(quick, tmp_
   holder.release()  # (As if the holder died before its diagnostics: the helper takes the cell.)
   helper.join(timeout=300)
   assert not helper.is_alive() and os.path.exists(diagnostics)
+  # A single run draws its learning curve; a sweep's seeds leave it to the report's curves.png.
+  assert not any(os.path.exists(os.path.join(d, "learning_curve.png")) for d in dirs)

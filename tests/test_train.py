@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from conftest import ROOT, load_config, wait_for_checkpoint
 
 from cnnlab import data
+from cnnlab.base.errors import WorkdirError
 from cnnlab.nets import models
 from cnnlab.training import loop, optim, steps
 from cnnlab.training.rundir import RunDir
@@ -90,6 +92,37 @@ def test_progress_bar_names_its_numbers(tiny_config, tmp_path, capsys):
   loop.train_and_evaluate(tiny_config, str(tmp_path / "run"), progress=True)
   bar = capsys.readouterr().err.split("\r")[-1]
   assert "train_loss=" in bar and "test_acc=" in bar and "tes_acc" not in bar, bar
+
+
+def test_a_run_draws_its_learning_curve_before_it_counts_as_finished(tiny_config, tmp_path,
+                                                                     monkeypatch):
+  """A single run had no picture of its learning curve (only a sweep's curves.png)."""
+  from cnnlab.inspection import plots
+  drawn = []
+  real_save = plots.save
+  monkeypatch.setattr(plots, "save", lambda fig, path: drawn.append(fig) or real_save(fig, path))
+  workdir = str(tmp_path / "run")
+  run = RunDir(workdir)
+  os.makedirs(os.path.join(run.learning_curve_path, "in_the_way"))  # The write is refused.
+  with pytest.raises(WorkdirError, match="cannot write .*learning_curve.png"):
+    loop.train_and_evaluate(tiny_config, workdir, progress=False,
+                            learning_curve=plots.learning_curve)
+  assert not run.finished()  # A rerun evaluates the final checkpoint again and draws it.
+  shutil.rmtree(run.learning_curve_path)
+  drawn.clear()
+  results = loop.train_and_evaluate(tiny_config, workdir, progress=False,
+                                    learning_curve=plots.learning_curve)
+  assert plots.plt.imread(run.learning_curve_path).shape[2] == 4  # An RGBA PNG.
+  (fig,) = drawn
+  metrics = run.read_metrics()
+  for ax, key, scale in zip(fig.axes, ("loss", "accuracy"), (1, 100)):
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    assert set(lines) == {"train", "test"}
+    for split, line in lines.items():
+      assert list(line.get_xdata()) == [m["step"] for m in metrics if m["split"] == split]
+      np.testing.assert_allclose(line.get_ydata(), [scale * m[key] for m in metrics
+                                                    if m["split"] == split])
+  assert f"test accuracy {results['test_accuracy']:.4f}" in fig.get_suptitle()
 
 
 def _state_and_batch(config):

@@ -1,4 +1,5 @@
-"""The sweep report's figures (matplotlib, Agg backend: no display needed)."""
+"""The sweep report's figures and a run's learning curve (matplotlib, Agg backend: no display
+needed)."""
 
 from __future__ import annotations
 
@@ -86,13 +87,39 @@ def _band(runs: list[list[dict]], split: str, key: str):
   return steps, values.mean(0), values.min(0), values.max(0)
 
 
+def _held_out(lines: list[dict]) -> str:
+  """The split of the learning curves in metrics `lines`: validation if any, else test."""
+  return "validation" if any(m["split"] == "validation" for m in lines) else "test"
+
+
+def learning_curve(path: str, metrics: list[dict], title: str) -> str:
+  """One run's loss and accuracy vs step (and epoch, on top) from its metrics.jsonl `metrics`:
+  train (mean over each log interval) and held-out (validation, or test for a run without a
+  validation split; end of each epoch). Written atomically like every figure; returns `path`."""
+  held_out = _held_out(metrics)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+  per_epoch = [m["step"] / m["epoch"] for m in metrics if m.get("epoch")]
+  for ax, key, scale, unit in zip(axes, ("loss", "accuracy"), (1.0, 100.0), ("nats", "%")):
+    for split, marker in (("train", None), (held_out, "o")):
+      steps, values, _, _ = _band([metrics], split, key)
+      if steps:
+        ax.plot(steps, scale * values, marker=marker, lw=1.5, label=split)
+    ax.set(xlabel="training step", ylabel=f"{key} ({unit})")
+    if per_epoch:
+      ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch[0],
+                                           lambda e: e * per_epoch[0])).set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  return save(fig, path)
+
+
 def curves(path: str, curves_by_cell: dict[str, list[list[dict]]]) -> None:
   """Train loss and held-out accuracy (validation, or test for runs without a validation split)
   vs step, mean line per cell with a min-max band over seeds."""
   fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
   colors = plt.get_cmap("tab10")
-  every_line = [m for runs in curves_by_cell.values() for run in runs for m in run]
-  held_out = "validation" if any(m["split"] == "validation" for m in every_line) else "test"
+  held_out = _held_out([m for runs in curves_by_cell.values() for run in runs for m in run])
   for i, (cell, runs) in enumerate(curves_by_cell.items()):
     color = colors(i % 10)
     for ax, split, key, scale in ((left, "train", "loss", 1.0), (right, held_out, "accuracy", 100)):

@@ -30,7 +30,7 @@ import ml_collections
 from cnnlab.base import environment, errors, plugins
 from cnnlab.base.errors import ConfigError, TrainingDivergedError
 from cnnlab.base.locks import CellLock
-from cnnlab.inspection import diagnostics
+from cnnlab.inspection import diagnostics, plots
 from cnnlab.study import collect, launchers, pretrain
 from cnnlab.study import workers as workers_lib
 from cnnlab.study.grid import expand, finished, seed_workdir
@@ -150,8 +150,9 @@ def _train_free_seeds(todo, degenerate: bool, on_seed_done, train_kwargs,
       continue
     try:
       if not finished(run_dir, config):  # Look again under the lock.
-        results = loop.train_and_evaluate(
+        results = loop.train_and_evaluate(  # A sweep's report draws the curves (curves.png).
             config, run_dir, **train_kwargs,
+            learning_curve=plots.learning_curve if degenerate else None,
             pretrain_run=None if degenerate else pretrain_run(config, sweep_workdir))
         if results.get("status") == "diverged" and not degenerate:  # A single run raises.
           print(f"{results['diverged_reason']}; recorded in {run_dir}; the sweep goes on.")
@@ -189,7 +190,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     already = results is not None
     if not already:
       results = loop.train_and_evaluate(config, workdir, overrides=overrides, command=command,
-                                        progress=progress and jax.process_index() == 0)
+                                        progress=progress and jax.process_index() == 0,
+                                        learning_curve=plots.learning_curve)
   elif single:
     transfer.check(config, rundir.RunDir(workdir))  # A bad source: fail before the lock file.
     already = finished(workdir, config)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,12 +44,17 @@ class Run:
   """One seed's run: its config, workdir (claimed on creation), data order and checkpoints.
 
   Only process 0 writes files other than checkpoints (metrics, config, results); every process
-  takes part in checkpoint saves and restores (orbax coordinates them).
+  takes part in checkpoint saves and restores (orbax coordinates them). `learning_curve`, if
+  given, draws learning_curve.png at the end: `learning_curve(path, metrics lines, title)`
+  (`cnnlab.inspection.plots.learning_curve`; a sweep's seeds leave it to the report's
+  curves.png).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, overrides=(),
-               command: str = "", pretrain_run: str | None = None):
+               command: str = "", pretrain_run: str | None = None,
+               learning_curve: Callable[[str, list, str], None] | None = None):
     self.config = config
+    self.learning_curve = learning_curve
     self.dir = rundir.RunDir(workdir)
     self.primary = jax.process_index() == 0
     self.pretrain_run = pretrain_run  # What init.source="sweep:pretrain" names (transfer).
@@ -89,10 +95,20 @@ class Run:
         "config_fingerprint": self.dir.fingerprint, **progress})
 
   def finish(self, results: dict[str, Any]) -> dict[str, Any]:
-    if self.primary:
+    if self.primary:  # The picture first: results.json, written last, says the run finished.
+      if self.learning_curve is not None:
+        self.write_learning_curve(results)
       self.dir.write_results(results)
     self.results = results
     return results
+
+  def write_learning_curve(self, results: dict[str, Any]) -> None:
+    """learning_curve.png from metrics.jsonl; a failed write is one WorkdirError (a rerun
+    evaluates the final checkpoint again and writes it)."""
+    done = (f"test accuracy {results['test_accuracy']:.4f}" if results.get("test_accuracy")
+            is not None else f"diverged at step {results.get('diverged_step')}")
+    self.learning_curve(self.dir.learning_curve_path, self.dir.read_metrics(),
+                        f"{self.config.name}, seed {self.config.seed}: {done}")
 
   def close(self) -> None:
     if hasattr(self, "checkpointer"):
@@ -389,13 +405,16 @@ def _log_filters(run: Run, step: int, state: steps.TrainState) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        overrides: tuple[str, ...] = (), command: str = "",
-                       progress: bool = True, pretrain_run: str | None = None) -> dict[str, Any]:
+                       progress: bool = True, pretrain_run: str | None = None,
+                       learning_curve: Callable[[str, list, str], None] | None = None
+                       ) -> dict[str, Any]:
   """Trains `config` in `workdir` data-parallel over all devices, resuming from its latest
   checkpoint; returns results.json's dict. A workdir that already holds results.json for the
   same config is not retrained. `pretrain_run`: the workdir `init.source="sweep:pretrain"`
-  names (a sweep passes it)."""
+  names (a sweep passes it); `learning_curve`: see `Run`."""
   validate_config(config)
-  run = Run(config, workdir, overrides=overrides, command=command, pretrain_run=pretrain_run)
+  run = Run(config, workdir, overrides=overrides, command=command, pretrain_run=pretrain_run,
+            learning_curve=learning_curve)
   if run.results is not None:
     print(f"{workdir} already holds a finished run of this config: {run.dir.results_path}")
     return run.results

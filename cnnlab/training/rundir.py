@@ -6,6 +6,7 @@
     <workdir>/metrics.jsonl    one JSON object per line: step, epoch, split, loss, accuracy
                                (+ learning_rate, wall_time_s on train lines)
     <workdir>/checkpoints/     orbax checkpoints (cnnlab.training.checkpoint)
+    <workdir>/learning_curve.png  loss and accuracy vs step, train and held-out, drawn at the end
     <workdir>/results.sha256   SHA-256 of results.json's bytes (`sha256sum -c` reads it)
     <workdir>/results.json     written last, atomically: its presence means the run finished
 
@@ -155,6 +156,7 @@ class RunDir:
     self.results_path = os.path.join(workdir, "results.json")
     self.results_digest_path = os.path.join(workdir, "results.sha256")
     self.checkpoint_dir = os.path.join(workdir, "checkpoints")
+    self.learning_curve_path = os.path.join(workdir, "learning_curve.png")
     self.fingerprint: str | None = None
 
   def claim(self, config: ml_collections.ConfigDict, overrides=(), command: str = "") -> None:

@@ -73,6 +73,7 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str], *
     validate_config(config)
   pretrain_runs = pretrain_runs or [None] * len(configs)
   runs = [loop.Run(c, w, overrides=overrides, command=command, pretrain_run=p)
+          # No learning_curve.png: a sweep's report draws their curves.
           for c, w, p in zip(configs, workdirs, pretrain_runs)]
   for run in runs:
     if run.results is not None:
