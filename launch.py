@@ -16,6 +16,7 @@ Ctrl-C one line and status 130 (a second signal exits at once).
 """
 
 import os
+import shlex
 import sys
 import traceback
 from typing import NoReturn
@@ -131,7 +132,7 @@ def main(argv):
     hosts.check_same_config(_CONFIG.value)
     outcome = sweep.run(
         _CONFIG.value, workdir, overrides=[f"{k}={v!r}" for k, v in sorted(overrides.items())],
-        command=" ".join(sys.argv), progress=_PROGRESS.value)
+        command=shlex.join(["python", *sys.argv]), progress=_PROGRESS.value)
     hosts.finish()
   except Exception as e:  # One line for what the user can act on; anything else may be a bug.
     known = errors.user_error(e)

@@ -3,6 +3,7 @@ report."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -147,6 +148,14 @@ def test_kill_mid_sweep_then_rerun_keeps_finished_cells_and_same_report(data_dir
   done = subprocess.run(_small_sweep_args(data_dir, reference), cwd=ROOT, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
+  # The report's Reproduce line is a command to paste (it lacked `python`), and its config shows
+  # what each swept key took, not the base value no cell ran with.
+  text = open(os.path.join(reference, "report.md")).read()
+  command = text.split("## Reproduce\n\n```\n")[1].splitlines()[0]
+  assert shlex.split(command) == ["python", *_small_sweep_args(data_dir, reference)[1:]]
+  config = json.loads(text.split("```json\n")[1].split("\n```")[0])
+  assert (config["model"]["bn_placement"], config["model"]["dropout"], config["seed"]) == (
+      "swept (none, before_act)", "swept (spatial)", "swept (seeds 0, 1)")
   rows = report.read_results_csv(os.path.join(reference, "results.csv"))
   mean = lambda cell: np.mean([r["test_accuracy"] for r in rows if r["cell"] == cell])
   assert done.stdout.splitlines()[-3:] == [  # It ended with only `wrote W/report.md`.

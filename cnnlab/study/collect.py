@@ -63,13 +63,29 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
     diagnostics[cell.name] = rundir.read_json(path) if os.path.exists(path) else []
   filter_grids = _filter_grids(cells, seeds, workdir)
   baseline = settings.baseline or cells[0].name
-  meta = {"command": command, "config": rundir.config_to_dict(config),
+  meta = {"command": command, "config": config_for_report(config, settings),
           "packages": environment.package_versions(), "git_commit": environment.git_commit(),
           "environment": {k: rows[0][k] for k in report.PROVENANCE},
           "filter_grids": filter_grids}
   return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
                              target_accuracy=settings.target_accuracy, meta=meta,
                              min_effect=settings.min_effect, plot_axis=settings.plot_axis)
+
+
+def config_for_report(config, settings) -> dict:
+  """The config as the report shows it: a key that a sweep axis sets reads `swept (its values)`,
+  and `seed` (with `settings.seed_keys`) `swept (seeds ...)`, not a base value no run had."""
+  shown = rundir.config_to_dict(config)
+  seeds = f"swept (seeds {', '.join(map(str, settings.seeds))})"
+  swept = {axis.key: f"swept ({', '.join(map(str, axis['values']))})"
+           for axis in settings.axes.values()} | {k: seeds for k in ("seed", *settings.seed_keys)}
+  for key, text in swept.items():
+    *parents, leaf = key.split(".")
+    node = shown
+    for part in parents:
+      node = node[part]
+    node[leaf] = text
+  return shown
 
 
 def _filter_grids(cells: list[Cell], seeds, workdir: str) -> dict[str, tuple[int, str]]:
