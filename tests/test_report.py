@@ -222,6 +222,33 @@ def test_report_recomputed_from_results_csv_is_the_report(tmp_path, monkeypatch)
       ("base", 2, 1), ("cell", 2, 1), ("dead", 0, 3)]
 
 
+def test_accuracy_figure_clips_intervals_and_shows_its_title(monkeypatch):
+  """accuracy.png's title ran off the figure beside long cell names, and a t-interval of a cell
+  with a large spread ran past 100%."""
+  long = "bn=before_act,dropout=spatial,dropout_rate=0.3,learning_rate=0.1,weight_decay=0.0005"
+  rows = _rows("base", [0.90, 0.92, 0.91]) + _rows(long, [0.99, 0.999, 0.5])
+  summary = report.cell_summary(rows)
+  assert summary[1]["test_accuracy"][3] > 1  # The interval the figure must clip.
+  drawn = []
+  monkeypatch.setattr(report.plots, "save", lambda fig, path: drawn.append(fig))
+  report.plots.accuracy("accuracy.png", summary, rows, "base")
+  (fig,) = drawn
+  fig.canvas.draw()
+  (ax,) = fig.axes
+  xs = [x for c in ax.collections if hasattr(c, "get_segments")  # The interval bars.
+        for segment in c.get_segments() for x, _ in segment]
+  assert xs and min(xs) >= 0 and max(xs) <= 100, xs
+  assert [l.get_marker() for l in ax.get_lines() if l.get_marker() == ">"] == [">"]
+  title = fig._suptitle
+  assert "clipped" in title.get_text()
+  box, page = title.get_window_extent(), fig.bbox
+  assert (box.x0 >= page.x0 and box.x1 <= page.x1 and box.y0 >= page.y0
+          and box.y1 <= page.y1), (box, page)
+  text = report.render_markdown(rows, {}, baseline="base", target_accuracy=0.9, meta=META)
+  assert (f"The 95% t-intervals of `{long}` run past 0-100%: the figures draw them clipped "
+          "there") in text
+
+
 def test_bad_status_or_missing_numbers_are_refused():
   (row,) = _rows("c", [0.9])
   with pytest.raises(CnnlabError, match="status='crashed'; allowed: finished, diverged"):

@@ -25,9 +25,16 @@ def save(fig: plt.Figure, path: str) -> str:
   return path
 
 
+def clipped(stat: tuple[float, float, float, float]) -> bool:
+  """Whether the 95% t-interval of an accuracy `stats.mean_ci` runs past [0, 1]: the figures
+  draw it clipped there (an accuracy cannot leave it)."""
+  return stat[2] < 0 or stat[3] > 1
+
+
 def accuracy(path: str, summary: list[dict], rows: list[dict], baseline: str) -> None:
-  """Test accuracy per cell: mean with 95% CI bars, one dot per seed of `rows` (the finished
-  runs); baseline highlighted; a cell without finished runs (all diverged) is labelled so."""
+  """Test accuracy per cell: mean with 95% CI bars (clipped to [0, 100]%, the clipped ends
+  marked), one dot per seed of `rows` (the finished runs); baseline highlighted; a cell without
+  finished runs (all diverged) is labelled so."""
   fig, ax = plt.subplots(figsize=(8, 0.45 * len(summary) + 1.5), constrained_layout=True)
   for i, s in enumerate(summary):
     if not s["n"]:
@@ -36,8 +43,12 @@ def accuracy(path: str, summary: list[dict], rows: list[dict], baseline: str) ->
       continue
     mean, _, lo, hi = (100 * v for v in s["test_accuracy"])
     color = "tab:red" if s["cell"] == baseline else "tab:blue"
-    err = None if np.isnan(lo) else [[mean - lo], [hi - mean]]
+    err = None if np.isnan(lo) else [[max(mean - max(lo, 0), 0)], [max(min(hi, 100) - mean, 0)]]
     ax.errorbar(mean, i, xerr=err, fmt="o", color=color, capsize=4, markersize=7)
+    if lo < 0:  # An arrowhead where the interval is cut.
+      ax.plot(0, i, marker="<", color=color, markersize=8)
+    if hi > 100:
+      ax.plot(100, i, marker=">", color=color, markersize=8)
     seeds = [100 * r["test_accuracy"] for r in rows if r["cell"] == s["cell"]]
     ax.scatter(seeds, [i + 0.18] * len(seeds), s=12, color="gray", alpha=0.7)
   ax.set_yticks(range(len(summary)), [
@@ -46,7 +57,11 @@ def accuracy(path: str, summary: list[dict], rows: list[dict], baseline: str) ->
       for s in summary])
   ax.invert_yaxis()
   ax.set_xlabel("test accuracy (%)")
-  ax.set_title("Test accuracy: mean with 95% t-interval; gray dots: finished seeds")
+  note = "; arrowheads: interval clipped at 0 or 100%" if any(
+      s["n"] and clipped(s["test_accuracy"]) for s in summary) else ""
+  # A figure title that wraps: one over the axes ran off the figure beside long cell names.
+  fig.suptitle(f"Test accuracy: mean with 95% t-interval{note}; gray dots: finished seeds",
+               wrap=True)
   ax.grid(axis="x", alpha=0.3)
   save(fig, path)
 
@@ -66,12 +81,16 @@ def accuracy_by_axis(path: str, summary: list[dict], rows: list[dict], axis: str
     xs = [j + (i - (len(lines) - 1) / 2) * 0.04 for j, v in enumerate(values) if v in by_value]
     stats = [by_value[v] for v in values if v in by_value]
     mean = np.array([100 * m for m, _, _, _ in stats])
-    lo = np.array([100 * l if np.isfinite(l) else 100 * m for m, _, l, _ in stats])
-    hi = np.array([100 * h if np.isfinite(h) else 100 * m for m, _, _, h in stats])
-    ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=name)
+    lo = np.array([100 * max(l, 0) if np.isfinite(l) else 100 * m for m, _, l, _ in stats])
+    hi = np.array([100 * min(h, 1) if np.isfinite(h) else 100 * m for m, _, _, h in stats])
+    ax.errorbar(xs, mean, yerr=[np.maximum(mean - lo, 0), np.maximum(hi - mean, 0)], marker="o",
+                capsize=3, label=name)
+  note = " (clipped to 0-100%)" if any(
+      clipped(stat) for by_value in lines.values() for stat in by_value.values()) else ""
   ax.set_xticks(range(len(values)), ["all" if v == "None" else v for v in values])
-  ax.set(xlabel=axis, ylabel="test accuracy (%)",
-         title=f"Test accuracy by {axis}: mean over seeds, bars = 95% t-interval")
+  ax.set(xlabel=axis, ylabel="test accuracy (%)")
+  fig.suptitle(f"Test accuracy by {axis}: mean over seeds, bars = 95% t-interval{note}",
+               wrap=True)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   save(fig, path)

@@ -379,6 +379,10 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
       lines.append(f"| `{cell}` | {d['layer']} | {_f(d['var_train'])} | {_f(d['var_eval'])} | "
                    f"{_f(d['ratio'], 3)} | {_f(d['running_var'])} |")
   lines += ["", "## Figures", "", "![test accuracy](accuracy.png)", ""]
+  cut = [f"`{s['cell']}`" for s in summary if s["n"] and plots.clipped(s["test_accuracy"])]
+  if cut:  # An accuracy stays in [0, 100]%; its t-interval need not.
+    lines += [f"The 95% t-intervals of {', '.join(cut)} run past 0-100%: the figures draw them "
+              "clipped there (arrowheads); the table gives them whole.", ""]
   if plot_axis:
     lines += [f"![test accuracy by {plot_axis}](accuracy_by_{plot_axis}.png)", ""]
   lines += ["![learning curves](curves.png)", "", "![variance shift](variance_shift.png)", ""]
