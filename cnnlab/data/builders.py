@@ -20,6 +20,9 @@ stock builders, which need TensorFlow to prepare.
 The raw files come through TFDS's download manager, or from `manual_dir` on offline machines.
 Each registers through `cnnlab.data.registry.register_dataset`, as a researcher's dataset does,
 with its class names (CLASS_NAMES; CIFAR-100: the fine labels, as in its fine_label_names.txt).
+
+Preparing a package-shipped dataset (mnist5k, digits) prints nothing: TFDS's size line ("Unknown
+size"), progress bars and done line are for downloads; its warnings and errors still show.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from cnnlab.base.errors import DatasetError
 from cnnlab.data.registry import register_dataset
@@ -85,6 +89,29 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder):
             "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=np.uint8),
             "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES)}),
         supervised_keys=("image", "label"))
+
+  def is_prepared(self) -> bool:
+    # TFDS warns "Variant folder ... has no dataset_info.json" of a directory not made yet.
+    return os.path.isdir(self.data_dir) and super().is_prepared()
+
+  def download_and_prepare(self, *args, **kwargs):
+    """TFDS's, without its progress bars for package-shipped data (no FILES to download)."""
+    if self.FILES:
+      return super().download_and_prepare(*args, **kwargs)
+    shown = getattr(tqdm_utils, "_active", True)  # TFDS offers a setter only.
+    tfds.display_progress_bar(False)
+    try:
+      return super().download_and_prepare(*args, **kwargs)
+    finally:
+      tfds.display_progress_bar(shown)
+
+  def _log_download_bytes(self) -> None:
+    if self.FILES:  # "Downloading and preparing dataset Unknown size ..." of package data.
+      super()._log_download_bytes()
+
+  def _log_download_done(self) -> None:
+    if self.FILES:
+      super()._log_download_done()
 
   def _raw_paths(self, dl_manager) -> dict[str, str]:
     """Local paths of FILES: from the manual dir when they are there, else downloaded.
