@@ -119,6 +119,28 @@ def test_bn_epsilon_option_and_googlenet_default():
   assert epsilons == {1e-3}
 
 
+def test_the_dropout_a_converted_net_trains_with_is_the_one_documented():
+  """The docstring said googlenet's dropout 'is left out'; the converted net trains with 0.4."""
+  doc = " ".join(convert.torchvision_model_config.__doc__.split())
+  assert "googlenet keeps cnnlab's fixed dropout 0.4 before its last Dense layer" in doc
+  assert "VGG's and AlexNet's classifier dropout (torchvision: 0.5) is what `model.dropout`" in doc
+  active = {}
+
+  def record(call, args, kwargs, context):
+    module = context.module
+    if isinstance(module, layers.Dropout) and module.kind != "none" and module.rate > 0:
+      active[module.name] = (module.kind, module.rate)
+    return call(*args, **kwargs)
+  for arch in ("googlenet", "vgg11", "alexnet"):
+    model = models.get_model(ml_collections.ConfigDict(convert.torchvision_model_config(arch)), 10)
+    active.clear()
+    with nn.intercept_methods(record):  # Shapes only: nothing is computed.
+      jax.eval_shape(lambda x: model.init_with_output(
+          {"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=True,
+          mutable=True), jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
+    assert active == ({"dropout": ("standard", 0.4)} if arch == "googlenet" else {}), arch
+
+
 def test_another_architectures_state_dict_is_named():
   resnet34 = _load("resnet34_64")["manifest"]
   with pytest.raises(CheckpointError, match=r"not torchvision's resnet18: unexpected entries: "

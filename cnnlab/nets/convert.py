@@ -62,8 +62,13 @@ def torchvision_model_config(arch: str, aux_classifiers: bool = False) -> dict:
   """`config.model` overrides under which cnnlab's model is torchvision's `arch` (eval mode).
 
   `aux_classifiers` (googlenet only) keeps GoogLeNet's auxiliary heads (torchvision's
-  `aux_logits=True`; its pretrained file holds untrained ones). torchvision's classifier dropout
-  (0.5; googlenet 0.2) is left out: cnnlab's dropout options apply to every block.
+  `aux_logits=True`; its pretrained file holds untrained ones).
+
+  Dropout acts in training only (eval-mode logits do not depend on it), and these overrides set
+  none: VGG's and AlexNet's classifier dropout (torchvision: 0.5) is what `model.dropout` and
+  `model.dropout_rate` give every block (none by default); googlenet keeps cnnlab's fixed dropout
+  0.4 before its last Dense layer (the paper's; torchvision: 0.2), and 0.7 in the auxiliary
+  heads, whatever the config says, so a converted googlenet fine-tunes with dropout 0.4.
   """
   _check_arch(arch)
   if arch in RESNET_ARCHS:
