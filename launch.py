@@ -26,7 +26,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cnnlab.base import interrupts  # Standard library only: keeps `--help` fast.
-from cnnlab.study import settings as sweep_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/default.py[:variant].",
@@ -109,25 +108,22 @@ def main(argv):
   if _CONFIG.value is None:
     _fail("--config is required (all modes but --mode=visualize), e.g. "
           "--config=experiments/default.py.")
-  from cnnlab.base import environment, errors
+  from cnnlab import api, configs
+  from cnnlab.base import errors
   from cnnlab.inspection import summary
   from cnnlab.study import sweep
-  from cnnlab.training import hosts, rundir, validation
+  from cnnlab.training import hosts, rundir
   try:
     if _MODE.value == "summary":
+      configs.complete(_CONFIG.value)  # The models of `config.imports`.
       print(summary.summarize(_CONFIG.value, _input_shape(), _NUM_CLASSES.value).table())
       return
     config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     workdir = rundir.default_workdir(config_arg) if _WORKDIR.value is None else _WORKDIR.value
-    # Checked before numerics are set and anything is written (sweep_settings validates the
-    # sweep section).
-    validation.validate_workdir(workdir)
-    validation.validate_config(_CONFIG.value)
-    sweep_config.sweep_settings(_CONFIG.value)
-    # Once, before JAX starts its backend: numerics and the processes of a multi-host run.
-    environment.apply_numerics(_CONFIG.value)
-    environment.enable_compilation_cache()
+    # Checked before anything is written; numerics set before JAX starts its backend, then the
+    # processes of a multi-host run join.
+    api.prepare(_CONFIG.value, workdir)
     hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     hosts.check_same_config(_CONFIG.value)
     outcome = sweep.run(

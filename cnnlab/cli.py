@@ -8,6 +8,7 @@ value and what it allows instead (an unknown config key lists the fields that ex
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -38,6 +39,9 @@ def flag_error_line(error: Exception, argv: list[str], flag_values: flags.FlagVa
   # absl: "flag --name=value: what is wrong", or a config file's traceback after such a line.
   flag_and_value, _, reason = text.splitlines()[0].removeprefix("flag ").partition(": ")
   reason = last if "\n" in text else reason
+  # A config file that raised one of cnnlab's errors (e.g. a module of config.imports that fails):
+  # its message is the line, not the exception's dotted class name.
+  reason = re.sub(r"^cnnlab(\.\w+)*\.\w+Error: ", "", reason)
   if not reason:  # E.g. "Unknown command line flag 'x'".
     return flag_and_value
   name = flag_and_value.lstrip("-").partition("=")[0]

@@ -18,6 +18,7 @@ from ml_collections import config_dict
 from cnnlab.base import plugins
 from cnnlab.nets import models
 from cnnlab.study.settings import sweep_defaults
+from cnnlab.training import optim
 from cnnlab.training.init_settings import init_defaults
 
 
@@ -30,8 +31,9 @@ def base_config(imports: Sequence[str] = ()) -> config_dict.ConfigDict:
   plugins.import_modules(imports)
   config = config_dict.ConfigDict()
   config.name = "default"
-  # The user's modules every process imports before it builds or reads this config.
-  config.imports = tuple(imports)
+  # The user's modules every process imports before it builds or reads this config (.py paths
+  # made absolute).
+  config.imports = plugins.resolved(imports)
   config.seed = 0
   # Floating-point dtype of activations ("float32" or "bfloat16"); parameters stay float32.
   config.dtype = "float32"
@@ -77,17 +79,9 @@ def base_config(imports: Sequence[str] = ()) -> config_dict.ConfigDict:
   # each registered model's own fields, with their defaults (cnnlab.nets.models.registry).
   config.model = models.field_defaults()
 
-  config.optimizer = config_dict.ConfigDict()
-  config.optimizer.name = "sgd"           # sgd | adam | adamw | rmsprop
-  config.optimizer.learning_rate = 0.05
-  config.optimizer.momentum = 0.9
-  config.optimizer.nesterov = True
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.schedule = "cosine"    # constant | cosine | step
-  config.optimizer.warmup_epochs = 1.0
-  # step schedule only: multiply the rate by `step_factor` at these fractions of training.
-  config.optimizer.step_boundaries = (0.5, 0.75)
-  config.optimizer.step_factor = 0.1
+  # The optimizer (cnnlab.training.optim: sgd | adam | adamw | rmsprop | a registered one), its
+  # learning-rate schedule (constant | cosine | step, after a linear warm-up) and weight decay.
+  config.optimizer = optim.field_defaults()
 
   config.batch_size = 64
   config.eval_batch_size = 500
@@ -162,9 +156,10 @@ def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   `imports` imported, and the fields of models registered since it was built added to
   `config.model` with their defaults. Returns `config`."""
   plugins.import_modules(tuple(config.get("imports", ())))
-  missing = {k: v for k, v in models.field_defaults().items() if k not in config.model}
-  if missing:
+  for section, defaults in (("model", models.field_defaults()),
+                            ("optimizer", optim.field_defaults())):
+    missing = {k: v for k, v in defaults.items() if k not in config[section]}
     with config.unlocked():
       for field, default in missing.items():
-        config.model[field] = default
+        config[section][field] = default
   return config

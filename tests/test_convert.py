@@ -135,7 +135,7 @@ def test_the_dropout_a_converted_net_trains_with_is_the_one_documented():
     model = models.get_model(ml_collections.ConfigDict(convert.torchvision_model_config(arch)), 10)
     active.clear()
     with nn.intercept_methods(record):  # Shapes only: nothing is computed.
-      jax.eval_shape(lambda x: model.init_with_output(
+      jax.eval_shape(lambda x, model=model: model.init_with_output(
           {"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=True,
           mutable=True), jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
     assert active == ({"dropout": ("standard", 0.4)} if arch == "googlenet" else {}), arch

@@ -140,6 +140,31 @@ def apply_numerics(config) -> None:
   jax.config.update("jax_default_matmul_precision", config.matmul_precision)
 
 
+def numerics_not_applied(config) -> str | None:
+  """Once XLA has started, the first XLA flag `config` asks for that it started without (`config`
+  field, flag), as one sentence; None if it started with all of them or has not started yet (then
+  `apply_numerics` sets them). A Python session that already ran JAX cannot honour such a config:
+  its runs would record settings that never applied."""
+  if not xla_bridge.backends_are_initialized():
+    return None
+  current = os.environ.get("XLA_FLAGS", "").split()
+  wanted = []
+  if config.deterministic:
+    wanted += [("deterministic=True", f) for f in DETERMINISTIC_XLA_FLAGS]
+  if (not numerics_setting(config, "xla_cpu_ynn_convolutions")
+      and not _has_flag("--xla_cpu_experimental_ynn_fusion_type")):
+    wanted.append(("xla_cpu_ynn_convolutions=False", YNN_CONVOLUTIONS_OFF_XLA_FLAG))
+  width = numerics_setting(config, "xla_cpu_vector_width")
+  if width != XLA_DEFAULT_CPU_VECTOR_WIDTH and not _has_flag("--xla_cpu_prefer_vector_width"):
+    wanted.append((f"xla_cpu_vector_width={width}", f"--xla_cpu_prefer_vector_width={width}"))
+  missing = [(setting, flag) for setting, flag in wanted if flag not in current]
+  if not missing:
+    return None
+  setting, flag = missing[0]
+  return (f"config.{setting} needs the XLA flag {flag}, but JAX already started in this process "
+          f"without it (XLA_FLAGS={' '.join(current) or '(empty)'!r})")
+
+
 def apply_xla_cpu_ynn_convolutions(enabled: bool) -> None:
   """With `enabled` False, adds `YNN_CONVOLUTIONS_OFF_XLA_FLAG` to XLA_FLAGS: XLA:CPU then runs
   convolutions with its own kernels instead of YNNPACK's. That changes the low bits of CPU

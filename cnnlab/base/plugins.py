@@ -42,6 +42,16 @@ def _import_file(path: str) -> None:
     raise
 
 
+def _is_file(name: str) -> bool:
+  return name.endswith(".py") or os.sep in name
+
+
+def resolved(names: Sequence[str]) -> tuple[str, ...]:
+  """`names` with .py paths made absolute, so that a process started elsewhere (a SLURM job, a
+  worker) imports the same files."""
+  return tuple(os.path.abspath(n) if isinstance(n, str) and _is_file(n) else n for n in names)
+
+
 def import_modules(names: Sequence[str]) -> None:
   """Imports each entry of `names`: a module name (`my_lab.models`) or a path to a .py file.
   A module imported before is not imported again. Raises ConfigError, one line naming the
@@ -51,7 +61,7 @@ def import_modules(names: Sequence[str]) -> None:
                       f"e.g. ('my_models.py',).")
   for name in names:
     try:
-      if name.endswith(".py") or os.sep in name:
+      if _is_file(name):
         _import_file(name)
       else:
         importlib.import_module(name)

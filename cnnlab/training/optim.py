@@ -1,5 +1,12 @@
 """Optimizers and learning-rate schedules from `config.optimizer`, built with optax.
 
+Optimizers are known by name through `register_optimizer`: cnnlab's own (sgd, adam, adamw,
+rmsprop) below, a researcher's from their own module (`config.imports`) the same way:
+
+    @register_optimizer("lion", fields={"b1": 0.9, "b2": 0.99})
+    def lion(opt, schedule):   # opt: config.optimizer; schedule: step -> learning rate
+      return optax.lion(schedule, b1=opt.b1, b2=opt.b2)
+
 Weight decay is applied to kernels only (parameters with ndim > 1), not to biases or BatchNorm's
 scale/bias: decaying those only fights the normalisation. For `sgd`, `adam` and `rmsprop` it is
 the coupled L2 form (the gradient gets `weight_decay * w`, as PyTorch's `weight_decay=`); `adamw`
@@ -9,12 +16,113 @@ their own learning-rate scale, scale 0 freezing a group (fine-tuning, cnnlab.tra
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import jax
 import ml_collections
 import optax
+from ml_collections import config_dict
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+from cnnlab.base.errors import ConfigError
+
 SCHEDULES = ("constant", "cosine", "step")
+Builder = Callable[[ml_collections.ConfigDict, optax.Schedule], optax.GradientTransformation]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerEntry:
+  name: str
+  build: Builder
+  fields: Mapping[str, Any]   # Its own config.optimizer fields, with their defaults.
+  decoupled_decay: bool       # It applies weight_decay itself (adamw); else coupled L2 is added.
+  module: str
+
+
+_REGISTRY: dict[str, OptimizerEntry] = {}
+
+
+def register_optimizer(name: str, build: Builder | None = None, *,
+                       fields: Mapping[str, Any] | None = None,
+                       decoupled_decay: bool = False) -> Callable:
+  """Registers `build(config.optimizer, schedule) -> optax.GradientTransformation` as
+  `config.optimizer.name = name`; usable as a decorator. `fields` ({field: default}) become
+  `config.optimizer` fields. Unless `decoupled_decay`, `weight_decay` is applied as coupled L2 on
+  kernels before the update (as PyTorch's `weight_decay=`). Registering a name again from
+  another module or function is a ConfigError."""
+  def register(fn: Builder) -> Builder:
+    module = getattr(fn, "__module__", "?")
+    old = _REGISTRY.get(name)
+    if old is not None and (old.module, old.build.__qualname__) != (module, fn.__qualname__):
+      raise ConfigError(f"register_optimizer({name!r}): the name is taken by {old.module}; "
+                        f"choose another name.")
+    clash = sorted(set(fields or {}) & set(shared_defaults()))
+    if clash:
+      raise ConfigError(f"register_optimizer({name!r}): config.optimizer.{clash[0]} is shared "
+                        f"by every optimizer; read it from `opt` instead of declaring it.")
+    _REGISTRY[name] = OptimizerEntry(name, fn, dict(fields or {}), decoupled_decay, module)
+    return fn
+  return register if build is None else register(build)
+
+
+def optimizer_names() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def lookup(name) -> OptimizerEntry:
+  """The entry of `name`; ConfigError listing the registered optimizers for an unknown one."""
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  listed = [n if e.module.startswith("cnnlab.") else f"{n} (from {e.module})"
+            for n, e in _REGISTRY.items()]
+  raise ConfigError(f"config.optimizer.name={name!r} is not a registered optimizer; choose one "
+                    f"of: {', '.join(listed)}. One of your own needs "
+                    f"cnnlab.training.optim.register_optimizer in a module the config imports.")
+
+
+def shared_defaults() -> config_dict.ConfigDict:
+  """`config.optimizer`'s fields every optimizer and schedule reads, with their defaults."""
+  opt = config_dict.ConfigDict()
+  opt.name = "sgd"           # See `optimizer_names()`: sgd | adam | adamw | rmsprop | yours.
+  opt.learning_rate = 0.05
+  opt.momentum = 0.9         # sgd, rmsprop.
+  opt.nesterov = True        # sgd.
+  opt.weight_decay = 5e-4
+  opt.schedule = "cosine"    # constant | cosine | step
+  opt.warmup_epochs = 1.0
+  # step schedule only: multiply the rate by `step_factor` at these fractions of training.
+  opt.step_boundaries = (0.5, 0.75)
+  opt.step_factor = 0.1
+  return opt
+
+
+def field_defaults() -> config_dict.ConfigDict:
+  """`config.optimizer` with every field: the shared ones and each registered optimizer's."""
+  opt = shared_defaults()
+  for entry in _REGISTRY.values():
+    for field, default in entry.fields.items():
+      if field not in opt:
+        opt[field] = default
+  return opt
+
+
+register_optimizer("sgd", lambda opt, schedule: optax.sgd(
+    schedule, momentum=float(opt.momentum) or None, nesterov=bool(opt.nesterov)))
+register_optimizer("adam", lambda opt, schedule: optax.adam(schedule))
+register_optimizer("rmsprop", lambda opt, schedule: optax.rmsprop(
+    schedule, momentum=float(opt.momentum)))
+register_optimizer("adamw", lambda opt, schedule: optax.adamw(
+    schedule, weight_decay=float(opt.weight_decay), mask=kernel_mask), decoupled_decay=True)
+OPTIMIZERS = optimizer_names()   # cnnlab's own.
+
+
+def used_fields(opt_config: ml_collections.ConfigDict) -> frozenset[str]:
+  """The fields of `config.optimizer` the named optimizer reads (the shared ones and its own):
+  another optimizer's fields cannot change a run, so they stay out of its fingerprint."""
+  entry = _REGISTRY.get(opt_config.get("name"))
+  own = frozenset(entry.fields) if entry is not None else frozenset(opt_config)
+  return frozenset(shared_defaults()) | own
 
 
 def kernel_mask(params):
@@ -72,15 +180,9 @@ def create_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule,
 
 def _single_optimizer(opt: ml_collections.ConfigDict,
                       schedule: optax.Schedule) -> optax.GradientTransformation:
+  entry = lookup(opt.name)
+  base = entry.build(opt, schedule)
   decay = float(opt.weight_decay)
-  if opt.name == "adamw":
-    return optax.adamw(schedule, weight_decay=decay, mask=kernel_mask)
-  if opt.name == "sgd":
-    base = optax.sgd(schedule, momentum=float(opt.momentum) or None, nesterov=bool(opt.nesterov))
-  elif opt.name == "adam":
-    base = optax.adam(schedule)
-  else:  # "rmsprop"
-    base = optax.rmsprop(schedule, momentum=float(opt.momentum))
-  if decay == 0:
+  if entry.decoupled_decay or decay == 0:
     return base
   return optax.chain(optax.masked(optax.add_decayed_weights(decay), kernel_mask), base)

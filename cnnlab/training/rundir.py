@@ -33,7 +33,7 @@ import tqdm
 
 from cnnlab.base import digests, environment, locks, plugins
 from cnnlab.base.errors import CheckpointError, WorkdirError
-from cnnlab.training import checkpoint
+from cnnlab.training import checkpoint, optim
 
 # Config fields that only change how a run is observed, never its numbers.
 # (`imports` names the modules where a model or dataset comes from; the config names the model
@@ -73,6 +73,9 @@ def fingerprint(config: ml_collections.ConfigDict, exclude: tuple[str, ...] = ()
   if "model" in d:  # Only the model fields its architecture reads.
     used = models.used_fields(config.model)
     d["model"] = {k: v for k, v in d["model"].items() if k in used}
+  if "optimizer" in d:  # Likewise for the optimizer.
+    used = optim.used_fields(config.optimizer)
+    d["optimizer"] = {k: v for k, v in d["optimizer"].items() if k in used}
   return digests.json_sha256(d)[:12]
 
 

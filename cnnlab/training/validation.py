@@ -75,7 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check_number(f"dataset.{key}", config.dataset.get(key, 0), low=0, high=SEED_MAX, integer=True)
   validate_model(config.model)
   opt = config.optimizer
-  choice("optimizer.name", opt.name, optim.OPTIMIZERS)
+  optim.lookup(opt.name)   # Every registered optimizer; an unknown name lists them.
   choice("optimizer.schedule", opt.schedule, optim.SCHEDULES)
   check_number("optimizer.learning_rate", opt.learning_rate, low=0, low_open=True)
   check_number("optimizer.momentum", opt.momentum, low=0, high=1, high_open=True)
