@@ -284,6 +284,16 @@ def test_experiment_files_expand_and_name_their_baseline(path, cells, variant):
     load_config(path, "nope")
 
 
+def test_a_baseline_names_its_axes_in_any_order():
+  """The baseline had to list the axes alphabetically ('bn=none,dropout=none'); written the
+  other way round it named no cell."""
+  config = load_config("experiments/ablation.py")
+  config.sweep.baseline = "dropout=spatial,bn=before_act"
+  settings = sweep_config.sweep_settings(config)
+  assert settings.baseline == "bn=before_act,dropout=spatial"
+  assert settings.baseline in [c.name for c in grid.expand(config)]
+
+
 def test_worker_count_none_is_one_per_cpu_core_at_most_one_per_cell(monkeypatch):
   settings = sweep_config.sweep_settings(load_config("experiments/ablation.py"))
   assert settings.workers is None  # The main job's sweeps use every core.

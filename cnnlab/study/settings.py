@@ -59,11 +59,14 @@ def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
 
 
 def sweep_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.sweep` with defaults filled in; a config without one is a single run."""
+  """`config.sweep` with defaults filled in; a config without one is a single run. A baseline
+  cell named with its axes in any order is named as its cell is (axes sorted)."""
   s = sweep_defaults(config.seed)
   if "sweep" in config:
     s.update(config.sweep)
   validate_sweep(s)
+  if "," in s.baseline:
+    s.baseline = ",".join(sorted(s.baseline.split(","), key=lambda part: part.partition("=")[0]))
   return s
 
 
