@@ -109,11 +109,12 @@ def test_a_name_registered_twice_from_different_modules_is_refused(tmp_path):
   assert data.lookup("stripes_twice").source is again.load is not first.load
   data.dataset_info(_cfg("stripes_twice", str(tmp_path)))   # Reads with the new function.
   assert first.CALLS == again.CALLS == [str(tmp_path)]
-  with pytest.raises(ConfigError, match=r"'stripes_twice' is registered twice: by "
-                                        r"first_module.load and by second_module.load"):
+  with pytest.raises(ConfigError, match=r"register_dataset\('stripes_twice'\): the name is "
+                                        r"taken by first_module.load; registered again by "
+                                        r"second_module.load"):
     _stripes_module(tmp_path, "stripes_twice", "second_module")
-  with pytest.raises(ConfigError, match=r"'digits' is registered twice: by "
-                                        r"cnnlab.data.builders.CnnlabDigits and by"):
+  with pytest.raises(ConfigError, match=r"register_dataset\('digits'\): the name is taken by "
+                                        r"cnnlab.data.builders.CnnlabDigits; registered again"):
     data.register_dataset("digits", first.load)
   with pytest.raises(ConfigError, match=r"name='my data' must be letters"):
     data.register_dataset("my data", first.load)

@@ -196,7 +196,8 @@ def test_registration_checks():
     models.register_model("clash", Net, fields={"pool": "avg"})
   with pytest.raises(ConfigError, match="has no field widht"):
     models.register_model("typo", Net, fields={"widht": 1})
-  with pytest.raises(ConfigError, match="the name is taken by cnnlab.nets.models.vgg.VGG"):
+  with pytest.raises(ConfigError, match=r"register_model\('vgg11'\): the name is taken by "
+                                        r"cnnlab.nets.models.vgg.VGG"):
     models.register_model("vgg11", Net)
   assert "clash" not in models.model_names() and "typo" not in models.model_names()
 

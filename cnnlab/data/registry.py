@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cnnlab.base.errors import ConfigError, DatasetError
+from cnnlab.base.registry import Registry, origin
 
 ARRAY_SPLITS = ("train", "validation", "test")   # What a load function may return.
 _NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -53,7 +54,7 @@ class Registered(NamedTuple):
     return self.module.split(".")[0] == "cnnlab"
 
 
-_REGISTRY: dict[str, Registered] = {}
+DATASETS = Registry("dataset", "dataset.name", "cnnlab.register_dataset")
 # Called when a name is registered again with a new object (a reloaded module), so that no cache
 # serves what the old one returned; `cnnlab.data` adds its `clear_caches`.
 CACHE_CLEARERS: list[Callable[[], None]] = []
@@ -90,36 +91,22 @@ def register_dataset(name: str, load: Callable | type, *, class_names=None,
     if not class_names or not all(isinstance(c, str) and c for c in class_names):
       raise ConfigError(f"register_dataset({name!r}): class_names must be non-empty strings, "
                         f"one per class; got {class_names!r}.")
-  entry = Registered(name, load, class_names, str(description))
-  old = _REGISTRY.get(name)
-  if old is not None and _origin(old.source) != _origin(load):
-    raise ConfigError(f"dataset {name!r} is registered twice: by {_origin(old.source)} and by "
-                      f"{_origin(load)}; rename one of them.")
-  if old is not None and old.source is not load:
+  old = DATASETS.get(name) if name in DATASETS else None
+  DATASETS.add(name, Registered(name, load, class_names, str(description)), load)
+  if old is not None and old.source is not load:  # A reloaded module: forget what it read.
     for clear in CACHE_CLEARERS:
       clear()
-  _REGISTRY[name] = entry
-
-
-def _origin(source) -> str:
-  return f"{source.__module__}.{getattr(source, '__qualname__', repr(source))}"
 
 
 def dataset_names() -> tuple[str, ...]:
   """The names registered so far, built-ins first, in registration order."""
-  return tuple(_REGISTRY)
+  return DATASETS.names()
 
 
-def lookup(name: str, key: str = "dataset.name") -> Registered:
-  """The registered dataset `name`, or a ConfigError naming `config.<key>` that lists every
+def lookup(name: str) -> Registered:
+  """The registered dataset `name`, or a ConfigError naming `config.dataset.name` that lists every
   registered name (with the module that registered it, for those not built in)."""
-  if name in _REGISTRY:
-    return _REGISTRY[name]
-  listed = ", ".join(e.name if e.builtin else f"{e.name} (from {e.module})"
-                     for e in _REGISTRY.values())
-  raise ConfigError(f"config.{key}={name!r} is not allowed; choose one of: {listed}. A dataset "
-                    f"of your own needs cnnlab.data.register_dataset in a module this process "
-                    f"imports.")
+  return DATASETS.get(name)
 
 
 @functools.lru_cache(maxsize=16)
@@ -127,7 +114,7 @@ def read_arrays(name: str, data_dir: str) -> tuple[dict[str, tuple[np.ndarray, n
   """({split: (uint8 images [N, H, W, C], int32 labels [N])}, number of classes) of the load
   function registered as `name`, called once per process and data_dir, checked."""
   entry = lookup(name)
-  where = f"dataset {name!r} ({_origin(entry.source)})"
+  where = f"dataset {name!r} ({origin(entry.source)})"
   try:
     splits = entry.source(data_dir)
   except Exception as e:   # The researcher's code: one line naming it, not a traceback.

@@ -26,6 +26,7 @@ import optax
 from ml_collections import config_dict
 
 from cnnlab.base.errors import ConfigError
+from cnnlab.base.registry import Registry
 
 SCHEDULES = ("constant", "cosine", "step")
 Builder = Callable[[ml_collections.ConfigDict, optax.Schedule], optax.GradientTransformation]
@@ -40,7 +41,8 @@ class OptimizerEntry:
   module: str
 
 
-_REGISTRY: dict[str, OptimizerEntry] = {}
+OPTIMIZERS_REGISTRY = Registry("optimizer", "optimizer.name",
+                               "cnnlab.training.optim.register_optimizer")
 
 
 def register_optimizer(name: str, build: Builder | None = None, *,
@@ -52,33 +54,23 @@ def register_optimizer(name: str, build: Builder | None = None, *,
   kernels before the update (as PyTorch's `weight_decay=`). Registering a name again from
   another module or function is a ConfigError."""
   def register(fn: Builder) -> Builder:
-    module = getattr(fn, "__module__", "?")
-    old = _REGISTRY.get(name)
-    if old is not None and (old.module, old.build.__qualname__) != (module, fn.__qualname__):
-      raise ConfigError(f"register_optimizer({name!r}): the name is taken by {old.module}; "
-                        f"choose another name.")
     clash = sorted(set(fields or {}) & set(shared_defaults()))
     if clash:
       raise ConfigError(f"register_optimizer({name!r}): config.optimizer.{clash[0]} is shared "
                         f"by every optimizer; read it from `opt` instead of declaring it.")
-    _REGISTRY[name] = OptimizerEntry(name, fn, dict(fields or {}), decoupled_decay, module)
+    OPTIMIZERS_REGISTRY.add(name, OptimizerEntry(name, fn, dict(fields or {}), decoupled_decay,
+                                                  getattr(fn, "__module__", "?")), fn)
     return fn
   return register if build is None else register(build)
 
 
 def optimizer_names() -> tuple[str, ...]:
-  return tuple(_REGISTRY)
+  return OPTIMIZERS_REGISTRY.names()
 
 
 def lookup(name) -> OptimizerEntry:
   """The entry of `name`; ConfigError listing the registered optimizers for an unknown one."""
-  if name in _REGISTRY:
-    return _REGISTRY[name]
-  listed = [n if e.module.startswith("cnnlab.") else f"{n} (from {e.module})"
-            for n, e in _REGISTRY.items()]
-  raise ConfigError(f"config.optimizer.name={name!r} is not a registered optimizer; choose one "
-                    f"of: {', '.join(listed)}. One of your own needs "
-                    f"cnnlab.training.optim.register_optimizer in a module the config imports.")
+  return OPTIMIZERS_REGISTRY.get(name)
 
 
 def shared_defaults() -> config_dict.ConfigDict:
@@ -100,7 +92,7 @@ def shared_defaults() -> config_dict.ConfigDict:
 def field_defaults() -> config_dict.ConfigDict:
   """`config.optimizer` with every field: the shared ones and each registered optimizer's."""
   opt = shared_defaults()
-  for entry in _REGISTRY.values():
+  for entry in OPTIMIZERS_REGISTRY:
     for field, default in entry.fields.items():
       if field not in opt:
         opt[field] = default
@@ -120,7 +112,8 @@ OPTIMIZERS = optimizer_names()   # cnnlab's own.
 def used_fields(opt_config: ml_collections.ConfigDict) -> frozenset[str]:
   """The fields of `config.optimizer` the named optimizer reads (the shared ones and its own):
   another optimizer's fields cannot change a run, so they stay out of its fingerprint."""
-  entry = _REGISTRY.get(opt_config.get("name"))
+  name = opt_config.get("name")
+  entry = OPTIMIZERS_REGISTRY.get(name) if name in OPTIMIZERS_REGISTRY else None
   own = frozenset(entry.fields) if entry is not None else frozenset(opt_config)
   return frozenset(shared_defaults()) | own
 

@@ -28,6 +28,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cnnlab.base.errors import ConfigError
+from cnnlab.base.registry import Registry
 from cnnlab.nets import layers
 
 # config.model fields every model reads (the block options) or the train step reads, with their
@@ -60,21 +61,30 @@ SHARED_FIELDS = frozenset(shared_defaults().keys())
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
-  """A registered architecture: its class, the config.model fields it reads (with defaults), the
-  fields fixed by the registration (e.g. a depth), and the module that registered it."""
+  """A registered architecture: its class, the config.model fields it declares (with the
+  defaults config.model gets), the fields fixed by the registration (e.g. a depth), and the
+  module that registered it."""
   name: str
   cls: type[nn.Module]
   fields: Mapping[str, Any]
   fixed: Mapping[str, Any]
   module: str
 
+  @property
+  def reads(self) -> frozenset[str]:
+    """The config.model fields this model reads: every field of its class but those the
+    registration fixes (one set in a config, e.g. LeNet-5's `c3_table`, is honoured even if
+    undeclared; a declared one has a config default)."""
+    return frozenset(f.name for f in dataclasses.fields(self.cls)) - {
+        "name", "parent", "num_classes", "options", *self.fixed}
+
   def build(self, model_config: ml_collections.ConfigDict, num_classes: int,
             options: layers.BlockOptions) -> nn.Module:
-    kwargs = {k: freeze(model_config[k]) for k in self.fields if k in model_config}
+    kwargs = {k: freeze(model_config[k]) for k in self.reads if k in model_config}
     return self.cls(num_classes=num_classes, options=options, **kwargs, **self.fixed)
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
+MODELS = Registry("model", "model.name", "cnnlab.register_model")
 
 
 def freeze(value):
@@ -108,7 +118,7 @@ def _check_entry(name: str, cls, fields: Mapping[str, Any], fixed: Mapping[str, 
     raise ConfigError(f"{where}: config.model.{clash[0]} is shared by every model; a model "
                       f"reads it through `options` (or the train step), not as its own field.")
   for field, default in fields.items():
-    for other in _REGISTRY.values():
+    for other in MODELS:
       if (other.name != name and field in other.fields
           and _default_value(other.fields[field]) != _default_value(default)):
         raise ConfigError(f"{where}: config.model.{field} defaults to {_default_value(default)!r} "
@@ -133,36 +143,26 @@ def register_model(name: str, cls: type[nn.Module] | None = None, *,
     field_defaults = dict(fields or {})
     _check_entry(name, model_cls, field_defaults, fixed)
     module = getattr(model_cls, "__module__", "?")
-    old = _REGISTRY.get(name)
-    if old is not None and (old.module, old.cls.__qualname__) != (module, model_cls.__qualname__):
-      raise ConfigError(f"register_model({name!r}): the name is taken by {old.module}."
-                        f"{old.cls.__qualname__}; choose another name.")
-    _REGISTRY[name] = ModelEntry(name, model_cls, field_defaults, dict(fixed), module)
+    MODELS.add(name, ModelEntry(name, model_cls, field_defaults, dict(fixed), module), model_cls)
     return model_cls
   return register if cls is None else register(cls)
 
 
 def model_names() -> tuple[str, ...]:
   """Every registered model name, in registration order (cnnlab's own first)."""
-  return tuple(_REGISTRY)
+  return MODELS.names()
 
 
 def lookup(name) -> ModelEntry:
   """The entry of `name`; ConfigError listing the registered names (and where the ones not from
   cnnlab come from) for an unknown one."""
-  if name in _REGISTRY:
-    return _REGISTRY[name]
-  listed = [n if e.module.startswith("cnnlab.") else f"{n} (from {e.module})"
-            for n, e in _REGISTRY.items()]
-  raise ConfigError(f"config.model.name={name!r} is not a registered model; choose one of: "
-                    f"{', '.join(listed)}. A model of your own needs cnnlab.register_model in a "
-                    f"module the config imports (config.imports).")
+  return MODELS.get(name)
 
 
 def field_defaults() -> config_dict.ConfigDict:
   """`config.model` with every field: the shared ones and each registered model's own."""
   model = shared_defaults()
-  for entry in _REGISTRY.values():
+  for entry in MODELS:
     for field, default in entry.fields.items():
       if field not in model:   # A fresh placeholder: configs must not share one reference.
         model[field] = (config_dict.FieldReference(default.get(), field_type=default.get_type())
@@ -173,5 +173,6 @@ def field_defaults() -> config_dict.ConfigDict:
 def used_fields(model_config: ml_collections.ConfigDict) -> frozenset[str]:
   """The fields of `config.model` the named architecture reads: the others (e.g. `hidden` for a
   LeNet) cannot change its numbers, so they are left out of a run's fingerprint."""
-  entry = _REGISTRY.get(model_config.get("name"))
-  return SHARED_FIELDS | (frozenset(entry.fields) if entry is not None else frozenset(model_config))
+  name = model_config.get("name")
+  entry = MODELS.get(name) if name in MODELS else None
+  return SHARED_FIELDS | (entry.reads if entry is not None else frozenset(model_config))
