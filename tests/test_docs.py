@@ -31,7 +31,6 @@ import sys
 from typing import NamedTuple
 
 import pytest
-
 from conftest import ROOT
 
 # The one mapping from a documented training command to the seconds-long one the test runs:
@@ -40,18 +39,6 @@ from conftest import ROOT
 # a sweep. The command is otherwise run as written.
 TINY = {"--config.num_epochs": "1", "--config.dataset.name": "digits",
         "--config.sweep.seeds": "(0, 1)", "--progress": "false"}
-
-# Blocks that use the Python API and the extension points of the package layout being built
-# alongside these docs (cnnlab.load_config/train/sweep/load_run/build_model, register_model,
-# sweep_base(imports=...), cnnlab.nets): expected to fail until that lands. Remove this set then;
-# the test fails on any entry that passes, so the set cannot outlive its reason.
-WAITS_FOR_THE_PYTHON_API = {
-    "docs/models.md:90",      # the torchvision snippet imports cnnlab.nets
-    "docs/models.md:183",     # dsnet: register_model, sweep_base(imports=...)
-    "docs/python-api.md:18",
-    "docs/python-api.md:42",
-    "docs/python-api.md:57",
-}
 
 USER_DOCS = ["README.md", "CHANGELOG.md", *sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
@@ -151,8 +138,6 @@ def test_links_and_paths_named_in_the_docs_exist():
 def test_every_block_is_runnable_or_output_and_the_waiting_set_is_current():
   unlabeled = [b.id for b in ALL_BLOCKS if not b.lang]
   assert not unlabeled, f"fenced blocks without a language (bash, python or text): {unlabeled}"
-  ids = {b.id for b in RUNNABLE}
-  assert WAITS_FOR_THE_PYTHON_API <= ids, WAITS_FOR_THE_PYTHON_API - ids
   for b in RUNNABLE:
     if b.marker and b.marker[0] == "file":
       later = [c.text for c in RUNNABLE if c.doc == b.doc and c.line > b.line]
@@ -266,9 +251,7 @@ def _run_once(shared, b: Block) -> str | None:
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: b.id)
-def test_documented_block_runs(shared, block, request):
-  if block.id in WAITS_FOR_THE_PYTHON_API:
-    request.applymarker(pytest.mark.xfail(strict=True, reason="waits for the Python API"))
+def test_documented_block_runs(shared, block):
   for earlier in RUNNABLE[:RUNNABLE.index(block) + 1]:
     if earlier.id not in shared["outcome"]:
       shared["outcome"][earlier.id] = _run_once(shared, earlier)
