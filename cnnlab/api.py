@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from cnnlab import cli, configs
 from cnnlab import data as data_lib
-from cnnlab.base import environment
+from cnnlab.base import environment, files
 from cnnlab.base.errors import ConfigError
 from cnnlab.inspection import visualize
 from cnnlab.nets import models
@@ -107,7 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f"config {config.name!r} is a sweep of {cells} cells x {seeds} seeds; run "
                       f"it with cnnlab.sweep(config, workdir).")
   outcome = sweep(config, workdir, progress=progress)
-  return rundir.read_json(outcome.path)
+  return files.read_json(outcome.path)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int | None = None) -> nn.Module:

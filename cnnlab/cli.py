@@ -16,7 +16,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cnnlab.base import errors
+from cnnlab.base import errors, files
 from cnnlab.training import validation
 
 
@@ -120,11 +120,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def write_json_or_fail(flag: str, path: str, obj) -> None:
-  """A script's `--<flag>=path` JSON output, written atomically (`rundir.write_json_atomic`); a
+  """A script's `--<flag>=path` JSON output, written atomically (`files.write_json_atomic`); a
   failed write (missing folder, full disk, no permission) is one `error:` line and exit 2."""
-  from cnnlab.training import rundir  # Only the scripts that write use it.
   try:
-    rundir.write_json_atomic(path, obj)
+    files.write_json_atomic(path, obj)
   except errors.WorkdirError as e:
     fail(f"--{flag}={path}: cannot write it ({getattr(e.__cause__, 'strerror', None) or e}).")
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import load_config, run_launch
 
 from cnnlab.inspection import summary
-from cnnlab.study import grid, report
+from cnnlab.study import grid, tables
 
 
 def _run_quick(path, data_dir, tmp_path):
@@ -16,7 +16,7 @@ def _run_quick(path, data_dir, tmp_path):
   proc = run_launch(f"--config={path}:quick", f"--workdir={workdir}", "--noprogress",
                     f"--config.dataset.data_dir={data_dir}", timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  rows = tables.read_results_csv(os.path.join(workdir, "results.csv"))
   with open(os.path.join(workdir, "report.md")) as f:
     return rows, f.read()
 

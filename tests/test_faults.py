@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, wait_for_checkpoint
 from test_train import _launch_args, numbers_of
 
-from cnnlab.study import report
+from cnnlab.study import tables
 from cnnlab.training.rundir import RunDir
 
 
@@ -83,7 +83,7 @@ def test_diverging_cell_is_recorded_and_the_sweep_finishes(data_dir, tmp_path):
        "--config.sweep.axes.bn.values=(0.05, 1e6)", "--config.sweep.baseline=bn=0.05,dropout=none"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  rows = tables.read_results_csv(os.path.join(workdir, "results.csv"))
   status = {(r["cell"], r["seed"]): r["status"] for r in rows}
   assert status == {("bn=0.05,dropout=none", 0): "finished",
                     ("bn=0.05,dropout=none", 1): "finished",
@@ -103,7 +103,7 @@ def test_two_sweeps_started_together_on_a_fresh_data_dir(tmp_path):
                             text=True) for _ in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  rows = tables.read_results_csv(os.path.join(workdir, "results.csv"))
   assert len(rows) == 4
   for root, _, files in os.walk(os.path.join(workdir, "cells")):
     if "metrics.jsonl" in files:

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import ROOT
 
-from cnnlab.base import locks
+from cnnlab.base import files, locks
 from cnnlab.base.locks import CellLock
 from cnnlab.training import rundir
 
@@ -178,7 +178,7 @@ def test_a_lost_lock_fences_every_write_in_its_directory(tmp_path):
   os.remove(lock.path)                                        # A taker removed it, made its own:
   write_foreign_lock(str(tmp_path / "cell"), 0, 4242)
   writes = [lambda: rundir.RunDir(str(run_dir)).log({"step": 2, "split": "train"}),
-            lambda: rundir.write_json_atomic(str(run_dir / "results.json"), {}),
+            lambda: files.write_json_atomic(str(run_dir / "results.json"), {}),
             lambda: checkpoint.Checkpointer(str(run_dir / "checkpoints"))]
   for write in writes:
     with pytest.raises(locks.LockLost, match=r"lost the lock .*cell/\.lock: another process "
@@ -186,7 +186,7 @@ def test_a_lost_lock_fences_every_write_in_its_directory(tmp_path):
       write()
   assert sorted(os.listdir(run_dir)) == ["metrics.jsonl"]
   assert len(open(run_dir / "metrics.jsonl").readlines()) == 1
-  rundir.write_json_atomic(str(tmp_path / "elsewhere.json"), {})  # Outside the cell: written.
+  files.write_json_atomic(str(tmp_path / "elsewhere.json"), {})  # Outside the cell: written.
   lock.release()
   assert read_record(tmp_path / "cell")["pid"] == 4242  # The taker's lock is left alone.
 
@@ -237,7 +237,7 @@ def test_a_stopped_holder_that_lost_its_lock_stops_and_the_run_is_trained_once(
       f"error: lost the lock {workdir}/.lock: another process (host ")
   out, err = second.communicate(timeout=300)
   assert second.returncode == 0, err[-3000:]
-  results = [rundir.read_json(str(d / "results.json")) for d in (tmp_path / "reference", workdir)]
+  results = [files.read_json(str(d / "results.json")) for d in (tmp_path / "reference", workdir)]
   assert results[0]["params_sha256"] == results[1]["params_sha256"]
   train_steps = [[json.loads(l)["step"] for l in open(d / "metrics.jsonl") if '"train"' in l]
                  for d in (tmp_path / "reference", workdir)]

@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from cnnlab.base.errors import CnnlabError, ConfigError
-from cnnlab.study import report, stats
+from cnnlab.study import report, stats, tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,11 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_mean_ci_by_hand():
   # mean 3; sample std sqrt(10/4) = 1.5811388; t_{0.975, 4} = 2.7764451;
   # half-width 2.7764451 * 1.5811388 / sqrt(5) = 1.9632432.
-  mean, std, lo, hi = report.mean_ci([1, 2, 3, 4, 5])
+  mean, std, lo, hi = tables.mean_ci([1, 2, 3, 4, 5])
   assert mean == 3
   assert std == pytest.approx(1.5811388, abs=1e-7)
   assert (lo, hi) == (pytest.approx(1.0367568, abs=1e-6), pytest.approx(4.9632432, abs=1e-6))
-  mean, std, lo, hi = report.mean_ci([0.7])
+  mean, std, lo, hi = tables.mean_ci([0.7])
   assert mean == 0.7 and math.isnan(std) and math.isnan(lo)
 
 
@@ -37,9 +37,9 @@ def _rows(cell, values, losses=None):
 
 
 def _paired(rows, baseline="base", **kwargs):
-  """{(cell, metric): comparison} from report.paired_comparison."""
+  """{(cell, metric): comparison} from tables.paired_comparison."""
   return {(c["cell"], c["metric"]): c
-          for c in report.paired_comparison(rows, baseline, **kwargs)}
+          for c in tables.paired_comparison(rows, baseline, **kwargs)}
 
 
 def test_paired_comparison_by_hand():
@@ -63,7 +63,7 @@ def test_paired_comparison_matches_seeds_and_survives_degenerate_input():
   assert c["mean_diff"] == 0 and math.isnan(c["p_value"])  # sd 0: no p.
   assert c["significant"] is None and c["family_size"] == 0 and "identical" in c["power_note"]
   with pytest.raises(ConfigError, match="'nope'.*base"):
-    report.paired_comparison(rows, "nope")
+    tables.paired_comparison(rows, "nope")
 
 
 def test_differences_equal_up_to_rounding_get_no_p_value_and_no_warning():
@@ -118,7 +118,7 @@ def test_large_family_is_judged_by_benjamini_hochberg():
   # p-values is p itself (m/m), so every one is significant, and the verdict follows BH.
   size = stats.HOLM_MAX_FAMILY + 1
   rows = _by_differences({f"c{i}": [0.02, 0.03, 0.025] for i in range(size)})
-  family = [c for c in report.paired_comparison(rows, "base") if c["metric"] == "test_accuracy"]
+  family = [c for c in tables.paired_comparison(rows, "base") if c["metric"] == "test_accuracy"]
   assert {c["correction"] for c in family} == {"fdr_bh"} and all(c["significant"] for c in family)
   assert [c["p_bh"] for c in family] == pytest.approx([0.0130725] * size, abs=1e-6)
   assert [c["p_holm"] for c in family] == pytest.approx([0.0130725 * size] * size, abs=1e-6)
@@ -144,7 +144,7 @@ def test_power_columns_and_table():
 
 
 def test_cell_summary_counts_seeds_reaching_the_target():
-  (s,) = report.cell_summary(_rows("c", [0.90, 0.92, 0.91]))
+  (s,) = tables.cell_summary(_rows("c", [0.90, 0.92, 0.91]))
   assert s["n"] == 3 and s["reached"] == 2 and s["steps_to_target"] == 25.0
 
 
@@ -153,7 +153,7 @@ def test_mixed_provenance_is_refused():
                matmul_precision="highest")
           for r, t in zip(_rows("c", [0.9, 0.8]), (1, 2))]
   with pytest.raises(ConfigError, match="threads"):
-    report.check_provenance(rows)
+    tables.check_provenance(rows)
 
 
 def _diverge(row, step=40):
@@ -172,7 +172,7 @@ def _with_divergences():
 
 def test_diverged_runs_are_counted_and_left_out_of_the_statistics():
   rows = _with_divergences()
-  summary = {s["cell"]: s for s in report.cell_summary(rows)}
+  summary = {s["cell"]: s for s in tables.cell_summary(rows)}
   assert (summary["base"]["n"], summary["base"]["runs"]) == (2, 3)
   assert summary["base"]["test_accuracy"][0] == pytest.approx(0.91)  # Seeds 0, 1 only.
   assert summary["base"]["diverged"] == [(2, 40, "loss is nan")]
@@ -192,7 +192,7 @@ def test_diverged_runs_are_counted_and_left_out_of_the_statistics():
 
 
 def test_report_recomputed_from_results_csv_is_the_report(tmp_path, monkeypatch):
-  rows = [dict(r, **{k: "x" for k in report.PROVENANCE}) for r in _with_divergences()]
+  rows = [dict(r, **{k: "x" for k in tables.PROVENANCE}) for r in _with_divergences()]
   curves = {}
   for r in rows:
     curves.setdefault(r["cell"], []).append([{"step": 1, "split": "train", "loss": r["seed"]}])
@@ -202,7 +202,7 @@ def test_report_recomputed_from_results_csv_is_the_report(tmp_path, monkeypatch)
                       lambda path, summary, finished, baseline: plotted.update(rows=finished))
   path = report.write_report(str(tmp_path), rows, curves, {}, baseline="base",
                              target_accuracy=0.9, meta=META, min_effect=0.01)
-  back = report.read_results_csv(str(tmp_path / "results.csv"))
+  back = tables.read_results_csv(str(tmp_path / "results.csv"))
   assert [r["status"] for r in back] == [r.get("status", "finished") for r in rows]
   assert back[2]["diverged_reason"] == "loss is nan" and back[2]["diverged_step"] == 40
   with open(path) as f:
@@ -212,12 +212,12 @@ def test_report_recomputed_from_results_csv_is_the_report(tmp_path, monkeypatch)
   assert all(r["status"] == "finished" for r in plotted["rows"]) and len(plotted["rows"]) == 4
   assert plotted["curves"] == {"base": [curves["base"][0], curves["base"][1]],
                                "cell": [curves["cell"][1], curves["cell"][2]], "dead": []}
-  comparisons = report.read_results_csv(str(tmp_path / "comparisons.csv"))
+  comparisons = tables.read_results_csv(str(tmp_path / "comparisons.csv"))
   assert {"cell", "baseline", "metric", "pairs", "seeds_dropped_diverged", "mean_diff",
           "ci_low", "ci_high", "std_diff", "p_value", "p_holm", "p_bh", "family_size",
           "correction", "significant", "alpha", "power", "min_detectable_diff", "min_effect",
           "seeds_needed", "power_note"} <= set(comparisons[0])
-  cells = report.read_results_csv(str(tmp_path / "cells.csv"))
+  cells = tables.read_results_csv(str(tmp_path / "cells.csv"))
   assert [(c["cell"], c["finished"], c["diverged"]) for c in cells] == [
       ("base", 2, 1), ("cell", 2, 1), ("dead", 0, 3)]
 
@@ -227,7 +227,7 @@ def test_accuracy_figure_clips_intervals_and_shows_its_title(monkeypatch):
   with a large spread ran past 100%."""
   long = "bn=before_act,dropout=spatial,dropout_rate=0.3,learning_rate=0.1,weight_decay=0.0005"
   rows = _rows("base", [0.90, 0.92, 0.91]) + _rows(long, [0.99, 0.999, 0.5])
-  summary = report.cell_summary(rows)
+  summary = tables.cell_summary(rows)
   assert summary[1]["test_accuracy"][3] > 1  # The interval the figure must clip.
   drawn = []
   monkeypatch.setattr(report.plots, "save", lambda fig, path: drawn.append(fig))
@@ -252,14 +252,14 @@ def test_accuracy_figure_clips_intervals_and_shows_its_title(monkeypatch):
 def test_bad_status_or_missing_numbers_are_refused():
   (row,) = _rows("c", [0.9])
   with pytest.raises(CnnlabError, match="status='crashed'; allowed: finished, diverged"):
-    report.with_status([dict(row, status="crashed")])
+    tables.with_status([dict(row, status="crashed")])
   with pytest.raises(CnnlabError, match="finished but has no test_accuracy"):
-    report.with_status([dict(row, test_accuracy=None)])
+    tables.with_status([dict(row, test_accuracy=None)])
 
 
 FULL_DISK_SCRIPT = """
 import os, resource, signal, sys
-from cnnlab.study import report
+from cnnlab.study import report, tables
 from cnnlab.base.errors import WorkdirError
 workdir, limit = sys.argv[1], int(sys.argv[2])
 meta = {"config": {"name": "synthetic"}, "command": "python launch.py", "git_commit": "abc",
@@ -267,7 +267,7 @@ meta = {"config": {"name": "synthetic"}, "command": "python launch.py", "git_com
 def write(num_seeds):
   rows = [{"cell": cell, "seed": s, "test_accuracy": 0.9 + 0.01 * s + (cell == "b") * 0.003 * s,
            "test_loss": 0.3 - 0.01 * s, "train_loss": 0.1, "steps_to_target": 10,
-           **{k: "x" for k in report.PROVENANCE}}
+           **{k: "x" for k in tables.PROVENANCE}}
           for cell in ("a", "b") for s in range(num_seeds)]
   curves = {c: [[{"step": 1, "split": "test", "accuracy": 0.5, "loss": 1.0}]] * num_seeds
             for c in ("a", "b")}
@@ -297,7 +297,7 @@ def test_a_report_rewritten_on_a_full_disk_is_one_line_and_leaves_no_stale_repor
   assert "report.md" not in names and not [n for n in names if ".tmp" in n], names
   for name in names:
     if name.endswith(".csv"):
-      rows = report.read_results_csv(str(tmp_path / name))
+      rows = tables.read_results_csv(str(tmp_path / name))
       assert rows and len(rows[0]) == len(rows[-1])
     else:
       with open(tmp_path / name, "rb") as f:

@@ -14,7 +14,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 import pytest
 
-from cnnlab.base import errors
+from cnnlab.base import errors, files
 from cnnlab.study import grid, sweep
 from cnnlab.training import loop, rundir
 from cnnlab.training.rundir import RunDir
@@ -68,7 +68,7 @@ def test_another_configs_results_are_refused_when_config_json_is_lost(trained, d
     loop.train_and_evaluate(other(config, model__dropout="none"), workdir, progress=False)
   # The run's own config still gets its results, and config.json is written again.
   assert loop.train_and_evaluate(config, workdir, progress=False) == results
-  assert rundir.read_json(run.config_path)["fingerprint"] == rundir.fingerprint(config)
+  assert files.read_json(run.config_path)["fingerprint"] == rundir.fingerprint(config)
 
 
 def test_results_json_must_carry_this_configs_fingerprint_seed_and_digest(tiny_config, tmp_path):
@@ -86,9 +86,9 @@ def test_results_json_must_carry_this_configs_fingerprint_seed_and_digest(tiny_c
       run.finished_result(tiny_config)
 
   run.write_results(mine)
-  edited = rundir.read_json(run.results_path)
+  edited = files.read_json(run.results_path)
   edited["test_accuracy"] = 0.9
-  rundir.write_json_atomic(run.results_path, edited)
+  files.write_json_atomic(run.results_path, edited)
   with pytest.raises(errors.CheckpointError, match="results.json does not match .*results.sha256"):
     run.finished_result(tiny_config)
   with open(run.results_path, "w") as f:
@@ -107,7 +107,7 @@ def test_claim_asks_the_newest_checkpoint_when_config_json_is_lost(trained):
     run.claim(other(config, model__dropout="none"))
   assert not os.path.exists(run.config_path)
   run.claim(config)
-  assert rundir.read_json(run.config_path)["fingerprint"] == rundir.fingerprint(config)
+  assert files.read_json(run.config_path)["fingerprint"] == rundir.fingerprint(config)
 
 
 def test_a_checkpoint_renamed_to_a_later_step_is_set_aside_and_the_steps_are_trained(
@@ -136,7 +136,7 @@ def test_a_checkpoint_renamed_to_a_later_step_is_set_aside_and_the_steps_are_tra
 
 def write_config_json_of(config, workdir):
   """config.json as a run of `config` writes it (another run's, copied over)."""
-  rundir.write_json_atomic(os.path.join(workdir, "config.json"), {
+  files.write_json_atomic(os.path.join(workdir, "config.json"), {
       "fingerprint": rundir.fingerprint(config), "config": rundir.config_to_dict(config),
       "overrides": [], "command": ""})
 

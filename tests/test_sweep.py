@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, load_config
 
 from cnnlab.base.errors import ConfigError
-from cnnlab.study import grid, report, sweep
+from cnnlab.study import grid, sweep, tables
 from cnnlab.study import settings as sweep_config
 from cnnlab.training import loop, restore
 from cnnlab.training import seeds as seeds_lib
@@ -156,7 +156,7 @@ def test_kill_mid_sweep_then_rerun_keeps_finished_cells_and_same_report(data_dir
   config = json.loads(text.split("```json\n")[1].split("\n```")[0])
   assert (config["model"]["bn_placement"], config["model"]["dropout"], config["seed"]) == (
       "swept (none, before_act)", "swept (spatial)", "swept (seeds 0, 1)")
-  rows = report.read_results_csv(os.path.join(reference, "results.csv"))
+  rows = tables.read_results_csv(os.path.join(reference, "results.csv"))
   mean = lambda cell: np.mean([r["test_accuracy"] for r in rows if r["cell"] == cell])
   assert done.stdout.splitlines()[-3:] == [  # It ended with only `wrote W/report.md`.
       f"wrote {reference}/report.md; test accuracy per cell:",
@@ -201,7 +201,7 @@ def test_two_workers_train_every_run_once(data_dir, tmp_path):
                                           "--config.num_epochs=1"),
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  rows = tables.read_results_csv(os.path.join(workdir, "results.csv"))
   assert len(rows) == 4 and {r["threads"] for r in rows} == {1}
   for root, _, files in os.walk(os.path.join(workdir, "cells")):
     if "metrics.jsonl" in files:
@@ -245,7 +245,7 @@ def test_quick_ablation_end_to_end_report_is_recomputable(quick_ablation):
   workdir = quick_ablation
   for name in ("report.md", "results.csv", "accuracy.png", "curves.png", "variance_shift.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
-  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  rows = tables.read_results_csv(os.path.join(workdir, "results.csv"))
   assert len(rows) == 18 and len({r["cell"] for r in rows}) == 9
   text = _report_text(workdir)
   # Recompute from results.csv with numpy/scipy directly, and find the numbers in the report.

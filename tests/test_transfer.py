@@ -13,11 +13,12 @@ from conftest import ROOT, load_config, run_launch
 from flax import traverse_util
 
 from cnnlab import data
+from cnnlab.base import files
 from cnnlab.base.errors import CnnlabError, ConfigError
 from cnnlab.data import subsets
 from cnnlab.nets import convert
-from cnnlab.study import grid, report, sweep
-from cnnlab.training import loop, restore, rundir, transfer
+from cnnlab.study import grid, sweep, tables
+from cnnlab.training import loop, restore, transfer
 
 PROBE = ("*", "!head/*")
 
@@ -205,7 +206,7 @@ def _assert_refused_in_one_line(config, tmp_path, fragment, error_type):
 def _weight_file(tmp_path, arch, num_classes):
   """A safetensors file of torchvision `arch`'s state_dict (random weights, its head resized)."""
   from safetensors.numpy import save_file
-  manifest = rundir.read_json(os.path.join(ROOT, "tests", "fixtures", "torchvision",
+  manifest = files.read_json(os.path.join(ROOT, "tests", "fixtures", "torchvision",
                                            f"{arch}_64.json"))["manifest"]
   manifest = {k: [num_classes, *v[1:]] if k.startswith("fc.") else v for k, v in manifest.items()}
   path = str(tmp_path / f"{arch}.safetensors")
@@ -304,7 +305,7 @@ def test_study_quick_end_to_end(data_dir, tmp_path):
   proc = run_launch("--config=experiments/transfer.py:quick", f"--workdir={workdir}",
                     "--noprogress", f"--config.dataset.data_dir={data_dir}", timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = report.read_results_csv(os.path.join(workdir, "results.csv"))
+  rows = tables.read_results_csv(os.path.join(workdir, "results.csv"))
   config = load_config("experiments/transfer.py", "quick")
   config.dataset.data_dir = data_dir
   assert len(rows) == len(grid.expand(config)) * len(config.sweep.seeds)
@@ -315,10 +316,10 @@ def test_study_quick_end_to_end(data_dir, tmp_path):
     assert sources == {os.path.join(workdir, "pretrain", f"seed_{seed}")}
   for cell in grid.expand(config):  # config.sweep.seed_keys: seed s trains on subset s.
     for seed in config.sweep.seeds:
-      saved = rundir.read_json(os.path.join(workdir, "cells", cell.dirname, f"seed_{seed}",
+      saved = files.read_json(os.path.join(workdir, "cells", cell.dirname, f"seed_{seed}",
                                             "config.json"))
       assert saved["config"]["dataset"]["subset_seed"] == seed
-  comparisons = report.read_results_csv(os.path.join(workdir, "comparisons.csv"))
+  comparisons = tables.read_results_csv(os.path.join(workdir, "comparisons.csv"))
   for c in comparisons:  # Every method is paired with scratch at its own data size.
     assert c["baseline"] == c["cell"].replace(c["cell"].split(",")[0], "method=scratch")
   assert os.path.exists(os.path.join(workdir, "accuracy_by_per_class.png"))
@@ -328,6 +329,6 @@ def test_study_quick_end_to_end(data_dir, tmp_path):
 
 def _results(workdir):
   cells = os.path.join(workdir, "cells")
-  return [rundir.read_json(os.path.join(cells, c, s, "results.json"))
+  return [files.read_json(os.path.join(cells, c, s, "results.json"))
           for c in sorted(os.listdir(cells)) if os.path.isdir(os.path.join(cells, c))
           for s in sorted(os.listdir(os.path.join(cells, c))) if s.startswith("seed_")]

@@ -13,6 +13,7 @@ import pytest
 from conftest import run_launch
 from PIL import Image
 
+from cnnlab.base import files
 from cnnlab.base.errors import CheckpointError
 from cnnlab.inspection import visualize
 from cnnlab.inspection.visualize import dropout_masks, filters, predictions
@@ -158,8 +159,8 @@ def test_a_refused_visualize_prints_one_line_and_no_orbax_noise(trained, tmp_pat
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
   newest = max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
-  for root, _, files in os.walk(workdir / "checkpoints" / str(newest) / "state"):
-    for name in files:
+  for root, _, names in os.walk(workdir / "checkpoints" / str(newest) / "state"):
+    for name in names:
       if os.path.basename(root) == "d":  # The array data files.
         path = os.path.join(root, name)
         open(path, "wb").write(os.urandom(os.path.getsize(path)))
@@ -178,7 +179,7 @@ def test_visualize_refuses_a_config_json_of_another_config(trained, tmp_path):
   shutil.copytree(source, workdir)
   seed_1 = copy.deepcopy(config)
   seed_1.seed = 1
-  rundir.write_json_atomic(str(workdir / "config.json"), {
+  files.write_json_atomic(str(workdir / "config.json"), {
       "fingerprint": rundir.fingerprint(seed_1), "config": rundir.config_to_dict(seed_1)})
   listing = sorted(os.listdir(workdir))
   with pytest.raises(CheckpointError, match=r"config.json records another config \(fingerprint "

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnlab import data as data_lib
+from cnnlab.base import files
 from cnnlab.nets import layers
-from cnnlab.training import restore, rundir, steps
+from cnnlab.training import restore, steps
 
 DIAGNOSTIC_BATCH = 512
 
@@ -93,5 +94,5 @@ def write_variance_shift(cell, seeds, seed_workdirs: list[str], path: str) -> li
       key: float(np.mean([seed[i][key] for seed in per_seed]))
       for key in ("var_train", "var_eval", "running_var", "ratio")}}
       for i, record in enumerate(per_seed[0])] if per_seed else []  # No seed finished: none.
-  rundir.write_json_atomic(path, averaged)
+  files.write_json_atomic(path, averaged)
   return averaged

@@ -11,17 +11,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cnnlab.base import files
+
 DPI = 120
 
 
 def save(fig: plt.Figure, path: str) -> str:
   """Writes `fig` as a PNG to `path` atomically (a reader sees the old file or the whole new
   one; a failed write is one WorkdirError), closes it, and returns `path`."""
-  from cnnlab.training import rundir  # Heavy (orbax): only when a picture is written.
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=DPI)
   plt.close(fig)
-  rundir.write_bytes_atomic(path, buffer.getvalue())
+  files.write_bytes_atomic(path, buffer.getvalue())
   return path
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-from cnnlab.base import environment
+from cnnlab.base import environment, files
+from cnnlab.study import tables
 from cnnlab.study.grid import Cell, seed_workdir
 from cnnlab.study.settings import sweep_settings
 from cnnlab.training import restore, rundir
@@ -54,18 +55,18 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           "curve_split": curve_split(metrics),
           "wall_time_s": res["wall_time_s"], "num_params": res["num_params"],
           "forward_macs": cost.total_macs, "train_step_flops": step_flops,
-          **{k: env[k] for k in report.PROVENANCE}, "vmapped_seeds": res["vmapped_seeds"],
+          **{k: env[k] for k in tables.PROVENANCE}, "vmapped_seeds": res["vmapped_seeds"],
           "params_sha256": res.get("params_sha256"), "status": res.get("status", "finished"),
           "diverged_step": res.get("diverged_step"),
           "diverged_reason": res.get("diverged_reason")})
       curves[cell.name].append(metrics)
     path = os.path.join(workdir, "cells", cell.dirname, "diagnostics.json")
-    diagnostics[cell.name] = rundir.read_json(path) if os.path.exists(path) else []
+    diagnostics[cell.name] = files.read_json(path) if os.path.exists(path) else []
   filter_grids = _filter_grids(cells, seeds, workdir)
   baseline = settings.baseline or cells[0].name
   meta = {"command": command, "config": config_for_report(config, settings),
           "packages": environment.package_versions(), "git_commit": environment.git_commit(),
-          "environment": {k: rows[0][k] for k in report.PROVENANCE},
+          "environment": {k: rows[0][k] for k in tables.PROVENANCE},
           "filter_grids": filter_grids}
   return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
                              target_accuracy=settings.target_accuracy, meta=meta,

@@ -27,7 +27,7 @@ import time
 import jax
 import ml_collections
 
-from cnnlab.base import environment, errors, plugins
+from cnnlab.base import environment, errors, files, plugins
 from cnnlab.base.errors import ConfigError, TrainingDivergedError
 from cnnlab.base.locks import CellLock
 from cnnlab.inspection import diagnostics, plots
@@ -217,7 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   if settings.launcher == "slurm":  # Asks the cluster before anything is written.
     launchers.check_slurm_submission(workdir, settings.slurm.to_dict())
   os.makedirs(workdir, exist_ok=True)
-  rundir.write_json_atomic(os.path.join(workdir, "sweep.json"), {
+  files.write_json_atomic(os.path.join(workdir, "sweep.json"), {
       "config": rundir.config_to_dict(config), "overrides": list(overrides),
       "command": command})
   total = len(cells) * len(seeds)
@@ -276,7 +276,7 @@ def worker_count(settings: ml_collections.ConfigDict, num_cells: int, num_runs: 
 def worker_main(workdir: str) -> None:
   """Entry point of a worker process: trains cells of the sweep recorded in `workdir` until every
   cell is finished (cells other workers hold are waited for)."""
-  saved = rundir.read_json(os.path.join(workdir, "sweep.json"))
+  saved = files.read_json(os.path.join(workdir, "sweep.json"))
   config = ml_collections.ConfigDict(saved["config"])
   plugins.import_modules(tuple(config.get("imports", ())))  # Before anything reads the config.
   environment.apply_numerics(config)

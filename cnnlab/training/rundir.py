@@ -20,7 +20,6 @@ raises one WorkdirError line and leaves what was already saved intact.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -31,8 +30,8 @@ from typing import Any
 import ml_collections
 import tqdm
 
-from cnnlab.base import digests, environment, locks, plugins
-from cnnlab.base.errors import CheckpointError, WorkdirError
+from cnnlab.base import digests, environment, files, plugins
+from cnnlab.base.errors import CheckpointError
 from cnnlab.training import checkpoint, optim
 
 # Config fields that only change how a run is observed, never its numbers.
@@ -79,75 +78,6 @@ def fingerprint(config: ml_collections.ConfigDict, exclude: tuple[str, ...] = ()
   return digests.json_sha256(d)[:12]
 
 
-def write_json_atomic(path: str, obj: Any, resume_step: int | None = None) -> None:
-  """Writes `obj` to `path` so that a reader sees either the old file or the complete new one.
-
-  Raises:
-    WorkdirError: the write failed (the temporary file is removed); `resume_step` is the step a
-      rerun resumes from, for the message.
-  """
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", resume_step)
-
-
-def write_text_atomic(path: str, text: str, resume_step: int | None = None) -> None:
-  """`write_json_atomic` for text (UTF-8)."""
-  write_bytes_atomic(path, text.encode(), resume_step)
-
-
-def write_bytes_atomic(path: str, data: bytes, resume_step: int | None = None) -> None:
-  """`write_json_atomic` for bytes: a temporary file, fsync'ed, then renamed over `path`.
-  Raises locks.LockLost if `path` is in a directory whose lock this process lost."""
-  locks.fence(path)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as e:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise _write_error(path, e, resume_step) from e
-
-
-def append_bytes(path: str, data: bytes, resume_step: int | None = None) -> None:
-  """Appends `data` to `path` with O_APPEND; a failed write is cut back off, so the file never
-  ends in half a line.
-
-  Raises:
-    WorkdirError: the write failed (locks.LockLost: `path` is in a directory whose lock this
-      process lost).
-  """
-  locks.fence(path)
-  try:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-  except OSError as e:
-    raise _write_error(path, e, resume_step) from e
-  start = None
-  try:
-    start = os.lseek(fd, 0, os.SEEK_END)
-    view = memoryview(data)
-    while view:
-      view = view[os.write(fd, view):]
-  except OSError as e:
-    if start is not None:
-      with contextlib.suppress(OSError):
-        os.ftruncate(fd, start)
-    raise _write_error(path, e, resume_step) from e
-  finally:
-    os.close(fd)
-
-
-def _write_error(path: str, error: OSError, resume_step: int | None) -> WorkdirError:
-  return WorkdirError.from_os_error(path, error.errno, error.strerror or str(error), resume_step)
-
-
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
 class RunDir:
   """Paths and bookkeeping of one run's workdir."""
 
@@ -177,8 +107,8 @@ class RunDir:
     try:
       os.makedirs(self.workdir, exist_ok=True)
     except OSError as e:
-      raise _write_error(self.workdir, e, None) from e
-    previous = _read_json_or_none(self.config_path)
+      raise files.write_error(self.workdir, e, None) from e
+    previous = files.read_json_or_none(self.config_path)
     if self.has_progress():
       self._check_owner(config, previous)
     if self.finished_result(config) is not None:
@@ -187,17 +117,17 @@ class RunDir:
       return  # Keep the config and environment that produced the results.
     self._write_config(config, overrides, command)
     now = environment.describe(config.dtype)
-    before = _read_json_or_none(self.environment_path)
+    before = files.read_json_or_none(self.environment_path)
     if self.has_progress() and isinstance(before, dict):
       changed = [k for k in environment.BIT_DETERMINING_KEYS if before.get(k) != now.get(k)]
       if changed:
         logging.warning("resuming %s under different settings (%s): its results will not be "
                         "bit-identical to an uninterrupted run's.", self.workdir,
                         ", ".join(changed))
-    write_json_atomic(self.environment_path, now, self.resume_step())
+    files.write_json_atomic(self.environment_path, now, self.resume_step())
 
   def _write_config(self, config, overrides, command) -> None:
-    write_json_atomic(self.config_path, {
+    files.write_json_atomic(self.config_path, {
         "fingerprint": self.fingerprint, "config": config_to_dict(config),
         "overrides": list(overrides), "command": command}, self.resume_step())
 
@@ -229,7 +159,7 @@ class RunDir:
         message ends with `hint`).
     """
     try:
-      saved = read_json(self.config_path)
+      saved = files.read_json(self.config_path)
       config, recorded = ml_collections.ConfigDict(saved["config"]), saved["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f"{self.config_path} is missing or unreadable ({type(e).__name__}); "
@@ -290,7 +220,7 @@ class RunDir:
           f"{got[0]}, seed {got[1]}; this config {want[0]}, seed {want[1]}; differing keys: "
           f"{self._differing_keys(config)}). Use another --workdir, or delete that file to "
           f"re-evaluate this workdir's own final checkpoint.")
-    previous = _read_json_or_none(self.config_path)  # A lost one is written again by claim.
+    previous = files.read_json_or_none(self.config_path)  # A lost one is written again by claim.
     if isinstance(previous, dict):
       self._check_config_json(previous.get("fingerprint"), [("results.json", want[0])],
                               "put back the run's own config.json, or use another --workdir")
@@ -300,7 +230,7 @@ class RunDir:
   def _differing_keys(self, config: ml_collections.ConfigDict) -> str:
     """The dotted keys in which `config` differs from the one config.json records ("unknown"
     when config.json is missing or unreadable)."""
-    previous = _read_json_or_none(self.config_path)
+    previous = files.read_json_or_none(self.config_path)
     old = previous.get("config", {}) if isinstance(previous, dict) else {}
     keys = _changed_keys(old, config_to_dict(config)) if old else []
     named = []
@@ -327,7 +257,7 @@ class RunDir:
       results = json.loads(blob)
     except (OSError, ValueError) as e:
       raise CheckpointError(f"{self.results_path} cannot be read ({e}); {fix}.") from None
-    saved = (_read_text_or_none(self.results_digest_path) or "").split()
+    saved = (files.read_text_or_none(self.results_digest_path) or "").split()
     if not isinstance(results, dict) or saved[:1] != [hashlib.sha256(blob).hexdigest()]:
       raise CheckpointError(
           f"{self.results_path} does not match {self.results_digest_path} (garbled, edited, or "
@@ -338,9 +268,9 @@ class RunDir:
     """Writes results.sha256, then results.json (whose presence marks the run finished)."""
     text = json.dumps(results, indent=2, sort_keys=True) + "\n"
     step = self.resume_step()
-    write_text_atomic(self.results_digest_path,
+    files.write_text_atomic(self.results_digest_path,
                       f"{hashlib.sha256(text.encode()).hexdigest()}  results.json\n", step)
-    write_text_atomic(self.results_path, text, step)
+    files.write_text_atomic(self.results_path, text, step)
 
   def log(self, record: dict[str, Any]) -> None:
     """Appends one metrics line in one write; a write that fails leaves no partial line.
@@ -348,7 +278,7 @@ class RunDir:
     Raises:
       WorkdirError: the line cannot be written (disk full, read-only).
     """
-    append_bytes(self.metrics_path, (json.dumps(record, sort_keys=True) + "\n").encode(),
+    files.append_bytes(self.metrics_path, (json.dumps(record, sort_keys=True) + "\n").encode(),
                  self.resume_step())
 
   def read_metrics(self) -> list[dict[str, Any]]:
@@ -384,25 +314,9 @@ class RunDir:
     if not os.path.exists(self.metrics_path):
       return
     keep = [r for r in self.read_metrics() if r["step"] <= after_step]
-    write_text_atomic(self.metrics_path,
+    files.write_text_atomic(self.metrics_path,
                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep),
                       self.resume_step())
-
-
-def _read_json_or_none(path: str) -> Any:
-  """The parsed JSON at `path`, or None if it is missing or unreadable."""
-  try:
-    return read_json(path)
-  except (OSError, ValueError):
-    return None
-
-
-def _read_text_or_none(path: str) -> str | None:
-  try:
-    with open(path) as f:
-      return f.read()
-  except (OSError, ValueError):
-    return None
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from cnnlab.base import files
 from cnnlab.base.errors import ConfigError
 from cnnlab.nets import convert, models
 from cnnlab.training import restore, rundir, steps
@@ -223,7 +224,7 @@ def start(run, state):
     new[c] = traverse_util.unflatten_dict(arrays, sep="/") if arrays else {}
   print(describe(record, run.dir.workdir))
   if run.primary:
-    rundir.write_json_atomic(os.path.join(run.dir.workdir, RECORD_FILE), record)
+    files.write_json_atomic(os.path.join(run.dir.workdir, RECORD_FILE), record)
   return state.replace(params=new["params"], batch_stats=new["batch_stats"],
                        opt_state=jax.jit(state.tx.init)(new["params"]))
 
@@ -242,4 +243,4 @@ def describe(record: dict, workdir: str) -> str:
 def recorded(workdir: str) -> dict[str, Any]:
   """{"transfer": record} of a run that started from a source, else {} (for results.json)."""
   path = os.path.join(workdir, RECORD_FILE)
-  return {"transfer": rundir.read_json(path)} if os.path.exists(path) else {}
+  return {"transfer": files.read_json(path)} if os.path.exists(path) else {}

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from cnnlab import data as data_lib
+from cnnlab.base import files
 from cnnlab.base.errors import CheckpointError
 from cnnlab.data.pipeline import normalise
 from cnnlab.inspection.visualize.filters import write_filter_grid
@@ -156,5 +157,5 @@ def _write_index(out: str, config, state, workdir: str, entries) -> str:
     if png:
       lines += [f"![{heading}]({png})", ""]
   path = os.path.join(out, "index.md")
-  rundir.write_text_atomic(path, "\n".join(lines))
+  files.write_text_atomic(path, "\n".join(lines))
   return path
