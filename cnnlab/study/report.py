@@ -2,19 +2,9 @@
 numbers of cnnlab.study.tables.
 
 Pure post-processing of finished runs (no JAX). Everything in report.md is computed from the rows
-that are also written to results.csv, so a reader can recompute every number; cells.csv and
-comparisons.csv hold the computed statistics under self-explanatory column names:
-
-  runs        a row's `status` is "finished" or "diverged" (rows without one are finished);
-              statistics use finished runs only, and the report counts the diverged ones.
-  per cell    n, mean +- sample std (ddof=1) and the 95% t-interval of test accuracy and test
-              loss, final train loss, steps to reach the target test accuracy;
-  paired      every cell minus the baseline over the seeds finished in both: mean difference,
-              its 95% t-interval, the two-sided paired t-test p-value (scipy.stats.ttest_rel),
-              Holm and Benjamini-Hochberg adjusted p-values over the family of comparisons on
-              the same metric, and the verdict by `stats.correction_method`;
-  power       the smallest difference detectable with 80% power at the observed std of the
-              differences, and the seeds needed for `min_effect` (cnnlab/study/stats.py).
+that are also written to results.csv (what each statistic is: cnnlab.study.tables), so a reader
+can recompute every number; cells.csv and comparisons.csv hold the computed statistics under
+self-explanatory column names.
 """
 
 from __future__ import annotations
