@@ -36,7 +36,8 @@ def test_zoo_determinism_rows_and_error_row(tmp_path):
   assert lenet["model"] == "lenet5" and lenet["input"] == "28x28x1"
   assert lenet["bit_identical"] and len(set(lenet["digests"])) == 1
   assert lenet["compile_s"] > 0 and lenet["step_ms"] > 0
-  assert bad["error"].startswith("ConfigError: model.name='no_such_model'")
+  assert bad["error"].startswith("ConfigError: config.model.name='no_such_model' is not a "
+                                  "registered model")
   assert "| lenet5 | 28x28x1 | yes |" in result.stdout
   assert "| no_such_model | 32x32x3 | no: ConfigError" in result.stdout
 
