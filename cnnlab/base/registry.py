@@ -46,7 +46,7 @@ class Registry:
     listed = [n if m.split(".")[0] == "cnnlab" else f"{n} (from {m})"
               for n, m in self._modules.items()]
     raise ConfigError(f"config.{self.key}={name!r} is not a registered {self.kind}; choose one "
-                      f"of: {', '.join(listed)}. A {self.kind} of your own needs {self.how} in "
+                      f"of: {', '.join(listed)}. Your own {self.kind} needs {self.how} in "
                       f"a module the config imports (config.imports).")
 
   def names(self) -> tuple[str, ...]:
