@@ -57,8 +57,31 @@ def base_config(imports: Sequence[str] = ()) -> config_dict.ConfigDict:
   config.dataset.data_dir = config_dict.placeholder(str)
   # Directory with the official raw files, for preparing mnist/cifar10/... on offline machines.
   config.dataset.manual_dir = config_dict.placeholder(str)
-  # Random flips and 4-pixel-padded crops (CIFAR only; ignored with a warning elsewhere).
-  config.dataset.augment = False
+  # Training augmentation, seeded per (seed, epoch, example): "none"; "cifar" (random flips and
+  # 4-pixel zero-padded crops); "imagenet" (random-resized crop to image_size and flips; eval
+  # images: shorter side resized to image_size / 0.875, center crop). None: "imagenet" for the
+  # folder and tfds datasets, else "none".
+  config.dataset.augment = config_dict.placeholder(str)
+  # Side of the square images fed to the net (streamed: each image is resized and cropped to
+  # it). None: as stored; 224 for the folder and tfds datasets, whose images differ in size.
+  config.dataset.image_size = config_dict.placeholder(int)
+  # Per-channel normalisation: "data" (mean/std of the train split, or of 2,048 sampled train
+  # images when streamed) | "imagenet" (ImageNet's mean/std, for RGB images).
+  config.dataset.normalization = "data"
+  # dataset.name="folder": a folder of images, root/<class>/*.jpg|png (then a seeded
+  # class-stratified `test_fraction` of each class, drawn with `split_seed`, is the test split)
+  # or root/train/<class>/... and root/val/<class>/...; read in place, class names from folders.
+  config.dataset.folder = config_dict.placeholder(str)
+  config.dataset.test_fraction = 0.2
+  config.dataset.split_seed = 0
+  # dataset.name="tfds": any TFDS dataset prepared in array_record format in data_dir
+  # (`tfds build NAME --file_format=array_record`), e.g. "imagenette"; read without TensorFlow.
+  config.dataset.tfds_name = config_dict.placeholder(str)
+  # Streamed datasets decode and augment in this many worker processes (None: the cores less
+  # one, at most 8; 0: in the training process). A dataset stored as arrays is read into memory
+  # when it takes at most in_memory_limit_mb, else streamed too.
+  config.dataset.workers = config_dict.placeholder(int)
+  config.dataset.in_memory_limit_mb = 1024
   # Images resized to (H, W) (area-weighted, antialiased) before anything else; None = as stored.
   config.dataset.resize = config_dict.placeholder(tuple)
   # A class-stratified subset of the train split: this many examples per class, drawn with
@@ -83,6 +106,9 @@ def base_config(imports: Sequence[str] = ()) -> config_dict.ConfigDict:
   # learning-rate schedule (constant | cosine | step, after a linear warm-up) and weight decay.
   config.optimizer = optim.field_defaults()
 
+  # Label smoothing of the training loss (0: none; ImageNet recipes use 0.1). Evaluation loss is
+  # the plain cross-entropy.
+  config.label_smoothing = 0.0
   config.batch_size = 64
   config.eval_batch_size = 500
   config.num_epochs = 12
@@ -141,7 +167,7 @@ def sweep_base(name: str, variant: str = "full",
     config.sweep.workers = 1  # A smoke test: starting worker processes costs more than it saves.
   elif variant == "cifar10":
     config.dataset.name = "cifar10"
-    config.dataset.augment = True
+    config.dataset.augment = "cifar"
     config.model.stages = ((64, 64), (128, 128), (256, 256))
     config.batch_size = 128
     config.num_epochs = 30

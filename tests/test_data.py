@@ -202,13 +202,21 @@ def test_cifar10_loads_through_tfds_mock_data(tmp_path):
   data.clear_caches()
 
 
-def test_augmentation_is_deterministic_and_changes_images():
+def test_augmentation_is_per_example_deterministic_and_topology_free():
   images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-  a = data.pipeline.augment_batch(images, np.random.default_rng(5))
-  b = data.pipeline.augment_batch(images, np.random.default_rng(5))
-  np.testing.assert_array_equal(a, b)
-  assert a.shape == images.shape
-  assert sum(not np.array_equal(x, y) for x, y in zip(a, images)) >= 12
+  labels = np.arange(16, dtype=np.int32)
+  mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
+  cifar = data.transforms.train_transform("cifar", None)
+  make = lambda rows=slice(None): data.TrainIterator(images, labels, 8, 3, mean, std, cifar, rows)
+  a, b, plain = next(make()), next(make()), next(data.TrainIterator(images, labels, 8, 3, mean,
+                                                                    std))
+  np.testing.assert_array_equal(a["image"], b["image"])
+  assert sum(not np.array_equal(x, y) for x, y in zip(a["image"], plain["image"])) >= 5
+  halves = [next(make(slice(0, 4)))["image"], next(make(slice(4, 8)))["image"]]
+  np.testing.assert_array_equal(np.concatenate(halves), a["image"])   # Two processes' rows.
+  first = int(a["label"][0])   # Example `first` drawn with its own (seed, epoch, index) rng.
+  expected = cifar(images[first], data.transforms.example_rng(3, 0, first)) / np.float32(255)
+  np.testing.assert_array_equal(a["image"][0], expected.astype(np.float32))
 
 
 def _prepared_digits(tmp_path):

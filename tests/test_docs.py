@@ -170,23 +170,27 @@ def _logical_lines(text: str) -> list[str]:
           if l.strip() and not l.strip().startswith("#")]
 
 
-def _has_sweep(shared, spec: str) -> bool:
+def _config_facts(shared, spec: str) -> tuple[bool, str]:
+  """(whether the config has a sweep, its dataset.name)."""
   path, _, variant = spec.partition(":")
   code = ("import importlib.util, sys; "
           "s = importlib.util.spec_from_file_location('c', sys.argv[1]);"
           " m = importlib.util.module_from_spec(s); s.loader.exec_module(m);"
-          " print('sweep' in m.get_config(*sys.argv[2:]))")
+          " c = m.get_config(*sys.argv[2:]); print('sweep' in c, c.dataset.name)")
   done = _run(shared, [sys.executable, "-c", code, path, *([variant] if variant else [])])
-  return done.stdout.strip().endswith("True")
+  sweep, name = (done.stdout.strip().splitlines() or ["False ?"])[-1].split()
+  return sweep == "True", name
 
 
 def _tiny(shared, tokens: list[str]) -> list[str]:
-  """`tokens` of a launch.py command with TINY appended where it trains."""
+  """`tokens` of a launch.py command with TINY appended where it trains (a config that reads a
+  folder keeps it: the docs make the folder it names)."""
   flags = dict(t.split("=", 1) for t in tokens if t.startswith("--") and "=" in t)
   if "--config" not in flags or flags.get("--mode", "train") != "train":
     return tokens
-  sweep = _has_sweep(shared, flags["--config"])
-  return tokens + [f"{k}={v}" for k, v in TINY.items() if k not in flags
+  sweep, dataset = _config_facts(shared, flags["--config"])
+  keep = {"--config.dataset.name"} if dataset == "folder" else set()
+  return tokens + [f"{k}={v}" for k, v in TINY.items() if k not in flags and k not in keep
                    and (sweep or not k.startswith("--config.sweep."))]
 
 

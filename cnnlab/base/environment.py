@@ -71,7 +71,8 @@ XLA_DEFAULT_CPU_VECTOR_WIDTH = 256
 # Numerics fields added to the config after runs were saved without them, with the value such
 # runs had (XLA's own defaults): `numerics_setting` reads a saved config through this.
 SAVED_BEFORE_THE_FIELD = {"xla_cpu_ynn_convolutions": True,
-                          "xla_cpu_vector_width": XLA_DEFAULT_CPU_VECTOR_WIDTH}
+                          "xla_cpu_vector_width": XLA_DEFAULT_CPU_VECTOR_WIDTH,
+                          "label_smoothing": 0.0}
 
 
 def numerics_setting(config, key: str):

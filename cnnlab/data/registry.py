@@ -15,11 +15,19 @@ prepared into array_record files on first use). `cnnlab.data` reads both behind 
       return {"train": (train["x"], train["y"]), "test": (test["x"], test["y"])}
 
     register_dataset("shapes", load, class_names=("circle", "square", "triangle"))
+
+A load function may instead return random-access *sources* (grain's protocol: `len(source)` and
+`source[i] -> {"image": uint8 [H, W, C], "label": int}`, images of any size): such a dataset is
+streamed, never read whole (cnnlab.data.streamed). A load function whose first parameter is
+named `data_config` gets the whole `config.dataset` section instead of `data_dir` (the built-in
+`folder` and `tfds` datasets read their paths from it).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import re
 from collections.abc import Callable
 from typing import NamedTuple
@@ -109,21 +117,57 @@ def lookup(name: str) -> Registered:
   return DATASETS.get(name)
 
 
+def takes_config(load: Callable) -> bool:
+  """Whether load function `load` takes `data_config` (its first parameter's name) rather than
+  `data_dir`."""
+  try:
+    params = list(inspect.signature(load).parameters)
+  except (TypeError, ValueError):
+    return False
+  return bool(params) and params[0] == "data_config"
+
+
+def is_source(value) -> bool:
+  """Whether a split a load function returned is a random-access source (not (images, labels))."""
+  return hasattr(value, "__getitem__") and hasattr(value, "__len__") and not isinstance(
+      value, (tuple, list, np.ndarray))
+
+
+def read_arrays(name: str, data_dir: str, data_config=None
+                ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray] | object], int]:
+  """({split: (uint8 images [N, H, W, C], int32 labels [N]) or a source}, number of classes) of
+  the load function registered as `name`, called once per process and data_dir (or settings of
+  `data_config`, for a function that takes it), checked."""
+  settings = None
+  if takes_config(lookup(name).source):
+    settings = json.dumps(dict(data_config or {}), sort_keys=True, default=str)
+  return read_splits(name, data_dir, settings)
+
+
 @functools.lru_cache(maxsize=16)
-def read_arrays(name: str, data_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
-  """({split: (uint8 images [N, H, W, C], int32 labels [N])}, number of classes) of the load
-  function registered as `name`, called once per process and data_dir, checked."""
+def read_splits(name: str, data_dir: str, settings: str | None):
+  """`read_arrays`, cached per (name, data_dir, settings as JSON)."""
   entry = lookup(name)
   where = f"dataset {name!r} ({origin(entry.source)})"
+  argument = data_dir if settings is None else Settings(json.loads(settings))
   try:
-    splits = entry.source(data_dir)
+    splits = entry.source(argument)
+  except DatasetError:
+    raise
   except Exception as e:   # The researcher's code: one line naming it, not a traceback.
-    raise DatasetError(f"{where}: load({data_dir!r}) raised {type(e).__name__}: "
+    raise DatasetError(f"{where}: load({argument!r}) raised {type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}") from e
   if not isinstance(splits, dict) or not {"train", "test"} <= set(splits) <= set(ARRAY_SPLITS):
     got = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
     raise DatasetError(f"{where}: load must return a dict with the splits 'train' and 'test' "
-                       f"(and optionally 'validation') -> (images, labels); got {got}.")
+                       f"(and optionally 'validation') -> (images, labels) or a source; got "
+                       f"{got}.")
+  kinds = {is_source(value) for value in splits.values()}
+  if len(kinds) > 1:
+    raise DatasetError(f"{where}: load returned sources for some splits and arrays for others; "
+                       f"return one kind for every split.")
+  if kinds == {True}:
+    return splits, _source_classes(where, entry, splits)
   out = {split: _checked(where, split, value) for split, value in splits.items()}
   shapes = {split: images.shape[1:] for split, (images, _) in out.items()}
   if len(set(shapes.values())) > 1:
@@ -136,6 +180,31 @@ def read_arrays(name: str, data_dir: str) -> tuple[dict[str, tuple[np.ndarray, n
     raise DatasetError(f"{where}: {split} label {top} is out of range for its "
                        f"{num_classes} class_names; labels must be in [0, {num_classes}).")
   return out, num_classes
+
+
+class Settings(dict):
+  """`config.dataset` as a load function that takes it sees it: keys and attributes."""
+  __getattr__ = dict.get
+
+
+def labels_of(source) -> np.ndarray:
+  """All labels of a source, int32 [N]: its `labels` attribute, else read example by example."""
+  labels = getattr(source, "labels", None)
+  if labels is None:
+    labels = [source[i]["label"] for i in range(len(source))]
+  return np.asarray(labels, np.int32)
+
+
+def _source_classes(where: str, entry: Registered, splits: dict) -> int:
+  """The number of classes of a streamed dataset: its class names' count (registered, or the
+  train source's `class_names`), else the largest label + 1."""
+  for split, source in splits.items():
+    if len(source) == 0:
+      raise DatasetError(f"{where}: the {split} split is empty; every split needs examples.")
+  names = entry.class_names or getattr(splits["train"], "class_names", None)
+  if names:
+    return len(names)
+  return int(max(labels_of(source).max() for source in splits.values())) + 1
 
 
 def _checked(where: str, split: str, value) -> tuple[np.ndarray, np.ndarray]:

@@ -271,19 +271,22 @@ def train_step_flops(config: ml_collections.ConfigDict, model: nn.Module,
 
 def summarize(config: ml_collections.ConfigDict, input_shape: tuple[int, ...] | None = None,
               num_classes: int | None = None, *, step_flops: bool = True) -> Summary:
-  """The summary of `config.model` on `config.dataset`'s input shape and classes (no data is
-  read), or on `input_shape` (H, W, C) / `num_classes` when given (e.g. 224x224x3, 1000).
+  """The summary of `config.model` on the input shape (after `resize` or `image_size`) and
+  classes of `config.dataset` (no image is read, but one of a streamed dataset), or on
+  `input_shape` (H, W, C) / `num_classes` when given (e.g. 224x224x3, 1000).
 
   Raises ConfigError for a bad config, an `input_shape` that is not 3 positive integers, or a
   `num_classes` below 1 (given values are used or refused, never replaced by the dataset's)."""
   validate_config(config)
-  shape, classes = data.dataset_shape(config.dataset.name, config.dataset.get("data_dir"))
-  if input_shape is not None:
+  if input_shape is None:
+    shape = data.image_shape(config.dataset)
+  else:
     shape = tuple(input_shape)
     if len(shape) != 3 or not all(layers.is_int(v) and v >= 1 for v in shape):
       raise ConfigError(f"input_shape={shape!r} must be 3 positive integers (H, W, C), e.g. "
                         f"(224, 224, 3).")
-  classes = classes if num_classes is None else num_classes   # get_model checks it is positive.
+  # get_model checks it is positive.
+  classes = data.num_classes(config.dataset) if num_classes is None else num_classes
   if layers.is_int(classes) and classes > LABEL_MAX:
     raise ConfigError(f"num_classes={classes} is out of range; allowed: [1, {LABEL_MAX}] (labels "
                       f"are int32).")

@@ -63,7 +63,11 @@ class Run:
       self.dir.claim(config, overrides=overrides, command=command)
     else:
       self.dir.fingerprint = rundir.fingerprint(config)
-    self.results = self.dir.finished_result(config)  # Proves it is this config's, or raises.
+    # Proves it is this config's, on this config's data, or raises.
+    self.results = self.dir.finished_result(config)
+    # A streamed dataset's identity (a folder's index digest): a run over changed files is not
+    # resumed either.
+    self.data_digest = data_lib.data_digest(config.dataset)
     self.streams = steps.split_seed(config.seed)
     self.diverged: dict | None = None
     self.writer: MetricWriter | None = None
@@ -91,10 +95,12 @@ class Run:
 
   def save(self, step: int, state: steps.TrainState, progress: dict[str, Any]) -> None:
     self.checkpointer.save(step, steps.checkpointed(state), {
-        "data_iterator": self.train_iter.get_state(),
+        "data_iterator": self.train_iter.get_state(), "data_digest": self.data_digest,
         "config_fingerprint": self.dir.fingerprint, **progress})
 
   def finish(self, results: dict[str, Any]) -> dict[str, Any]:
+    if self.data_digest is not None:
+      results = {**results, "data_digest": self.data_digest}
     if self.primary:  # The picture first: results.json, written last, says the run finished.
       if self.learning_curve is not None:
         self.write_learning_curve(results)
@@ -111,6 +117,8 @@ class Run:
                         f"{self.config.name}, seed {self.config.seed}: {done}")
 
   def close(self) -> None:
+    if hasattr(getattr(self, "train_iter", None), "close"):   # Worker processes of a stream.
+      self.train_iter.close()
     if hasattr(self, "checkpointer"):
       self.checkpointer.close()
     if getattr(self, "writer", None) is not None:
@@ -147,15 +155,16 @@ class Replicated:
     (local,) = local_batches
     return mesh_lib.global_batch(local, mesh_lib.batch_sharding(self.mesh))
 
-  def steps(self, aux_loss_weight: float):
-    return _replicated_steps(self.mesh, aux_loss_weight)
+  def steps(self, aux_loss_weight: float, label_smoothing: float = 0.0):
+    return _replicated_steps(self.mesh, aux_loss_weight, label_smoothing)
 
 
 @functools.cache
-def _replicated_steps(mesh, aux_loss_weight: float):
+def _replicated_steps(mesh, aux_loss_weight: float, label_smoothing: float):
   """The jitted train and eval steps of one run on `mesh` (compiled once per mesh and weight)."""
   state_out = mesh_lib.replicated(mesh)
-  train_fn = jax.jit(functools.partial(steps.train_step, aux_loss_weight=aux_loss_weight),
+  train_fn = jax.jit(functools.partial(steps.train_step, aux_loss_weight=aux_loss_weight,
+                           label_smoothing=label_smoothing),
                      out_shardings=(state_out, state_out), donate_argnums=0)
   return train_fn, jax.jit(steps.eval_step, out_shardings=state_out)
 
@@ -181,6 +190,7 @@ def _restore(runs, fresh_states, placement, total_steps):
     if step != latest:  # A seed of a vmapped group is ahead of the others: take the common step.
       restored, progress = run.checkpointer.restore(latest, target)
     run.dir.check_fingerprint(progress["config_fingerprint"])
+    run.dir.check_data(run.config, progress.get("data_digest"), "checkpointed", run.data_digest)
     run.train_iter.set_state(progress["data_iterator"])
     states.append(fresh.replace(**mesh_lib.to_host(restored)))
   print(f"resuming {', '.join(r.dir.workdir for r in runs)} from step {latest} of "
@@ -229,7 +239,8 @@ def train_runs(runs: list[Run], placement, *, progress: bool = True) -> list[dic
   for run in runs:
     run.start_metrics(first_step)
   state = placement.combine(states)
-  train_fn, eval_fn = placement.steps(float(config.model.aux_loss_weight))
+  train_fn, eval_fn = placement.steps(float(config.model.aux_loss_weight),
+                                      float(config.get("label_smoothing", 0.0)))
   learning_rate = jax.jit(schedule)  # Only logged: one call, not a dozen eager ops.
 
   # Learning curves on the validation split when there is one; the test split is then read once,

@@ -32,6 +32,8 @@ import tqdm
 
 from cnnlab.base import digests, environment, files, plugins
 from cnnlab.base.errors import CheckpointError
+from cnnlab.data import data_digest
+from cnnlab.data.streamed import augmentation
 from cnnlab.training import checkpoint, optim
 
 # Config fields that only change how a run is observed, never its numbers.
@@ -44,7 +46,7 @@ _NOT_FINGERPRINTED = ("log_every_steps", "checkpoint_every_steps", "checkpoints_
 # (environment.SAVED_BEFORE_THE_FIELD). At that value a field is left out of the fingerprint, so
 # an older run resumes when given it. (xla_cpu_ynn_convolutions predates this rule: runs saved
 # with it hash it at every value, so it is not here.)
-_ADDED_FIELDS = ("xla_cpu_vector_width",)
+_ADDED_FIELDS = ("xla_cpu_vector_width", "label_smoothing")
 
 
 def default_workdir(config_arg: str, root: str = "runs") -> str:
@@ -69,6 +71,8 @@ def fingerprint(config: ml_collections.ConfigDict, exclude: tuple[str, ...] = ()
     if d.get(key) == environment.SAVED_BEFORE_THE_FIELD[key]:
       del d[key]
   d.pop("sweep", None)  # How a run was scheduled does not change it.
+  if "dataset" in d:
+    d["dataset"] = _dataset_fields(config.dataset, d["dataset"])
   if "model" in d:  # Only the model fields its architecture reads.
     used = models.used_fields(config.model)
     d["model"] = {k: v for k, v in d["model"].items() if k in used}
@@ -76,6 +80,27 @@ def fingerprint(config: ml_collections.ConfigDict, exclude: tuple[str, ...] = ()
     used = optim.used_fields(config.optimizer)
     d["optimizer"] = {k: v for k, v in d["optimizer"].items() if k in used}
   return digests.json_sha256(d)[:12]
+
+
+# config.dataset fields that do not change a run's numbers (where and how fast data is read), and
+# fields added with the streaming pipeline, left out at the value that means "not used" so that
+# runs saved before them keep their fingerprints.
+_DATASET_NOT_FINGERPRINTED = ("workers", "in_memory_limit_mb")
+_DATASET_UNUSED = {"image_size": None, "normalization": "data", "folder": None, "tfds_name": None,
+                   "test_fraction": 0.2, "split_seed": 0}
+
+
+def _dataset_fields(data_config, d: dict) -> dict:
+  """The fingerprinted part of config.dataset (as dict `d`): augment as it resolves (False for
+  none, as runs recorded it before it took a style)."""
+  d = {k: v for k, v in d.items() if k not in _DATASET_NOT_FINGERPRINTED
+       and not (k in _DATASET_UNUSED and v == _DATASET_UNUSED[k])}
+  if d.get("name") != "folder":
+    for key in ("test_fraction", "split_seed"):
+      d.pop(key, None)
+  style = augmentation(data_config)
+  d["augment"] = False if style == "none" else style
+  return d
 
 
 class RunDir:
@@ -225,7 +250,22 @@ class RunDir:
       self._check_config_json(previous.get("fingerprint"), [("results.json", want[0])],
                               "put back the run's own config.json, or use another --workdir")
     self.read_metrics()  # Raises for a damaged line.
+    self.check_data(config, results.get("data_digest"), "finished")
     return results
+
+  def check_data(self, config: ml_collections.ConfigDict, recorded: str | None, how: str,
+                 now: str | None = None) -> None:
+    """CheckpointError when the run here was trained on other files than the dataset holds now
+    (`recorded`: the data digest its results or checkpoint kept; `now`: the current one, computed
+    when not given)."""
+    if recorded is None:
+      return
+    now = now or data_digest(config.dataset)
+    if recorded != now:
+      raise CheckpointError(
+          f"{self.workdir} holds a {how} run of dataset {config.dataset.name!r} whose files have "
+          f"changed since (data digest {recorded[:12]}, now {str(now)[:12]}); use another "
+          f"--workdir to train on the data as it is.")
 
   def _differing_keys(self, config: ml_collections.ConfigDict) -> str:
     """The dotted keys in which `config` differs from the one config.json records ("unknown"

@@ -47,14 +47,15 @@ class StackedSeeds:
     return mesh_lib.global_batch(local, mesh_lib.batch_sharding(self.mesh, stacked_seeds=True),
                                  row_axis=1)
 
-  def steps(self, aux_loss_weight: float):
-    return _stacked_steps(self.mesh, aux_loss_weight)
+  def steps(self, aux_loss_weight: float, label_smoothing: float = 0.0):
+    return _stacked_steps(self.mesh, aux_loss_weight, label_smoothing)
 
 
 @functools.cache
-def _stacked_steps(mesh, aux_loss_weight: float):
+def _stacked_steps(mesh, aux_loss_weight: float, label_smoothing: float):
   stacked = mesh_lib.seed_stacked(mesh)
-  step = functools.partial(steps.train_step, aux_loss_weight=aux_loss_weight)
+  step = functools.partial(steps.train_step, aux_loss_weight=aux_loss_weight,
+                           label_smoothing=label_smoothing)
   train_fn = jax.jit(jax.vmap(step), out_shardings=(stacked, stacked), donate_argnums=0)
   eval_fn = jax.jit(jax.vmap(steps.eval_step, in_axes=(0, None)), out_shardings=stacked)
   return train_fn, eval_fn

@@ -123,14 +123,24 @@ def _nonfinite(tree) -> jax.Array:
   return 1.0 - finite.astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array],
-               aux_loss_weight: float) -> tuple[TrainState, dict[str, jax.Array]]:
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+  """Cross-entropy against labels smoothed by `smoothing` (Szegedy et al. 2016): the target puts
+  1 - smoothing + smoothing / K on the true class and smoothing / K on each other; [B]."""
+  if not smoothing:
+    return cross_entropy(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], aux_loss_weight: float,
+               label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on `batch` = {"image": [B,H,W,C], "label": [B]}; BN and dropout in train mode.
 
   Auxiliary classifiers a model sows into the `aux_logits` collection add their cross-entropy
-  times `aux_loss_weight` to the loss. Returns the new state and scalars: "loss", "accuracy" (of
-  the main head) and the HEALTH_KEYS (1.0 where the loss, the gradients, the new parameters or the
-  new BN statistics hold a NaN/inf).
+  times `aux_loss_weight` to the loss; every cross-entropy is against targets smoothed by
+  `label_smoothing`. Returns the new state and scalars: "loss", "accuracy" (of the main head)
+  and the HEALTH_KEYS (1.0 where the loss, the gradients, the new parameters or the new BN
+  statistics hold a NaN/inf).
   """
   rngs = step_rngs(state.rngs, state.step)
 
@@ -138,10 +148,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         rngs=rngs, mutable=["batch_stats", "aux_logits"])
-    loss = cross_entropy(logits, batch["label"]).mean()
+    loss = smoothed_cross_entropy(logits, batch["label"], label_smoothing).mean()
     total = loss
     for aux in jax.tree_util.tree_leaves(updates.get("aux_logits", {})):
-      total = total + aux_loss_weight * cross_entropy(aux, batch["label"]).mean()
+      total = total + aux_loss_weight * smoothed_cross_entropy(aux, batch["label"],
+                                                               label_smoothing).mean()
     return total, (loss, logits, updates.get("batch_stats", {}))
 
   grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)

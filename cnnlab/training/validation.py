@@ -58,6 +58,25 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
   check_number(f"{prefix}.aux_loss_weight", model.get("aux_loss_weight", 0.3), low=0)
 
 
+def validate_dataset(dataset: ml_collections.ConfigDict) -> None:
+  """Checks the input pipeline's settings (before any file is read)."""
+  if data.streamed.augmentation(dataset) == "imagenet" and data.streamed.image_size(
+      dataset) is None:
+    raise ConfigError(f"config.dataset.augment='imagenet' crops to config.dataset.image_size, "
+                      f"which is None for dataset {dataset.name!r}; set it, e.g. 224.")
+  choice("dataset.normalization", dataset.get("normalization", "data"), data.NORMALIZATIONS)
+  check_number("dataset.test_fraction", dataset.get("test_fraction", 0.2), low=0, high=1,
+               low_open=True, high_open=True)
+  check_number("dataset.in_memory_limit_mb", dataset.get("in_memory_limit_mb", 1024), low=0)
+  for key, low in (("image_size", 1), ("workers", 0)):
+    if dataset.get(key) is not None:
+      check_number(f"dataset.{key}", dataset[key], low=low, integer=True)
+  if dataset.get("resize") is not None and data.streamed.is_streamed(dataset):
+    raise ConfigError(f"config.dataset.resize={dataset.resize!r} applies to datasets read into "
+                      f"memory; dataset {dataset.name!r} is streamed: set "
+                      f"config.dataset.image_size instead.")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid value in `config`."""
   check_number("seed", config.seed, low=0, high=SEED_MAX, integer=True)
@@ -71,8 +90,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   data.lookup(config.dataset.name)   # The names registered so far, each with its module.
   check_number("dataset.validation_fraction", config.dataset.get("validation_fraction", 0.0),
           low=0, high=0.5)
-  for key in ("validation_seed", "subset_seed"):
+  for key in ("validation_seed", "subset_seed", "split_seed"):
     check_number(f"dataset.{key}", config.dataset.get(key, 0), low=0, high=SEED_MAX, integer=True)
+  validate_dataset(config.dataset)
+  check_number("label_smoothing", config.get("label_smoothing", 0.0), low=0, high=1,
+               high_open=True)
   validate_model(config.model)
   opt = config.optimizer
   optim.lookup(opt.name)   # Every registered optimizer; an unknown name lists them.
@@ -91,7 +113,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.optimizer.warmup_epochs={opt.warmup_epochs!r} is longer than the "
                       f"run (config.num_epochs={config.num_epochs}); allowed: [0, "
                       f"{config.num_epochs}].")
-  height, width, channels = data.image_shape(config.dataset)
+  size = data.streamed.image_size(config.dataset)
+  if size and data.streamed.is_streamed(config.dataset):   # Known before any file is read.
+    height, width, channels = size, size, 3   # At most 3 channels: the check's upper bound.
+  else:
+    height, width, channels = data.image_shape(config.dataset)
   # One padded evaluation batch is held as float32 three times: normalised, padded, on device.
   data.subsets.require_memory(
       f"eval_batch_size={config.eval_batch_size}",
