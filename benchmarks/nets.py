@@ -9,6 +9,7 @@ torch_nets.py): BN before the activation, no dropout, 10 classes, cnnlab's defau
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,21 @@ class CnnlabRunner:
       for _ in range(steps):
         self.state, metrics = self._train(self.state, self.batch)
     jax.block_until_ready(metrics)
+
+  def train_from(self, batches, steps: int) -> float:
+    """`steps` train steps on host batches {"image": float32, "label": int32} taken from the
+    iterator `batches` and passed to the jitted step as the training loop passes them on one
+    device: the step plus whatever waiting for data costs. Returns the seconds spent waiting in
+    `next(batches)` (the step runs asynchronously meanwhile: time the data was not ready)."""
+    waited = 0.0
+    with jax.default_matmul_precision(self.precision):
+      for _ in range(steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - start
+        self.state, metrics = self._train(self.state, {k: batch[k] for k in ("image", "label")})
+    jax.block_until_ready(metrics)
+    return waited
 
   def eval(self, steps: int) -> None:
     with jax.default_matmul_precision(self.precision):

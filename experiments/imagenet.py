@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
   config.batch_size = 256
   # Linear scaling (Goyal et al.): 0.1 per 256 examples, also for a batch size set on the
   # command line.
-  opt.learning_rate = config.get_ref("batch_size") * (0.1 / 256)
+  opt.learning_rate = config.get_ref("batch_size").to_float() * (0.1 / 256)
   config.eval_batch_size = 250
   config.num_epochs = 90
   config.log_every_steps = 100

@@ -58,3 +58,20 @@ def test_study_files_expand(path, cells, variant):
   config = load_config(path, variant)
   assert len(grid.expand(config)) == cells
   assert config.sweep.baseline in {c.name for c in grid.expand(config)}
+
+
+@pytest.mark.parametrize("variant", [None, "imagenette", "folder", "smoke"])
+def test_the_imagenet_recipe(variant):
+  config = load_config("experiments/imagenet.py", variant)
+  assert (config.optimizer.name, config.optimizer.momentum, config.optimizer.weight_decay) == (
+      "sgd", 0.9, 1e-4)
+  assert config.label_smoothing == 0.1 and config.dataset.augment == "imagenet"
+  assert config.dataset.normalization == "imagenet"
+  assert config.optimizer.learning_rate == pytest.approx(0.1 * config.batch_size / 256)
+  config.batch_size = 1024   # The linear scaling rule follows a batch size set later.
+  assert config.optimizer.learning_rate == pytest.approx(0.4)
+  if variant is None:
+    assert (config.model.name, config.num_epochs, config.dataset.image_size) == (
+        "resnet50", 90, 224)
+    assert config.optimizer.warmup_epochs == 5 and config.optimizer.schedule == "cosine"
+    assert config.dataset.tfds_name == "imagenet2012"

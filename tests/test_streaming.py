@@ -32,14 +32,14 @@ def folder(tmp_path_factory):
   return root
 
 
-def _folder_args(root, workdir, data_dir, *extra):
+def _folder_args(root, workdir, data_dir, *extra, epochs=3):
   return ["--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
           "--config.dataset.name=folder", f"--config.dataset.folder={root}",
           f"--config.dataset.data_dir={data_dir}", "--config.dataset.image_size=32",
           "--config.model.name=vgg_cnn", "--config.model.stages=((8,),(16,))",
           "--config.model.bn_placement=before_act", "--config.batch_size=32",
-          "--config.eval_batch_size=40", "--config.num_epochs=3", "--config.log_every_steps=5",
-          "--config.checkpoint_every_steps=5", *extra]
+          "--config.eval_batch_size=40", f"--config.num_epochs={epochs}",
+          "--config.log_every_steps=5", "--config.checkpoint_every_steps=5", *extra]
 
 
 def _results(workdir):
@@ -95,7 +95,7 @@ def test_a_finished_folder_run_over_changed_files_is_refused(folder, tmp_path):
   synthetic.write_image_folder(root, num_classes=3, per_class=8, sizes=(40, 80))
   workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "tfds")
   args = _folder_args(root, workdir, data_dir, "--config.dataset.workers=0",
-                      "--config.batch_size=8", "--config.num_epochs=1")
+                      "--config.batch_size=8", epochs=1)
   assert run_launch(*args).returncode == 0
   synthetic.write_image_folder(root, num_classes=3, per_class=1, sizes=(40, 80), start=50)
   proc = run_launch(*args)
@@ -155,13 +155,13 @@ def test_a_tfds_dataset_built_as_array_record_is_trained_by_name(tmp_path):
 def test_kill_9_mid_epoch_with_two_workers_resumes_bit_identically(folder, tmp_path):
   data_dir = str(tmp_path / "tfds")
   whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-  assert run_launch(*_folder_args(folder, whole, data_dir, "--config.dataset.workers=2")
-                    ).returncode == 0
-  args = _folder_args(folder, cut, data_dir, "--config.dataset.workers=2")
+  assert run_launch(*_folder_args(folder, whole, data_dir, "--config.dataset.workers=2",
+                                 epochs=2)).returncode == 0
+  args = _folder_args(folder, cut, data_dir, "--config.dataset.workers=2", epochs=2)
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True)
-  wait_for_checkpoint(cut, 15, proc)   # Step 15 of 30: mid-epoch 2 (10 steps per epoch).
+  wait_for_checkpoint(cut, 15, proc)   # Step 15 of 20: mid-epoch 2 (10 steps per epoch).
   os.killpg(proc.pid, signal.SIGKILL)   # The trainer and its grain workers, as an OOM kill.
   proc.wait()
   resumed = run_launch(*args)

@@ -301,3 +301,14 @@ def test_init_compiled_for_speed_gives_the_default_compilers_bits(name):
   key = jax.random.key(7)
   for a, b in zip(jax.tree_util.tree_leaves(fast(key)), jax.tree_util.tree_leaves(default(key))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_label_smoothing_against_hand_computed_loss():
+  # Targets (0.95, 0.05) for K=2, smoothing 0.1; log-softmax of [2, 0] is [2 - L, -L] with
+  # L = log(e^2 + 1): loss = -(0.95 (2 - L) + 0.05 (-L)) = L - 1.9.
+  logits, labels = jnp.array([[2.0, 0.0]]), jnp.array([0])
+  expected = np.log(np.exp(2.0) + 1.0) - 1.9
+  np.testing.assert_allclose(steps.smoothed_cross_entropy(logits, labels, 0.1), [expected],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(steps.smoothed_cross_entropy(logits, labels, 0.0),
+                                steps.cross_entropy(logits, labels))   # 0: the plain loss.

@@ -300,15 +300,21 @@ def train_iterator(data_config, batch_size: int, seed: int,
   return TrainIterator(train.images, train.labels, batch_size, seed, mean, std, transform, rows)
 
 
+EVAL_WORKERS_FROM = 2000   # Examples of a split from which evaluation uses worker processes.
+
+
 def eval_batches(data_config, split: str, batch_size: int, multiple_of: int = 1,
                  rows: slice = slice(None)):
   """The whole split in a fixed order, in batches of one shape padded to a multiple of
   `multiple_of` (padding has mask 0); this process reads `rows` of each."""
   mean, std = normalisation(data_config)
   if streamed.is_streamed(data_config):
-    return stream_eval_batches(_source(data_config, split), batch_size,
-                               streamed.eval_transform(data_config), mean, std, multiple_of,
-                               rows, workers=streamed.workers(data_config))
+    source = _source(data_config, split)
+    # Starting worker processes takes seconds: a small split is decoded here (with a prefetch
+    # thread), faster than waiting for them.
+    workers = streamed.workers(data_config) if len(source) >= EVAL_WORKERS_FROM else 0
+    return stream_eval_batches(source, batch_size, streamed.eval_transform(data_config), mean,
+                               std, multiple_of, rows, workers=workers)
   data = load_split(data_config, split)
   return eval_batches_from_arrays(data.images, data.labels, batch_size, mean, std, multiple_of,
                                   rows)
