@@ -1,5 +1,5 @@
 """Nuisance tuning's pure core against hand-made spaces and trials: parse errors, trial points,
-the selection and tie rules, the boundary check."""
+the selection and tie rules, the boundary check, and the tuning figure."""
 
 import math
 
@@ -9,6 +9,7 @@ import pytest
 
 from cnnlab import configs
 from cnnlab.base.errors import ConfigError
+from cnnlab.inspection import plots
 from cnnlab.study import tuning
 from cnnlab.study.tuning import Axis
 
@@ -158,3 +159,30 @@ def test_boundary_warnings_name_the_axis_and_direction():
   assert tuning.boundary_warnings(axes, interior, tried) == []
   two = tuning.parse_space({"wd": {"key": "optimizer.weight_decay", "values": (0.0, 1e-4)}})
   assert tuning.boundary_warnings(two, {"wd": 0.0}, tuning.points(two, "grid", 2)) == []
+
+
+@pytest.mark.parametrize("space", [{"lr": LR},
+                                   {"lr": LR, "opt": {"key": "optimizer.name",
+                                                      "values": ("sgd", "adam")}}])
+def test_tuning_figure_draws_trials_means_divergence_and_the_choice(space, monkeypatch, tmp_path):
+  axes = tuning.parse_space(space)
+  pts = tuning.points(axes, "grid", 3)
+  trials = [t for i, p in enumerate(pts) for t in _trials(p, [0.5 + 0.1 * i, 0.6 + 0.1 * i])]
+  trials[-1] = dict(trials[-1], status="diverged", validation_accuracy=None)
+  chosen = tuning.select(trials)
+  cells = {f"bn={bn}": {"axes": axes, "trials": trials, "per_point": chosen.per_point,
+                        "chosen": chosen.point} for bn in ("none", "before_act")}
+  drawn = []
+  monkeypatch.setattr(plots, "save", lambda fig, path: drawn.append(fig))
+  plots.tuning("tuning.png", cells)
+  (fig,) = drawn
+  grid = [ax for ax in fig.axes if ax.get_visible()]
+  assert len(grid) == 2 * len(axes)
+  lr = grid[0]
+  assert lr.get_xscale() == "log" and lr.get_xlim()[0] < 0.01 and lr.get_xlim()[1] > 0.3
+  crosses = [c for c in lr.collections if c.get_offsets().shape[0] and
+             (c.get_offsets()[:, 1] == 0).all()]
+  assert len(crosses) == 1   # The diverged trial, at 0.
+  monkeypatch.undo()
+  plots.tuning(str(tmp_path / "tuning.png"), cells)
+  assert (tmp_path / "tuning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

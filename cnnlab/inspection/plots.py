@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from cnnlab.base import files
 
@@ -178,4 +179,80 @@ def variance_shift(path: str, diagnostics: dict[str, list[dict]]) -> None:
     ax.set(ylabel="Var[BN input] train / eval (ratio)", xlabel="BatchNorm layer",
            title="Variance shift per BN layer (1 = no shift; dropout before BN moves it)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+  save(fig, path)
+
+
+def _tuning_x(axis, values: list) -> tuple[list, list | None]:
+  """x positions of `values` on `axis`, and tick labels where they are categories (a values
+  axis with a non-numeric value is drawn at the positions 0, 1, ... of its values)."""
+  if axis.kind != "values" or all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  for v in axis.values):
+    return values, None
+  index = {repr(v): i for i, v in enumerate(axis.values)}
+  return [index[repr(v)] for v in values], [str(v) for v in axis.values]
+
+
+def tuning(path: str, cells: dict[str, dict]) -> None:
+  """Validation accuracy against each nuisance axis: one row of subplots per cell, one column
+  per axis. cells: {cell name: {"axes": [tuning.Axis], "trials": [{point, seed, status,
+  validation_accuracy, ...}], "per_point": Selection.per_point, "chosen": point or None}}.
+  Every trial is a gray dot (a diverged one a red cross at 0); each point's mean over seeds
+  (diverged = 0, the selection rule) a blue diamond; the chosen point a red ring and a dotted
+  red line; outside the searched range shaded gray. Log axes are drawn on a log scale; with
+  several axes each column shows every point at its value on that axis."""
+  names = list(cells)
+  width = max(len(cells[c]["axes"]) for c in names)
+  fig, grid = plt.subplots(len(names), width, figsize=(4.5 * width + 1, 3 * len(names) + 0.8),
+                           squeeze=False, constrained_layout=True)
+  for row, cell in zip(grid, names):
+    entry = cells[cell]
+    for ax, axis in zip(row, entry["axes"]):
+      finished = [t for t in entry["trials"] if t["status"] == "finished"]
+      diverged = [t for t in entry["trials"] if t["status"] != "finished"]
+      xs, labels = _tuning_x(axis, [t["point"][axis.name] for t in finished])
+      ax.scatter(xs, [100 * t["validation_accuracy"] for t in finished], s=14, color="gray",
+                 alpha=0.7, label="trial (point x seed)")
+      if diverged:
+        xs, _ = _tuning_x(axis, [t["point"][axis.name] for t in diverged])
+        ax.scatter(xs, [0] * len(xs), marker="x", color="tab:red", label="diverged trial")
+      xs, _ = _tuning_x(axis, [p["point"][axis.name] for p in entry["per_point"]])
+      ax.scatter(xs, [100 * p["mean"] for p in entry["per_point"]], marker="D", s=28,
+                 color="tab:blue", label="mean over seeds")
+      chosen = entry.get("chosen")
+      if chosen is not None:
+        (x,), _ = _tuning_x(axis, [chosen[axis.name]])
+        mean = next(p["mean"] for p in entry["per_point"] if p["point"] == chosen)
+        ax.axvline(x, color="tab:red", ls=":", lw=1)
+        ax.scatter([x], [100 * mean], s=160, facecolors="none", edgecolors="tab:red", lw=1.8,
+                   label="chosen")
+      if axis.kind != "values":   # The whole range and a tenth of it beyond each end.
+        if axis.kind == "log":
+          ax.set_xscale("log")
+          pad = (axis.high / axis.low) ** 0.1
+          left, right = axis.low / pad, axis.high * pad
+          ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+          ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        else:
+          pad = (axis.high - axis.low) * 0.1
+          left, right = axis.low - pad, axis.high + pad
+        ax.axvspan(left, axis.low, color="gray", alpha=0.15, lw=0)
+        ax.axvspan(axis.high, right, color="gray", alpha=0.15, lw=0, label="outside the range")
+        ax.set_xlim(left, right)
+      elif labels is not None:
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+      ax.set(xlabel=f"{axis.key} ({axis.kind})", ylabel="validation accuracy (%)",
+             title=cell, ylim=(-5, 105))
+      ax.title.set_fontsize(9)
+      ax.grid(alpha=0.3)
+    for ax in row[len(entry["axes"]):]:
+      ax.set_axis_off()
+  handles: dict = {}   # One legend entry per label, from whichever subplot drew it.
+  for ax in fig.axes:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, handle)
+  fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+             ncol=len(handles) if width > 1 else 3, fontsize=8, frameon=False)
+  fig.suptitle("Tuning on the validation split: accuracy per trial, mean per point, chosen "
+               "point ringed; shaded: outside the searched range", wrap=True)
   save(fig, path)
