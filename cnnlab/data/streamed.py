@@ -112,11 +112,12 @@ def open_tfds(data_config) -> dict:
   except Exception as e:   # TFDS raises many kinds for an unknown or damaged dataset.
     raise DatasetError(f"config.dataset.tfds_name={name!r}: no TFDS dataset of that name is "
                        f"prepared in {where} ({type(e).__name__}); prepare it with `tfds build "
-                       f"{name} --file_format=array_record --data_dir={where}`.") from None
+                       f"{name} --file_format=array_record --data_dir={where}` (TFDS's command; "
+                       f"it needs TensorFlow).") from None
   if not ready:
     raise DatasetError(f"config.dataset.tfds_name={name!r} is not prepared in {where}; prepare "
                        f"it with `tfds build {name} --file_format=array_record "
-                       f"--data_dir={where}`.")
+                       f"--data_dir={where}` (TFDS's command; it needs TensorFlow).")
   info = builder.info
   image_key, label_key = info.supervised_keys or ("image", "label")
   names = tuple(info.features[label_key].names)
