@@ -58,6 +58,10 @@ def _set_dotted(config: ml_collections.ConfigDict, key: str, value: Any, axis: s
                       f"({e}).") from None
 
 
+# The axis over a tuned sweep's trial points in its tuning stage (cnnlab.study.sweep).
+TRIAL_AXIS = "trial"
+
+
 def expand(config: ml_collections.ConfigDict) -> list[Cell]:
   """The cells of the grid, in product order of the (alphabetically sorted) axes; each cell's
   config is validated, so a bad value fails before anything trains."""
@@ -67,22 +71,23 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
   for key in seed_keys:
     check_key(config, key)
   names = sorted(axes.keys())
+  keys = {name: _axis_keys(name, axes[name]) for name in names}
   for name in names:
-    if ("key" not in axes[name] or not isinstance(axes[name].key, str)
-        or "values" not in axes[name] or not axes[name]["values"]):
-      raise ConfigError(f"config.sweep.axes.{name} needs a `key` (dotted config key) and a "
-                        f"non-empty tuple of `values`.")
     values = tuple(axes[name]["values"])
     repeated = [v for i, v in enumerate(values) if str(v) in map(str, values[:i])]
     if repeated:  # Its cells would share a name and a directory.
       raise ConfigError(f"config.sweep.axes.{name}.values={values!r} repeats {repeated[0]!r}; "
                         f"give each value once.")
-    if axes[name].key in environment.PROCESS_WIDE_FIELDS:
+    wide = [k for k in keys[name] if k in environment.PROCESS_WIDE_FIELDS]
+    if wide:
       raise ConfigError(
-          f"config.sweep.axes.{name}: key={axes[name].key!r} is set for a whole process (the XLA "
+          f"config.sweep.axes.{name}: key={wide[0]!r} is set for a whole process (the XLA "
           f"flags and matmul precision every worker starts with), so the cells of one sweep "
-          f"cannot differ in it; run one sweep per value, e.g. --config.{axes[name].key}=... "
+          f"cannot differ in it; run one sweep per value, e.g. --config.{wide[0]}=... "
           f"with its own --workdir.")
+  # ((cell name, ((dotted key, value), ...)), ...): settings of single cells on top of the axes'
+  # (a tuned sweep's chosen points).
+  overrides = {cell: tuple(pairs) for cell, pairs in settings.get("cell_overrides", ())}
   base = copy.deepcopy(config)
   if "sweep" in base:
     with base.unlocked():
@@ -91,9 +96,13 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
   for combo in itertools.product(*(tuple(axes[n]["values"]) for n in names)):
     cell_config = copy.deepcopy(base)
     for name, value in zip(names, combo):
-      _set_dotted(cell_config, axes[name].key, value, name)
+      parts = tuple(value) if "keys" in axes[name] else (value,)
+      for key, part in zip(keys[name], parts):
+        _set_dotted(cell_config, key, part, name)
+    name = cell_name(dict(zip(names, combo)))
+    for key, value in overrides.get(name, ()):
+      _set_dotted(cell_config, key, value, "cell_overrides")
     validate_config(cell_config)
-    name = ",".join(f"{n}={v}" for n, v in zip(names, combo))
     cells.append(Cell(name, dict(zip(names, combo)), cell_config,
                       rundir.fingerprint(cell_config, exclude=("seed",))[:8], seed_keys))
     same = [c.name for c in cells[:-1] if c.digest == cells[-1].digest]
@@ -102,6 +111,36 @@ def expand(config: ml_collections.ConfigDict) -> list[Cell]:
                         f"(values that differ only as written, e.g. 1 and 1.0, or in a field the "
                         f"model does not read); give each config once.")
   return cells
+
+
+def _axis_keys(name: str, axis) -> tuple[str, ...]:
+  """The dotted keys axis `name` sets: `key`, or `keys` (each value then a tuple, one entry per
+  key: an axis over points of several keys, such as a tuning stage's trial points)."""
+  several = "keys" in axis and isinstance(axis["keys"], (tuple, list)) and axis["keys"] and all(
+      isinstance(k, str) for k in axis["keys"])
+  one = "key" in axis and isinstance(axis["key"], str)
+  if several == one or "values" not in axis or not axis["values"]:
+    raise ConfigError(f"config.sweep.axes.{name} needs a `key` (dotted config key) and a "
+                      f"non-empty tuple of `values`.")
+  if one:
+    return (axis["key"],)
+  keys = tuple(axis["keys"])
+  if not all(isinstance(v, (tuple, list)) and len(v) == len(keys) for v in axis["values"]):
+    raise ConfigError(f"config.sweep.axes.{name}: each value must be a tuple of {len(keys)} "
+                      f"values, one per key of {keys!r}.")
+  return keys
+
+
+def cell_name(values: dict[str, Any]) -> str:
+  """The name of the cell with axis values `values`: `axis=value,...`, axes sorted."""
+  return ",".join(f"{n}={_label(values[n])}" for n in sorted(values))
+
+
+def _label(value) -> str:
+  """An axis value as a cell name shows it (a point of several keys: its values joined by /)."""
+  if isinstance(value, (tuple, list)):
+    return "/".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value)
+  return str(value)
 
 
 def seed_workdir(workdir: str, cell: Cell, seed: int, degenerate: bool) -> str:
