@@ -109,6 +109,9 @@ def base_config(imports: Sequence[str] = ()) -> config_dict.ConfigDict:
   # Label smoothing of the training loss (0: none; ImageNet recipes use 0.1). Evaluation loss is
   # the plain cross-entropy.
   config.label_smoothing = 0.0
+  # Evaluate the test split at the end (False: a tuning trial, judged on validation only,
+  # never reads it).
+  config.evaluate_test = True
   config.batch_size = 64
   config.eval_batch_size = 500
   config.num_epochs = 12

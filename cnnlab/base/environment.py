@@ -72,7 +72,7 @@ XLA_DEFAULT_CPU_VECTOR_WIDTH = 256
 # runs had (XLA's own defaults): `numerics_setting` reads a saved config through this.
 SAVED_BEFORE_THE_FIELD = {"xla_cpu_ynn_convolutions": True,
                           "xla_cpu_vector_width": XLA_DEFAULT_CPU_VECTOR_WIDTH,
-                          "label_smoothing": 0.0}
+                          "label_smoothing": 0.0, "evaluate_test": True}
 
 
 def numerics_setting(config, key: str):

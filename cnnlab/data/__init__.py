@@ -209,7 +209,7 @@ def image_shape(data_config) -> tuple[int, int, int]:
   reading a builder's data."""
   if streamed.is_streamed(data_config):
     size = streamed.image_size(data_config)
-    first = _source(data_config, "test")[0]["image"]
+    first = _source(data_config, "train")[0]["image"]   # Not test: a tuning run never reads it.
     return (size, size, first.shape[-1]) if size else tuple(first.shape)
   stored, _ = dataset_shape(data_config.name, _data_dir(data_config))
   size = data_config.get("resize")

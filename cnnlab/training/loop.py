@@ -370,7 +370,9 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, in
   """Final evaluation and every run's results.json (diverged runs record how they ended)."""
   config = runs[0].config
   alive = any(run.diverged is None for run in runs)
-  test = evaluate(state, "test") if alive else None
+  # A tuning trial (evaluate_test=False) never reads the test split: it is selected on
+  # validation, and the test split is for the final runs only.
+  test = evaluate(state, "test") if alive and config.get("evaluate_test", True) else None
   train_eval = evaluate(state, "train") if alive else None
   validation = evaluate(state, "validation") if alive and info.num_validation else None
   env = {k: v for k, v in environment.describe(config.dtype).items()
@@ -392,8 +394,9 @@ def _finish(runs, placement, state, evaluate, wall, total_steps, saved, mesh, in
     if run.diverged is not None:
       results.update(run.diverged)
     else:
-      results.update({"test_accuracy": test[i]["accuracy"], "test_loss": test[i]["loss"],
-                      "train_loss": train_eval[i]["loss"],
+      if test is not None:
+        results.update({"test_accuracy": test[i]["accuracy"], "test_loss": test[i]["loss"]})
+      results.update({"train_loss": train_eval[i]["loss"],
                       "train_accuracy": train_eval[i]["accuracy"],
                       "params_sha256": steps.state_digest(run_state)})
       if validation is not None:

@@ -46,7 +46,7 @@ _NOT_FINGERPRINTED = ("log_every_steps", "checkpoint_every_steps", "checkpoints_
 # (environment.SAVED_BEFORE_THE_FIELD). At that value a field is left out of the fingerprint, so
 # an older run resumes when given it. (xla_cpu_ynn_convolutions predates this rule: runs saved
 # with it hash it at every value, so it is not here.)
-_ADDED_FIELDS = ("xla_cpu_vector_width", "label_smoothing")
+_ADDED_FIELDS = ("xla_cpu_vector_width", "label_smoothing", "evaluate_test")
 
 
 def default_workdir(config_arg: str, root: str = "runs") -> str:

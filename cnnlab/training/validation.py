@@ -95,6 +95,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   validate_dataset(config.dataset)
   check_number("label_smoothing", config.get("label_smoothing", 0.0), low=0, high=1,
                high_open=True)
+  choice("evaluate_test", config.get("evaluate_test", True), (True, False))
+  if not config.get("evaluate_test", True) and not config.dataset.get("validation_fraction"):
+    raise ConfigError("config.evaluate_test=False evaluates the validation split instead of "
+                      "test, but config.dataset.validation_fraction=0 gives none; set it, e.g. "
+                      "0.1.")
   validate_model(config.model)
   opt = config.optimizer
   optim.lookup(opt.name)   # Every registered optimizer; an unknown name lists them.
