@@ -9,7 +9,7 @@ import os
 
 from cnnlab.base import environment, files
 from cnnlab.study import tables
-from cnnlab.study.grid import Cell, seed_workdir
+from cnnlab.study.grid import TRIAL_AXIS, Cell, cell_name, seed_workdir
 from cnnlab.study.settings import sweep_settings
 from cnnlab.training import restore, rundir
 
@@ -29,9 +29,31 @@ def steps_to_target(metrics: list[dict], target: float) -> int | None:
   return None
 
 
+def tuning_trials(trial_cells: list[Cell], seeds: tuple[int, ...], workdir: str, axes,
+                  target: float) -> dict[str, list[dict]]:
+  """{cell name: its trials} of a tuned sweep's tuning stage in `workdir`: one dict per (trial
+  point, seed) with the point ({axis name: value}), seed, status, validation accuracy, steps to
+  `target` on the validation curve and wall time (cnnlab.study.tuning.select's input)."""
+  out: dict[str, list[dict]] = {}
+  for cell in trial_cells:
+    values = dict(cell.values)
+    point = dict(zip((a.name for a in axes), values.pop(TRIAL_AXIS)))
+    for seed in seeds:
+      run = rundir.RunDir(seed_workdir(workdir, cell, seed, False))
+      res = run.finished_result(cell.seed_config(seed))
+      out.setdefault(cell_name(values), []).append({
+          "point": point, "seed": seed, "status": res.get("status", "finished"),
+          "validation_accuracy": res.get("validation_accuracy"),
+          "steps_to_target": steps_to_target(run.read_metrics(), target),
+          "wall_time_s": res["wall_time_s"]})
+  return out
+
+
 def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdir: str, *,
-                       command: str = "") -> str:
-  """Collects every (cell, seed) result into rows, curves and diagnostics; writes the report."""
+                       command: str = "", tuned: dict | None = None,
+                       fixed_rows: list[dict] | None = None) -> str:
+  """Collects every (cell, seed) result into rows, curves and diagnostics; writes the report
+  (of a tuned sweep: with its tuning summary `tuned` and the fixed-point runs' `fixed_rows`)."""
   from cnnlab.inspection import summary
   from cnnlab.study import report  # Post-processing only: scipy, statsmodels, matplotlib.
   settings = sweep_settings(config)
@@ -70,7 +92,8 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           "filter_grids": filter_grids}
   return report.write_report(workdir, rows, curves, diagnostics, baseline=baseline,
                              target_accuracy=settings.target_accuracy, meta=meta,
-                             min_effect=settings.min_effect, plot_axis=settings.plot_axis)
+                             min_effect=settings.min_effect, plot_axis=settings.plot_axis,
+                             tuned=tuned, fixed_rows=fixed_rows)
 
 
 def config_for_report(config, settings) -> dict:
@@ -78,8 +101,12 @@ def config_for_report(config, settings) -> dict:
   and `seed` (with `settings.seed_keys`) `swept (seeds ...)`, not a base value no run had."""
   shown = rundir.config_to_dict(config)
   seeds = f"swept (seeds {', '.join(map(str, settings.seeds))})"
-  swept = {axis.key: f"swept ({', '.join(map(str, axis['values']))})"
-           for axis in settings.axes.values()} | {k: seeds for k in ("seed", *settings.seed_keys)}
+  swept = {key: f"swept ({', '.join(map(str, axis['values']))})"
+           for axis in settings.axes.values() for key in (axis.get("keys") or (axis.key,))
+           } | {k: seeds for k in ("seed", *settings.seed_keys)}
+  for _, pairs in settings.get("cell_overrides", ()):   # A tuned sweep's chosen points.
+    for key, _ in pairs:
+      swept[key] = "tuned per cell (report, Tuning)"
   for key, text in swept.items():
     *parents, leaf = key.split(".")
     node = shown

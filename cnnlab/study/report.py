@@ -166,6 +166,77 @@ def _power_section(paired, min_effect) -> list[str]:
   return lines
 
 
+def _tuning_section(tuned: dict, seeds: list[int]) -> list[str]:
+  """How each cell's nuisance point was chosen: the search, the rule, the cost, the choices with
+  their notes, and the search-space boundary warnings."""
+  axes = [a["name"] for a in tuned["axes"]]
+  where = ", ".join(f"`{a['key']}` ({a['kind']} " + (
+      f"{a['low']:g}-{a['high']:g})" if a["kind"] != "values"
+      else ", ".join(map(str, a["values"])) + ")") for a in tuned["axes"])
+  cost = tuned["cost"]
+  lines = ["", "## Tuning", "",
+           f"The nuisance hyperparameters {where} were searched for every cell separately: "
+           f"{cost['points_per_cell']} points ({tuned['method']}) x {len(tuned['tuning_seeds'])} "
+           f"tuning seeds ({', '.join(map(str, tuned['tuning_seeds']))}), judged on the "
+           "validation split only (the test split is not read). Rule: the point with the best "
+           "mean validation accuracy over the tuning seeds, a diverged seed counting as 0; ties "
+           "go to fewer diverged seeds, then fewer steps to the target, then the earlier point. "
+           f"Every number above comes from final runs at the chosen points with seeds "
+           f"{', '.join(map(str, seeds))}, disjoint from the tuning seeds, each evaluated on the "
+           f"test split once. Cost: {cost['runs']} tuning runs, "
+           f"{cost['wall_time_s']:.0f} s of training (tuning.json holds every trial).", "",
+           "| cell | " + " | ".join(f"chosen {a}" for a in axes)
+           + " | mean validation accuracy (%) | notes |",
+           "|---|" + "---|" * len(axes) + "---|---|"]
+  warnings = []
+  for cell, t in tuned["cells"].items():
+    chosen = t["chosen"] or {}
+    values = " | ".join(f"{chosen[a]:.4g}" if isinstance(chosen.get(a), float)
+                        else str(chosen.get(a, "none")) for a in axes)
+    note = t["reason"] or "; ".join(t["notes"])
+    lines.append(f"| `{cell}` | {values} | {_f(t['mean'], 2, 100)} | {note} |")
+    warnings += [f"- `{cell}`: {w}" for w in t["warnings"]]
+  lines += ["", "Search-space boundary check: " + (
+      "the chosen value sits on the edge of what was tried here, so the best may lie beyond:"
+      if warnings else "no chosen value sits on the edge of what was tried."), *warnings,
+            "", "![tuning](tuning.png)"]
+  return lines
+
+
+def _against_fixed_section(rows, fixed_rows, baseline, min_effect) -> list[str]:
+  """The comparison against the baseline at the tuned points and at the fixed one, side by
+  side, and the cells whose verdict tuning changed."""
+  tuned_cells = {s["cell"]: s for s in cell_summary(rows)}
+  fixed_cells = {s["cell"]: s for s in cell_summary(fixed_rows)}
+  pick = lambda paired: {c["cell"]: c for c in paired if c["metric"] == "test_accuracy"}
+  tuned_pairs = pick(paired_comparison(rows, baseline, min_effect=min_effect))
+  fixed_pairs = pick(paired_comparison(fixed_rows, baseline, min_effect=min_effect))
+  word = lambda c: "n/a" if c is None or c["significant"] is None else (
+      ("better" if c["mean_diff"] > 0 else "worse") if c["significant"] else "no difference")
+  adjusted = lambda c: "n/a" if c is None else _p(c["p_holm"] if c["correction"] == "holm"
+                                                    else c["p_bh"])
+  lines = ["", "## Tuned against fixed", "",
+           "The same cells and final seeds at the config's own values of the nuisance "
+           "hyperparameters (fixed/report.md has that sweep's full report): test accuracy (%, "
+           "mean ± std [95% t-interval]) and the paired difference to the baseline (points, "
+           "adjusted p as in the paired section, verdict).", "",
+           "| cell | tuned accuracy | tuned Δ, p, verdict | fixed accuracy | fixed Δ, p, verdict |",
+           "|---|---|---|---|---|"]
+  changed = []
+  for cell, summary in tuned_cells.items():
+    t, f = tuned_pairs.get(cell), fixed_pairs.get(cell)
+    fixed = fixed_cells.get(cell)
+    cells = [(f"{_f(c['mean_diff'], 2, 100)}, {adjusted(c)}, {word(c)}" if c else "baseline")
+             for c in (t, f)]
+    lines.append(f"| `{cell}` | {_ci(summary['test_accuracy'])} | {cells[0]} | "
+                 f"{_ci(fixed['test_accuracy']) if fixed else 'n/a'} | {cells[1]} |")
+    if t and f and word(t) != word(f):
+      changed.append(f"`{cell}` ({word(f)} at the fixed point, {word(t)} tuned)")
+  lines += ["", ("Tuning changed the verdict for " + ", ".join(changed) + ".") if changed
+            else "Tuning changed no verdict against the baseline."]
+  return lines
+
+
 def check_min_effect(min_effect: float | None) -> None:
   """Raises ConfigError unless `min_effect` is None or an accuracy difference in (0, 1]."""
   number = isinstance(min_effect, (int, float)) and not isinstance(min_effect, bool)
@@ -175,7 +246,8 @@ def check_min_effect(min_effect: float | None) -> None:
 
 
 def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
-                    min_effect: float | None = None, plot_axis: str = "") -> str:
+                    min_effect: float | None = None, plot_axis: str = "",
+                    tuned: dict | None = None, fixed_rows: list[dict] | None = None) -> str:
   rows = with_status(rows)
   summary = cell_summary(rows)
   paired = paired_comparison(rows, baseline, min_effect=min_effect)
@@ -191,6 +263,10 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
   lines += _cost_section(rows, meta)
   lines += _paired_section(paired, baseline)
   lines += _power_section(paired, min_effect)
+  if tuned is not None:
+    lines += _tuning_section(tuned, seeds)
+  if fixed_rows is not None:
+    lines += _against_fixed_section(rows, with_status(fixed_rows), baseline, min_effect)
   lines += ["", "## Variance shift (Li et al. 2019)", "",
             "Per BatchNorm layer, the mean over channels of its input's variance in training mode "
             "(dropout on) and in evaluation mode (dropout off), their ratio, and the running "
@@ -222,14 +298,16 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
 
 def write_report(workdir: str, rows: list[dict], curves: dict[str, list[list[dict]]],
                  diagnostics: dict[str, list[dict]], *, baseline: str, target_accuracy: float,
-                 meta: dict, min_effect: float | None = None, plot_axis: str = "") -> str:
+                 meta: dict, min_effect: float | None = None, plot_axis: str = "",
+                 tuned: dict | None = None, fixed_rows: list[dict] | None = None) -> str:
   """Writes results.csv, cells.csv, comparisons.csv, report.md and the PNG plots into
   `workdir`; returns report.md's path.
 
   `curves[cell][i]` holds the metrics of the i-th row of that cell; diverged runs are left out
   of the plots. `min_effect` is the accuracy difference (0.01 = 1 point) whose seeds needed the
   report states (None: no such statement). `plot_axis` (an axis, "" = none) adds a plot of test
-  accuracy against its values, one line per value of the other axes.
+  accuracy against its values, one line per value of the other axes. A tuned sweep adds its
+  tuning summary `tuned` (cnnlab.study.tuning.summarize) and its fixed-point runs' rows.
 
   Each file is written atomically; report.md is removed first and written last, so one on disk
   always describes the files beside it. A failed write (a full disk) raises WorkdirError.
@@ -241,7 +319,8 @@ def write_report(workdir: str, rows: list[dict], curves: dict[str, list[list[dic
   with contextlib.suppress(FileNotFoundError):  # An interrupted rewrite leaves no stale report.
     os.remove(path)
   text = render_markdown(rows, diagnostics, baseline=baseline, target_accuracy=target_accuracy,
-                         meta=meta, min_effect=min_effect, plot_axis=plot_axis)
+                         meta=meta, min_effect=min_effect, plot_axis=plot_axis, tuned=tuned,
+                         fixed_rows=fixed_rows)
   summary = cell_summary(rows)
   write_results_csv(os.path.join(workdir, "results.csv"), rows)
   write_results_csv(os.path.join(workdir, "cells.csv"), cells_table(summary))

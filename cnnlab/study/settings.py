@@ -9,7 +9,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cnnlab.base.errors import ConfigError
-from cnnlab.study import launchers
+from cnnlab.study import launchers, tuning
 from cnnlab.training.validation import SEED_MAX, check_number, choice
 
 VMAP_CHOICES = ("auto", "on", "off")
@@ -47,6 +47,22 @@ def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
   # The smallest test-accuracy difference worth detecting (0.01 = 1 point): the report says how
   # many seeds a paired t-test would need to detect it with 80% power.
   sweep.min_effect = 0.01
+  # Nuisance hyperparameters (cnnlab.study.tuning), tuned for every cell on the validation
+  # split before the cells are compared: {name: {key, and values=(...) | log=(low, high) |
+  # linear=(low, high)}}. Empty: every cell trains at the config's values.
+  sweep.nuisance = config_dict.ConfigDict()
+  # Seeds of the tuning trials (disjoint from `seeds`, whose runs are the final, compared ones).
+  sweep.tuning_seeds = (1000, 1001, 1002)
+  # Trial points per cell: halton | sobol (scrambled quasi-random, `tuning_budget` points) |
+  # grid (the product of the axes, `tuning_budget` points per range axis).
+  sweep.tuning_method = "halton"
+  sweep.tuning_budget = 8
+  # With nuisance axes: also train every cell at the config's own (fixed) values with the final
+  # seeds, so the report compares the cells both ways, side by side.
+  sweep.compare_fixed = True
+  # ((cell name, ((dotted key, value), ...)), ...): settings of single cells on top of the axes
+  # (a tuned sweep sets each cell's chosen point here).
+  sweep.cell_overrides = ()
   # Where workers run: local (`workers` processes on this machine) | slurm (a job array).
   sweep.launcher = "local"
   # launcher=slurm: a submitit job array; each job trains cells until none is left.
@@ -94,9 +110,32 @@ def validate_sweep(settings: ml_collections.ConfigDict) -> None:
   choice("sweep.launcher", settings.get("launcher", "local"), launchers.LAUNCHERS)
   if "slurm" in settings:  # Checked whatever the launcher: a value set is honoured or refused.
     launchers.slurm_settings(settings.slurm.to_dict())
+  if settings.get("nuisance"):
+    validate_tuning(settings)
   if not isinstance(settings.baseline, str):
     raise ConfigError(f"config.sweep.baseline={settings.baseline!r} must be a cell name (a "
                       f"string; \"\" = the first cell).")
+
+
+def validate_tuning(settings: ml_collections.ConfigDict) -> None:
+  """The tuning settings of a sweep with nuisance axes: a valid space (one-line errors naming
+  the field), a method and budget that give points, and tuning seeds disjoint from the final
+  ones (a final run must not reuse a tuning run's seed: its result would be selected on)."""
+  axes = tuning.parse_space(settings.nuisance, tuple(
+      key for axis in settings.axes.values()
+      for key in (axis.get("keys") or (axis.get("key"),))))
+  tuning.points(axes, settings.tuning_method, settings.tuning_budget)
+  seeds = settings.tuning_seeds
+  if (not isinstance(seeds, (tuple, list)) or not seeds
+      or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                 and 0 <= s <= SEED_MAX for s in seeds) or len(set(seeds)) != len(seeds)):
+    raise ConfigError(f"config.sweep.tuning_seeds={_as_tuple(seeds)!r} must be a non-empty tuple "
+                      f"of distinct non-negative integers, e.g. (1000, 1001, 1002).")
+  shared = sorted(set(seeds) & set(settings.seeds))
+  if shared:
+    raise ConfigError(f"config.sweep.tuning_seeds and config.sweep.seeds share {shared}; the "
+                      f"final runs need fresh seeds, disjoint from the tuning ones.")
+  choice("sweep.compare_fixed", settings.compare_fixed, (True, False))
 
 
 def _as_tuple(value):

@@ -18,6 +18,7 @@ by the OS, finished seeds are kept and an interrupted one resumes from its check
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -31,9 +32,9 @@ from cnnlab.base import environment, errors, files, plugins
 from cnnlab.base.errors import ConfigError, TrainingDivergedError
 from cnnlab.base.locks import CellLock
 from cnnlab.inspection import diagnostics, plots
-from cnnlab.study import collect, launchers, pretrain
+from cnnlab.study import collect, launchers, pretrain, tables, tuning
 from cnnlab.study import workers as workers_lib
-from cnnlab.study.grid import expand, finished, seed_workdir
+from cnnlab.study.grid import TRIAL_AXIS, expand, finished, seed_workdir
 from cnnlab.study.settings import VMAP_AUTO, sweep_settings
 from cnnlab.training import loop, rundir, transfer
 from cnnlab.training import seeds as seeds_lib
@@ -216,6 +217,91 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
                       f"are: {', '.join(settings.axes)}.")
   if settings.launcher == "slurm":  # Asks the cluster before anything is written.
     launchers.check_slurm_submission(workdir, settings.slurm.to_dict())
+  if settings.nuisance:
+    return _run_tuned(config, workdir, cells, overrides=overrides, command=command,
+                      progress=progress)
+  already = train_all(config, workdir, cells, overrides=overrides, command=command,
+                      progress=progress)
+  path = collect.write_sweep_report(config, cells, seeds, workdir, command=command)
+  return Outcome(path, False, {c.name: cell_accuracy([seed_workdir(workdir, c, s, False)
+                                                      for s in seeds]) for c in cells}, already)
+
+
+def _run_tuned(config: ml_collections.ConfigDict, workdir: str, cells, *, overrides=(),
+               command: str = "", progress: bool = True) -> Outcome:
+  """A sweep with nuisance axes, in three stages, each an ordinary sweep (workers, SLURM, locks
+  and resumption as for any): the tuning trials of every cell on the validation split
+  (<workdir>/tuning, `tuning_seeds`, never reading test); every cell at the config's own values
+  with the final seeds (<workdir>/fixed, with `compare_fixed`); every cell at its chosen point
+  with the final seeds (<workdir>), whose report compares the cells and sets the fixed
+  comparison beside it."""
+  settings = sweep_settings(config)
+  axes = tuning.parse_space(settings.nuisance, tuple(
+      k for a in settings.axes.values() for k in (a.get("keys") or (a.get("key"),))))
+  tuning.check_keys(axes, config)
+  trial_points = tuning.points(axes, settings.tuning_method, settings.tuning_budget)
+  keys = tuple(a.key for a in axes)
+  tune_dir = os.path.join(workdir, "tuning")
+  trials_config = _stage_config(config, seeds=settings.tuning_seeds, evaluate_test=False,
+                                trial_axis=(keys, tuple(tuple(p[a.name] for a in axes)
+                                                        for p in trial_points)))
+  trial_cells = expand(trials_config)
+  before = train_all(trials_config, tune_dir, trial_cells, overrides=overrides, command=command,
+                     progress=progress, desc="tuning runs")
+  trials = collect.tuning_trials(trial_cells, tuple(settings.tuning_seeds), tune_dir, axes,
+                                 settings.target_accuracy)
+  tuned = tuning.summarize(axes, trial_points, trials, settings)
+  plots.tuning(os.path.join(workdir, "tuning.png"), {
+      cell: {"axes": axes, "trials": trials[cell], "per_point": t["per_point"],
+             "chosen": t["chosen"]} for cell, t in tuned["cells"].items()})
+  files.write_json_atomic(os.path.join(workdir, "tuning.json"), tuned)
+  fixed_rows = None
+  if settings.compare_fixed:
+    fixed_dir = os.path.join(workdir, "fixed")
+    fixed_config = _stage_config(config)
+    before &= train_all(fixed_config, fixed_dir, cells, overrides=overrides, command=command,
+                        progress=progress, desc="fixed-point runs")
+    collect.write_sweep_report(fixed_config, cells, tuple(settings.seeds), fixed_dir,
+                               command=command)
+    fixed_rows = tables.read_results_csv(os.path.join(fixed_dir, "results.csv"))
+  chosen = tuple((cell, tuple(zip(keys, (t["chosen"][a.name] for a in axes))))
+                 for cell, t in tuned["cells"].items() if t["chosen"] is not None)
+  final_config = _stage_config(config, cell_overrides=chosen)
+  final_cells = expand(final_config)
+  before &= train_all(final_config, workdir, final_cells, overrides=overrides, command=command,
+                      progress=progress, desc="final runs")
+  path = collect.write_sweep_report(final_config, final_cells, tuple(settings.seeds), workdir,
+                                    command=command, tuned=tuned, fixed_rows=fixed_rows)
+  return Outcome(path, False, {c.name: cell_accuracy([seed_workdir(workdir, c, s, False)
+                                                      for s in settings.seeds])
+                               for c in final_cells}, before)
+
+
+def _stage_config(config: ml_collections.ConfigDict, *, seeds=None, evaluate_test=None,
+                  trial_axis=None, cell_overrides=()) -> ml_collections.ConfigDict:
+  """One stage of a tuned sweep: `config` without nuisance axes, with other seeds, the test
+  split left unread, an axis `trial` over the points (keys, values) or per-cell settings."""
+  stage = copy.deepcopy(config)
+  with stage.unlocked():
+    stage.sweep.nuisance = ml_collections.ConfigDict()
+    stage.sweep.cell_overrides = tuple(cell_overrides)
+    if seeds is not None:
+      stage.sweep.seeds = tuple(seeds)
+    if evaluate_test is not None:
+      stage.evaluate_test = evaluate_test
+    if trial_axis is not None:
+      stage.sweep.axes[TRIAL_AXIS] = ml_collections.ConfigDict(
+          {"keys": trial_axis[0], "values": trial_axis[1]})
+  return stage
+
+
+def train_all(config: ml_collections.ConfigDict, workdir: str, cells, *, overrides=(),
+              command: str = "", progress: bool = True, desc: str = "sweep runs") -> bool:
+  """Trains every (cell, seed) of the sweep `config` into `workdir` with its workers and
+  launcher (recording the config in workdir/sweep.json for them); returns whether every run had
+  finished before."""
+  settings = sweep_settings(config)
+  seeds = tuple(settings.seeds)
   os.makedirs(workdir, exist_ok=True)
   files.write_json_atomic(os.path.join(workdir, "sweep.json"), {
       "config": rundir.config_to_dict(config), "overrides": list(overrides),
@@ -225,7 +311,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
   finished_per_cell = lambda: [sum(finished(seed_workdir(workdir, c, s, False)) for s in seeds)
                                for c in cells]
   done_before = sum(finished_per_cell())  # All of them: nothing is trained, the report redone.
-  bar = rundir.progress_bar(total, done_before, enabled=progress, desc="sweep runs", unit="run")
+  bar = rundir.progress_bar(total, done_before, enabled=progress, desc=desc, unit="run")
   imported = []
 
   def advance():
@@ -249,10 +335,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comman
     workers_lib.run_local_workers(workdir, workers, advance,
                                   command=workers_lib.function_command(worker_main, workdir))
   bar.close()
-  path = collect.write_sweep_report(config, cells, seeds, workdir, command=command)
-  return Outcome(path, False, {c.name: cell_accuracy([seed_workdir(workdir, c, s, False)
-                                                      for s in seeds]) for c in cells},
-                 done_before == total)
+  return done_before == total
 
 
 def worker_count(settings: ml_collections.ConfigDict, num_cells: int, num_runs: int) -> int:

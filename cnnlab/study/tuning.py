@@ -160,8 +160,14 @@ def _from_unit(axis: Axis, u: np.ndarray) -> list:
     return [axis.values[i] for i in index]
   if axis.kind == "log":
     lo, hi = math.log(axis.low), math.log(axis.high)
-    return [float(np.clip(math.exp(lo + x * (hi - lo)), axis.low, axis.high)) for x in u]
-  return [float(axis.low + x * (axis.high - axis.low)) for x in u]
+    return [_rounded(np.clip(math.exp(lo + x * (hi - lo)), axis.low, axis.high)) for x in u]
+  return [_rounded(axis.low + x * (axis.high - axis.low)) for x in u]
+
+
+def _rounded(value) -> float:
+  """A point's value to 6 significant digits: 0.05, not geomspace's 0.049999999999999996, in
+  configs, cell names and reports."""
+  return float(f"{float(value):.6g}")
 
 
 def points(axes: list[Axis], method: str, budget: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -190,7 +196,7 @@ def points(axes: list[Axis], method: str, budget: int, seed: int = 0) -> list[di
                       f"points are balanced only in powers of 2; use {power} or {2 * power}, or "
                       f"tuning_method='halton'.")
   if method == "grid":
-    columns = [axis.values if axis.kind == "values" else tuple(float(v) for v in (
+    columns = [axis.values if axis.kind == "values" else tuple(_rounded(v) for v in (
         np.geomspace if axis.kind == "log" else np.linspace)(axis.low, axis.high, budget))
         for axis in axes]
     return [dict(zip((a.name for a in axes), combo)) for combo in itertools.product(*columns)]
@@ -296,3 +302,24 @@ def boundary_warnings(axes: list[Axis], chosen_point: dict | None,
                     f"{'largest' if up else 'smallest'} of {len(tried)} tried; extend the range "
                     f"{'upward' if up else 'downward'} ({hint}).")
   return warnings
+
+
+def summarize(axes: list[Axis], trial_points: list[dict], trials: dict[str, list[dict]],
+              settings) -> dict:
+  """What a tuned sweep records in tuning.json and reports: the search (axes, method, budget,
+  points, tuning seeds), its cost (trials, runs, wall time) and per cell the selection (chosen
+  point or None with the reason, its mean validation accuracy, every point's row, notes) and the
+  boundary warnings."""
+  cells = {}
+  for cell, cell_trials in trials.items():
+    chosen = select(cell_trials, settings.target_accuracy)
+    cells[cell] = {"chosen": chosen.point, "mean": chosen.mean, "per_point": chosen.per_point,
+                   "reason": chosen.reason, "notes": list(chosen.notes),
+                   "warnings": boundary_warnings(axes, chosen.point, trial_points)}
+  runs = sum(len(t) for t in trials.values())
+  return {"method": settings.tuning_method, "budget": settings.tuning_budget,
+          "tuning_seeds": list(settings.tuning_seeds), "axes": [a._asdict() for a in axes],
+          "points": trial_points,
+          "cost": {"points_per_cell": len(trial_points), "runs": runs,
+                   "wall_time_s": sum(t["wall_time_s"] for ts in trials.values() for t in ts)},
+          "cells": cells}

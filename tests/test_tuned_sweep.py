@@ -1,0 +1,186 @@
+"""A sweep with nuisance axes, end to end through launch.py: every cell tuned on the validation
+split (the test split is never read while tuning: the dataset records its reads), final runs with
+fresh seeds, the fixed-point comparison beside it, the tuning figure; killed mid-tuning, a rerun
+ends with the same report; bad tuning settings are one line and write nothing."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, load_config
+
+from cnnlab.base.errors import ConfigError
+from cnnlab.study import settings as sweep_settings
+from cnnlab.study import tables
+from cnnlab.training import validation
+
+# Reads of a split recorded with the time they happened, from every process that reads them.
+RECORDED_DIGITS = '''
+import os
+import time
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from cnnlab.data import register_dataset
+from cnnlab.data.stream import ArraySource
+
+
+class Recorded(ArraySource):
+  def __init__(self, images, labels, split):
+    super().__init__(images, labels)
+    self.split = split
+
+  def __getitem__(self, i):
+    with open(os.environ["CNNLAB_TEST_READS"], "a") as f:
+      f.write(f"{self.split} {time.time()!r}\\n")
+    return super().__getitem__(i)
+
+
+def load(data_dir):
+  digits = load_digits()
+  images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int32)
+  return {"train": Recorded(images[:1400], labels[:1400], "train"),
+          "test": Recorded(images[1400:], labels[1400:], "test")}
+
+
+register_dataset("recorded_digits", load)
+'''
+
+
+STUDY = '''
+from ml_collections import config_dict
+
+from cnnlab.configs import sweep_base
+
+
+def get_config(arg=None):
+  """ablation.py:quick cut to 2 cells x 2 final seeds, the learning rate tuned over 2 points
+  with 2 tuning seeds, on digits read through a recording source."""
+  config = sweep_base("tuned_test", "quick", imports=(RECORDED,))
+  config.dataset.name = "recorded_digits"
+  config.dataset.workers = 0
+  config.sweep.axes.bn = config_dict.ConfigDict(
+      {"key": "model.bn_placement", "values": ("none", "before_act")})
+  config.sweep.seeds = (0, 1)
+  config.sweep.baseline = "bn=none"
+  config.sweep.nuisance.lr = config_dict.ConfigDict(
+      {"key": "optimizer.learning_rate", "log": (0.02, 0.2)})
+  config.sweep.tuning_method = "grid"
+  config.sweep.tuning_budget = 2
+  config.sweep.tuning_seeds = (10, 11)
+  return config
+'''
+
+
+def _args(study, workdir, *extra):
+  return [sys.executable, os.path.join(ROOT, "launch.py"), f"--config={study}",
+          f"--workdir={workdir}", "--noprogress", *extra]
+
+
+def _env(reads):
+  return dict(os.environ, PYTHONUNBUFFERED="1", CNNLAB_TEST_READS=str(reads))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+  """One finished tuned sweep: (workdir, the reads file, the study file)."""
+  root = tmp_path_factory.mktemp("tuned")
+  (root / "recorded.py").write_text(RECORDED_DIGITS)
+  study = root / "tuned_study.py"
+  study.write_text(STUDY.replace("(RECORDED,)", f"({str(root / 'recorded.py')!r},)"))
+  workdir, reads = root / "run", root / "reads.txt"
+  done = subprocess.run(_args(study, workdir), cwd=ROOT, env=_env(reads), capture_output=True,
+                        text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return workdir, reads, study
+
+
+def test_tuning_never_reads_the_test_split(tuned):
+  workdir, reads, _ = tuned
+  trials = [os.path.join(r, "results.json") for r, _, f in os.walk(workdir / "tuning" / "cells")
+            if "results.json" in f]
+  assert len(trials) == 2 * 2 * 2   # cells x points x tuning seeds
+  tuning_done = max(os.path.getmtime(p) for p in trials)
+  test_reads = [float(t) for split, t in (line.split() for line in open(reads)) if split == "test"]
+  assert test_reads and min(test_reads) > tuning_done   # Only the later stages read test.
+  for path in trials:
+    results = json.load(open(path))
+    assert "test_accuracy" not in results and 0 <= results["validation_accuracy"] <= 1
+
+
+def test_the_report_shows_the_choice_the_figure_and_both_comparisons(tuned):
+  workdir, _, _ = tuned
+  record = json.load(open(workdir / "tuning.json"))
+  assert [p["lr"] for p in record["points"]] == [0.02, 0.2]
+  assert record["tuning_seeds"] == [10, 11] and record["cost"]["runs"] == 8
+  rows = tables.read_results_csv(str(workdir / "results.csv"))
+  assert {r["seed"] for r in rows} == {0, 1}   # Disjoint from the tuning seeds.
+  fixed = tables.read_results_csv(str(workdir / "fixed" / "results.csv"))
+  assert {r["cell"] for r in fixed} == {r["cell"] for r in rows}
+  text = open(workdir / "report.md").read()
+  assert "## Tuning" in text and "## Tuned against fixed" in text and "tuning.png" in text
+  for cell, chosen in record["cells"].items():
+    # Each cell's final runs trained at its chosen rate, written in its config.json.
+    run = next(os.path.join(r, "config.json") for r, _, f in os.walk(workdir / "cells")
+               if "config.json" in f and f"{cell.replace('=', '-').replace(',', '_')}-" in r)
+    assert json.load(open(run))["config"]["optimizer"]["learning_rate"] == chosen["chosen"]["lr"]
+    assert f"| `{cell}` | {chosen['chosen']['lr']:.4g} |" in text
+  assert os.path.getsize(workdir / "tuning.png") > 10_000
+
+
+def test_a_tuned_sweep_killed_mid_tuning_reruns_to_the_same_report(tuned, tmp_path):
+  reference, _, study = tuned
+  killed, reads = tmp_path / "killed", tmp_path / "reads.txt"
+  proc = subprocess.Popen(_args(study, killed), cwd=ROOT, env=_env(reads),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+  done = lambda: [r for r, _, f in os.walk(killed / "tuning") if "results.json" in f]
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and len(done()) < 3:
+    time.sleep(0.05)
+  assert proc.poll() is None, "the sweep ended before it could be killed"
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(killed / "report.md")
+  rerun = subprocess.run(_args(study, killed), cwd=ROOT, env=_env(reads), capture_output=True,
+                         text=True, timeout=900)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  text = lambda w: re.sub(r"\d+ s of training", "T s of training",
+                          open(w / "report.md").read().replace(str(w), "WORKDIR"))
+  assert text(killed) == text(reference)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"lr": {"key": "optimizer.learning_rate", "log": (0.0, 0.1)}}, "log"),
+    ({"lr": {"key": "optimizer.learning_rate", "values": ()}}, "values"),
+    ({"lr": {"key": "model.dropout", "values": ("none",)}}, "scientific axis"),
+    ({"lr": {"key": "optimizer.learning_rate", "linear": (0.2, 0.1)}}, "linear"),
+])
+def test_bad_search_spaces_are_one_line(change, says):
+  config = load_config("experiments/ablation.py", "tuned")
+  config.sweep.nuisance = change
+  with pytest.raises(ConfigError, match=says) as error:
+    sweep_settings.sweep_settings(config)
+  assert "\n" not in str(error.value) and str(error.value).startswith("config.sweep.")
+
+
+def test_final_seeds_must_be_fresh():
+  config = load_config("experiments/ablation.py", "tuned")
+  config.sweep.tuning_seeds = (4, 5, 6)   # Seed 4 is a final seed too.
+  with pytest.raises(ConfigError, match=r"share \[4\]"):
+    sweep_settings.sweep_settings(config)
+
+
+def test_evaluate_test_false_needs_a_validation_split(tiny_config):
+  tiny_config.evaluate_test = False   # tiny_config has no validation split.
+  with pytest.raises(ConfigError, match=r"config.evaluate_test=False .*validation_fraction=0 "):
+    validation.validate_config(tiny_config)
+  tiny_config.dataset.validation_fraction = 0.1
+  validation.validate_config(tiny_config)
