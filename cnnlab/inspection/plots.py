@@ -202,9 +202,13 @@ def tuning(path: str, cells: dict[str, dict]) -> None:
   several axes each column shows every point at its value on that axis."""
   names = list(cells)
   width = max(len(cells[c]["axes"]) for c in names)
-  fig, grid = plt.subplots(len(names), width, figsize=(4.5 * width + 1, 3 * len(names) + 0.8),
+  # One nuisance axis: the cells side by side, three to a row; several: a row per cell.
+  columns = min(3, len(names)) if width == 1 else width
+  rows = -(-len(names) // columns) if width == 1 else len(names)
+  fig, grid = plt.subplots(rows, columns, figsize=(4.5 * columns + 1, 3 * rows + 0.8),
                            squeeze=False, constrained_layout=True)
-  for row, cell in zip(grid, names):
+  panels = grid.reshape(-1, 1) if width == 1 else grid
+  for row, cell in zip(panels, names):
     entry = cells[cell]
     for ax, axis in zip(row, entry["axes"]):
       finished = [t for t in entry["trials"] if t["status"] == "finished"]
@@ -232,6 +236,9 @@ def tuning(path: str, cells: dict[str, dict]) -> None:
           left, right = axis.low / pad, axis.high * pad
           ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
           ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+          tried = sorted({p["point"][axis.name] for p in entry["per_point"]})
+          if len(tried) <= 8:   # Ticks at the values tried, where they are few.
+            ax.set_xticks(tried, [f"{v:g}" for v in tried])
         else:
           pad = (axis.high - axis.low) * 0.1
           left, right = axis.low - pad, axis.high + pad
@@ -247,6 +254,8 @@ def tuning(path: str, cells: dict[str, dict]) -> None:
       ax.grid(alpha=0.3)
     for ax in row[len(entry["axes"]):]:
       ax.set_axis_off()
+  for ax in panels[len(names):].ravel():   # Empty places of the last row.
+    ax.set_axis_off()
   handles: dict = {}   # One legend entry per label, from whichever subplot drew it.
   for ax in fig.axes:
     for handle, label in zip(*ax.get_legend_handles_labels()):
