@@ -47,11 +47,19 @@ def _results(workdir):
     return json.load(f)
 
 
-def test_a_jpeg_folder_trains_by_dataset_settings_and_pictures_name_its_classes(
-    folder, tmp_path, monkeypatch):
-  workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "tfds")
-  proc = run_launch(*_folder_args(folder, workdir, data_dir, "--config.dataset.workers=1"))
+@pytest.fixture(scope="module")
+def folder_run(folder, tmp_path_factory):
+  """The folder trained uninterrupted with 2 worker processes: (workdir, data dir)."""
+  where = tmp_path_factory.mktemp("folder_run")
+  workdir, data_dir = str(where / "run"), str(where / "tfds")
+  proc = run_launch(*_folder_args(folder, workdir, data_dir, "--config.dataset.workers=2"))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, data_dir
+
+
+def test_a_jpeg_folder_trains_by_dataset_settings_and_pictures_name_its_classes(
+    folder_run, monkeypatch):
+  workdir, _ = folder_run
   results = _results(workdir)
   assert results["test_accuracy"] > 0.25, results   # Chance is 0.1 (80 test images).
   assert len(results["data_digest"]) == 64
@@ -152,16 +160,14 @@ def test_a_tfds_dataset_built_as_array_record_is_trained_by_name(tmp_path):
   data.clear_caches()
 
 
-def test_kill_9_mid_epoch_with_two_workers_resumes_bit_identically(folder, tmp_path):
-  data_dir = str(tmp_path / "tfds")
-  whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-  assert run_launch(*_folder_args(folder, whole, data_dir, "--config.dataset.workers=2",
-                                 epochs=2)).returncode == 0
-  args = _folder_args(folder, cut, data_dir, "--config.dataset.workers=2", epochs=2)
+def test_kill_9_mid_epoch_with_two_workers_resumes_bit_identically(folder, folder_run, tmp_path):
+  whole, data_dir = folder_run
+  cut = str(tmp_path / "cut")
+  args = _folder_args(folder, cut, data_dir, "--config.dataset.workers=2")
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True)
-  wait_for_checkpoint(cut, 15, proc)   # Step 15 of 20: mid-epoch 2 (10 steps per epoch).
+  wait_for_checkpoint(cut, 15, proc)   # Step 15 of 30: mid-epoch 2 (10 steps per epoch).
   os.killpg(proc.pid, signal.SIGKILL)   # The trainer and its grain workers, as an OOM kill.
   proc.wait()
   resumed = run_launch(*args)
