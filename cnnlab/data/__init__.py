@@ -209,8 +209,9 @@ def image_shape(data_config) -> tuple[int, int, int]:
   reading a builder's data."""
   if streamed.is_streamed(data_config):
     size = streamed.image_size(data_config)
-    first = _source(data_config, "train")[0]["image"]   # Not test: a tuning run never reads it.
-    return (size, size, first.shape[-1]) if size else tuple(first.shape)
+    train = _source(data_config, "train")   # Not test: a tuning run never reads it.
+    stored = getattr(train, "image_shape", None) or train[0]["image"].shape   # Else read one.
+    return (size, size, stored[-1]) if size else tuple(stored)
   stored, _ = dataset_shape(data_config.name, _data_dir(data_config))
   size = data_config.get("resize")
   return stored if size is None else (*subsets.check_size(size), stored[2])

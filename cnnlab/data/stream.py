@@ -45,6 +45,11 @@ class ArraySource:
     self.images, self.labels = images, np.asarray(labels, np.int32)
     self.class_names = tuple(class_names)
 
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    """(H, W, C) of every example: known without reading one."""
+    return tuple(self.images.shape[1:])
+
   def __len__(self) -> int:
     return len(self.labels)
 

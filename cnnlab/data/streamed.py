@@ -45,6 +45,7 @@ class Subset:
     self.source, self.indices = source, np.asarray(indices, np.int64)
     self.class_names = getattr(source, "class_names", None)
     self.digest = getattr(source, "digest", None)
+    self.image_shape = getattr(source, "image_shape", None)
 
   @property
   def labels(self) -> np.ndarray | None:
