@@ -56,9 +56,13 @@ def _import_file(path, module_name):
   return module
 
 
-def _stripes_module(tmp_path, dataset, module_name):
+def _stripes_module(tmp_path, dataset, module_name, takes_config=False):
   path = tmp_path / f"{module_name}.py"
-  path.write_text(STRIPES.replace("NAME", repr(dataset)))
+  text = STRIPES.replace("NAME", repr(dataset))
+  if takes_config:
+    text = text.replace("def load(data_dir):\n  CALLS.append(data_dir)",
+                        "def load(data_config):\n  CALLS.append(data_config.data_dir)")
+  path.write_text(text)
   return _import_file(path, module_name)
 
 
@@ -89,6 +93,17 @@ def test_a_dataset_registered_from_a_file_outside_the_package_trains(tiny_config
   words = " ".join(texts)
   assert "true horizontal" in words and "pred " in words and "test #0, horizontal" in words
   assert {"horizontal", "vertical", "diagonal"} <= set(texts)   # Class-accuracy ticks.
+
+
+def test_a_load_function_that_takes_the_config_gets_it_on_every_read(tiny_config, tmp_path):
+  """Every read of an in-memory dataset (its shape, classes, splits, statistics) calls `load`
+  with the run's `config.dataset`, once: never with an empty one."""
+  module = _stripes_module(tmp_path, "stripes_config", "my_stripes_config", takes_config=True)
+  tiny_config.dataset.name = "stripes_config"
+  tiny_config.num_epochs = 1
+  results = loop.train_and_evaluate(tiny_config, str(tmp_path / "run"), progress=False)
+  assert results["test_accuracy"] > 0.6
+  assert module.CALLS == [tiny_config.dataset.data_dir]
 
 
 def test_an_unknown_name_lists_the_registered_names_and_their_modules(tiny_config, tmp_path):

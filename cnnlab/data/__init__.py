@@ -50,18 +50,27 @@ class DatasetInfo(NamedTuple):
 _data_dir = streamed.data_dir
 
 
-def _sized_split(name: str, data_dir: str, manual_dir: str | None, split: str,
-                 size: tuple[int, int] | None) -> Split:
+Where = tuple[str, str, str | None, str | None]
+
+
+def _where(data_config) -> Where:
+  """What an in-memory dataset's splits are read and cached by: (name, data_dir, manual_dir,
+  what its load function is called with (`registry.load_settings`))."""
+  name = data_config.name
+  return (name, _data_dir(data_config), data_config.get("manual_dir"),
+          registry.load_settings(name, data_config))
+
+
+def _sized_split(where: Where, split: str, size: tuple[int, int] | None) -> Split:
   """A split with its images resized to `size` (None: as stored)."""
   if size is None:
-    return _load_split(name, data_dir, manual_dir, split)
-  return _resized_split(name, data_dir, manual_dir, split, size)
+    return _load_split(*where, split)
+  return _resized_split(where, split, size)
 
 
 @functools.lru_cache(maxsize=16)
-def _resized_split(name: str, data_dir: str, manual_dir: str | None, split: str,
-                   size: tuple[int, int]) -> Split:
-  data = _load_split(name, data_dir, manual_dir, split)
+def _resized_split(where: Where, split: str, size: tuple[int, int]) -> Split:
+  data = _load_split(*where, split)
   return Split(subsets.resize(data.images, size), data.labels)
 
 
@@ -84,7 +93,7 @@ def _own_validation(data_config) -> bool:
   if streamed.is_streamed(data_config):
     return "validation" in streamed.open_splits(data_config)
   return (lookup(name).builder is None
-          and "validation" in registry.read_arrays(name, _data_dir(data_config))[0])
+          and "validation" in registry.read_arrays(name, _data_dir(data_config), data_config)[0])
 
 
 def split_part(data_config, split: str, own_validation: bool) -> str:
@@ -118,10 +127,10 @@ def load_split(data_config, split: str) -> Split:
   if streamed.is_streamed(data_config):
     return streamed.LazySplit(_source(data_config, split), streamed.eval_transform(data_config))
   part = split_part(data_config, split, _own_validation(data_config))
-  where = (data_config.name, _data_dir(data_config), data_config.get("manual_dir"))
   if part in ("test", "validation"):
-    return _sized_split(*where, part, _size(data_config))
-  train, validation = _carve(*where, _size(data_config), validation_fraction(data_config),
+    return _sized_split(_where(data_config), part, _size(data_config))
+  train, validation = _carve(_where(data_config), _size(data_config),
+                             validation_fraction(data_config),
                              int(data_config.get("validation_seed", 0)))
   return _subset(train, data_config) if part == "train" else validation
 
@@ -146,12 +155,12 @@ def _subset(train: Split, data_config) -> Split:
 
 
 @functools.lru_cache(maxsize=16)
-def _carve(name: str, data_dir: str, manual_dir: str | None, size: tuple[int, int] | None,
-           fraction: float, seed: int) -> tuple[Split, Split]:
+def _carve(where: Where, size: tuple[int, int] | None, fraction: float,
+           seed: int) -> tuple[Split, Split]:
   """(train, validation): round(fraction x n_c) examples of each class c, drawn with `seed`, go to
   validation; both keep the train split's order. The same for every run seed, so the cells and
   seeds of a sweep are compared on one validation split."""
-  full = _sized_split(name, data_dir, manual_dir, "train", size)
+  full = _sized_split(where, "train", size)
   held = streamed.held_out(full.labels, len(full.labels), fraction, seed)
   return (Split(full.images[~held], full.labels[~held]),
           Split(full.images[held], full.labels[held]))
@@ -168,14 +177,16 @@ def clear_caches() -> None:
 registry.CACHE_CLEARERS.append(clear_caches)
 
 
-def dataset_shape(name: str, data_dir: str | None = None) -> tuple[tuple[int, int, int], int]:
+def dataset_shape(name: str, data_dir: str | None = None,
+                  data_config=None) -> tuple[tuple[int, int, int], int]:
   """(image shape (H, W, C), number of classes) of dataset `name` as stored: a builder's,
   without preparing it; a load function's, from what it returns for `data_dir` (None: the
-  default). A dataset of sources (images of any size) has H = W = 0."""
+  default) or for `data_config`, if it takes that. A dataset of sources (images of any size)
+  has H = W = 0."""
   builder = lookup(name).builder
   data_dir = _data_dir({"data_dir": data_dir})
   if builder is None:
-    splits, num_classes = registry.read_arrays(name, data_dir)
+    splits, num_classes = registry.read_arrays(name, data_dir, data_config)
     if registry.is_source(splits["train"]):
       return (0, 0, splits["train"][0]["image"].shape[-1]), num_classes
     return tuple(splits["train"][0].shape[1:]), num_classes
@@ -188,7 +199,7 @@ def dataset_shape(name: str, data_dir: str | None = None) -> tuple[tuple[int, in
 def num_classes(data_config) -> int:
   if streamed.is_streamed(data_config):
     return len(class_names(data_config))
-  return dataset_shape(data_config.name, _data_dir(data_config))[1]
+  return dataset_shape(data_config.name, _data_dir(data_config), data_config)[1]
 
 
 def class_names(data_config) -> tuple[str, ...]:
@@ -212,7 +223,7 @@ def image_shape(data_config) -> tuple[int, int, int]:
     train = _source(data_config, "train")   # Not test: a tuning run never reads it.
     stored = getattr(train, "image_shape", None) or train[0]["image"].shape   # Else read one.
     return (size, size, stored[-1]) if size else tuple(stored)
-  stored, _ = dataset_shape(data_config.name, _data_dir(data_config))
+  stored, _ = dataset_shape(data_config.name, _data_dir(data_config), data_config)
   size = data_config.get("resize")
   return stored if size is None else (*subsets.check_size(size), stored[2])
 
@@ -233,9 +244,8 @@ def dataset_info(data_config) -> DatasetInfo:
 
 
 @functools.lru_cache(maxsize=16)
-def _stats(name: str, data_dir: str, manual_dir: str | None, size: tuple[int, int] | None,
-           fraction: float, seed: int):
-  train, _ = _carve(name, data_dir, manual_dir, size, fraction, seed)
+def _stats(where: Where, size: tuple[int, int] | None, fraction: float, seed: int):
+  train, _ = _carve(where, size, fraction, seed)
   x = train.images.astype(np.float64) / 255.0
   mean = x.mean(axis=(0, 1, 2))
   std = x.std(axis=(0, 1, 2))
@@ -265,8 +275,7 @@ def normalisation(data_config) -> tuple[np.ndarray, np.ndarray]:
   if streamed.is_streamed(data_config):
     return _streamed_stats(data_config.name, _settings_key(data_config))
   load_split(data_config, "train")
-  return _stats(data_config.name, _data_dir(data_config), data_config.get("manual_dir"),
-                _size(data_config), validation_fraction(data_config),
+  return _stats(_where(data_config), _size(data_config), validation_fraction(data_config),
                 int(data_config.get("validation_seed", 0)))
 
 

@@ -108,12 +108,14 @@ def _prepared_record(name: str, builder: tfds.core.DatasetBuilder) -> dict | Non
 
 
 @functools.lru_cache(maxsize=16)
-def _load_split(name: str, data_dir: str, manual_dir: str | None, split: str) -> Split:
+def _load_split(name: str, data_dir: str, manual_dir: str | None, settings: str | None,
+                split: str) -> Split:
   """Every example of a split, read once through `tfds.data_source` into host memory, checked
   against what was generated (RECORD_FILE): a DatasetError names the directory to delete. A
-  dataset registered with a load function: that split of what it returned (checked)."""
+  dataset registered with a load function: that split of what it returned for `data_dir` or
+  `settings` (`registry.load_settings`), checked."""
   if lookup(name).builder is None:
-    return Split(*registry.read_arrays(name, data_dir)[0][split])
+    return Split(*registry.read_splits(name, data_dir, settings)[0][split])
   builder = prepare(name, data_dir, manual_dir)
   where = builder.data_dir
   record = _prepared_record(name, builder)

@@ -138,10 +138,15 @@ def read_arrays(name: str, data_dir: str, data_config=None
   """({split: (uint8 images [N, H, W, C], int32 labels [N]) or a source}, number of classes) of
   the load function registered as `name`, called once per process and data_dir (or settings of
   `data_config`, for a function that takes it), checked."""
-  settings = None
-  if takes_config(lookup(name).source):
-    settings = json.dumps(dict(data_config or {}), sort_keys=True, default=str)
-  return read_splits(name, data_dir, settings)
+  return read_splits(name, data_dir, load_settings(name, data_config))
+
+
+def load_settings(name: str, data_config) -> str | None:
+  """What the load function registered as `name` is called with besides data_dir, as a cache
+  key: `data_config` as JSON for one that takes it, else None."""
+  if not takes_config(lookup(name).source):
+    return None
+  return json.dumps(dict(data_config or {}), sort_keys=True, default=str)
 
 
 @functools.lru_cache(maxsize=16)
