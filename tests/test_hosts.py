@@ -11,6 +11,7 @@ params_sha256: the same topology runs the same program, so the bits are equal.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,9 +24,9 @@ from conftest import ROOT, wait_for_checkpoint
 FAST = {"CNNLAB_PEER_TIMEOUT_S": "5", "CNNLAB_START_TIMEOUT_S": "5"}
 
 
-def _env(devices: int = 2) -> dict:
+def _env(devices: int = 2, **extra) -> dict:
   flags = os.environ.get("XLA_FLAGS", "")
-  return dict(os.environ, PYTHONUNBUFFERED="1", **FAST,
+  return dict(os.environ, PYTHONUNBUFFERED="1", **FAST, **extra,
               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
 
 
@@ -45,16 +46,16 @@ def _args(data_dir, workdir, epochs=2):
           "--config.log_every_steps=5", "--config.checkpoint_every_steps=10"]
 
 
-def _start(args, port, process_id):
+def _start(args, port, process_id, **env):
   return subprocess.Popen(
       [sys.executable, *args, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-       f"--process_id={process_id}"], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+       f"--process_id={process_id}"], env=_env(**env), cwd=ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
 
 
-def _both(args):
+def _both(args, **env):
   port = _free_port()
-  return [_start(args, port, i) for i in range(2)]
+  return [_start(args, port, i, **env) for i in range(2)]
 
 
 def _finish(procs, timeout=300):
@@ -84,10 +85,13 @@ def _assert_resumes_to(args, workdir, uninterrupted):
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("hosts") / "whole")
-  codes, errs, _ = _finish(_both(_args(data_dir, workdir)))
+  temp = tmp_path_factory.mktemp("temp")
+  codes, errs, _ = _finish(_both(_args(data_dir, workdir), TMPDIR=str(temp)))
   assert codes == [0, 0], errs
   for err in errs:  # XLA's and gloo's own lines stay in the log, not the terminal.
     assert "[Gloo]" not in err and "rendezvous" not in err
+  # ... and the logs go once the run has finished: none is left behind for each run.
+  assert not list(temp.glob("cnnlab-process*.log")), list(temp.iterdir())
   return _results(workdir)
 
 
@@ -150,7 +154,7 @@ def test_kill_9_of_a_process_itself_not_its_parent_is_one_line_on_each(data_dir,
   """The child of the supervising parent is what the OOM killer or a node failure ends; its
   peer sees gloo's 'Connection closed by peer' in a collective first, then names the peer."""
   workdir = str(tmp_path / "run")
-  procs = _both(_args(data_dir, workdir))
+  procs = _both(_args(data_dir, workdir), TMPDIR=str(tmp_path))
   wait_for_checkpoint(workdir, 20, procs[0])
   child = int(subprocess.check_output(["pgrep", "-P", str(procs[1].pid)]).split()[0])
   os.kill(child, signal.SIGKILL)
@@ -159,6 +163,9 @@ def test_kill_9_of_a_process_itself_not_its_parent_is_one_line_on_each(data_dir,
   assert all(len(_errors(e)) == 1 and "Traceback" not in e for e in errs), errs
   assert "ended by SIGKILL" in errs[1]
   assert took[0] < 5 + 15
+  # The line names the process's log, and the log is there (XLA's and gloo's lines).
+  log = re.search(r"this process's log: (\S+)\)", errs[1]).group(1)
+  assert os.path.dirname(log) == str(tmp_path) and os.path.getsize(log) > 0, errs[1]
 
 
 @pytest.mark.parametrize("victim", [0, 1])

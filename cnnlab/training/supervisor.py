@@ -8,7 +8,7 @@ process of a multi-process run as a child of a small parent that starts no JAX b
 
 - the child's stdout and stderr pass through, except XLA's and gloo's own log lines (C++
   `[IWEF]mmdd ... file.cc:N]` lines with what follows them, `[Gloo]` lines, fatal stacks and
-  thread dumps), which go to a log file;
+  thread dumps), which go to a log file, kept only when the one line below names it;
 - SIGTERM and SIGINT to the parent reach the child once (it runs in its own session, so a
   terminal's Ctrl-C comes only through the parent), which saves a checkpoint with its peers and
   says so; a second signal stops it at once (exit 130); `kill -9` of the parent kills the child
@@ -164,6 +164,7 @@ def run(argv: list[str], process_id: int | str) -> int:
     reader.join()
   exiting = next((f.exiting for f in filters if f.exiting is not None), None)
   if status == 0 or any(f.said_error for f in filters):
+    _remove(log_path)  # The terminal said how it ended; the log is kept only when it is named.
     return exiting if exiting is not None else status if status in (0, 2, 130) else 2
   if not any(f.joined for f in filters):
     print(f"error: process {process_id} could not join the other processes within "
@@ -172,6 +173,7 @@ def run(argv: list[str], process_id: int | str) -> int:
           f"(this process's log: {log_path}).", file=sys.stderr, flush=True)
     return 2
   if -status in (signal.SIGTERM, signal.SIGINT):  # A second signal: the user's, exit at once.
+    _remove(log_path)
     print(f"error: process {process_id} stopped at once by a second "
           f"{signal.Signals(-status).name}; {RESUME_HINT}.", file=sys.stderr, flush=True)
     return 130
@@ -183,6 +185,13 @@ def run(argv: list[str], process_id: int | str) -> int:
   print(f"error: process {process_id} {why}; if another process ended first, its line says "
         f"why; {RESUME_HINT} (this process's log: {log_path}).", file=sys.stderr, flush=True)
   return 2
+
+
+def _remove(path: str) -> None:
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
 
 
 class _Filter:
