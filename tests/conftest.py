@@ -83,3 +83,19 @@ def wait_for_checkpoint(workdir: str, at_least: int, proc, timeout: float = 300)
       break
     time.sleep(0.02)
   assert proc.poll() is None, "the run ended before it could be interrupted; make it longer"
+
+
+def finished_runs(folder) -> list[str]:
+  """The results.json of every finished run under `folder`, sorted (none while it is absent)."""
+  return sorted(os.path.join(root, "results.json") for root, _, files in os.walk(folder)
+                if "results.json" in files)
+
+
+def wait_for_finished_runs(folder, at_least: int, proc, timeout: float = 300) -> None:
+  """Waits until `at_least` runs under `folder` have finished while `proc` still runs
+  (AssertionError if it ended first: the sweep is too short to be interrupted)."""
+  import time
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None and len(finished_runs(folder)) < at_least:
+    time.sleep(0.05)
+  assert proc.poll() is None, "the sweep ended before it could be interrupted; make it longer"

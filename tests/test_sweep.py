@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, load_config
+from conftest import ROOT, finished_runs, load_config, wait_for_finished_runs
 
 from cnnlab.base.errors import ConfigError
 from cnnlab.study import grid, sweep, tables
@@ -167,16 +167,10 @@ def test_kill_mid_sweep_then_rerun_keeps_finished_cells_and_same_report(data_dir
   proc = subprocess.Popen(_small_sweep_args(data_dir, killed), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   cells_dir = os.path.join(killed, "cells")
-  finished = lambda: sorted(
-      os.path.join(root, "results.json") for root, _, files in os.walk(cells_dir)
-      if "results.json" in files) if os.path.isdir(cells_dir) else []
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None and len(finished()) < 2:
-    time.sleep(0.05)
-  assert proc.poll() is None, "the sweep ended before it could be killed"
+  wait_for_finished_runs(cells_dir, 2, proc)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
-  kept = {p: os.path.getmtime(p) for p in finished()}
+  kept = {p: os.path.getmtime(p) for p in finished_runs(cells_dir)}
   assert len(kept) >= 2 and not os.path.exists(os.path.join(killed, "report.md"))
 
   rerun = subprocess.run(_small_sweep_args(data_dir, killed), cwd=ROOT, capture_output=True,

@@ -9,10 +9,9 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import ROOT, load_config
+from conftest import ROOT, finished_runs, load_config, wait_for_finished_runs
 
 from cnnlab.base.errors import ConfigError
 from cnnlab.study import settings as sweep_settings
@@ -135,20 +134,28 @@ def test_the_report_shows_the_choice_the_figure_and_both_comparisons(tuned):
   assert os.path.getsize(workdir / "tuning.png") > 10_000
 
 
-def test_a_tuned_sweep_killed_mid_tuning_reruns_to_the_same_report(tuned, tmp_path):
+def test_a_tuned_sweep_stopped_by_sigterm_then_killed_reruns_to_the_same_report(tuned, tmp_path):
+  """SIGTERM mid-tuning ends the sweep in one line (exit 130); the rerun, killed with -9 once
+  the fixed-point stage has begun, and a second rerun end with the uninterrupted report."""
   reference, _, study = tuned
   killed, reads = tmp_path / "killed", tmp_path / "reads.txt"
-  proc = subprocess.Popen(_args(study, killed), cwd=ROOT, env=_env(reads),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)
-  done = lambda: [r for r, _, f in os.walk(killed / "tuning") if "results.json" in f]
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None and len(done()) < 3:
-    time.sleep(0.05)
-  assert proc.poll() is None, "the sweep ended before it could be killed"
+  start = lambda: subprocess.Popen(_args(study, killed), cwd=ROOT, env=_env(reads),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+  proc = start()
+  wait_for_finished_runs(killed / "tuning", 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130 and err.strip().startswith("error: interrupted by SIGTERM"), err
+  assert len(err.strip().splitlines()) == 1, err
+  tuned_before = finished_runs(killed / "tuning")
+  assert 3 <= len(tuned_before) < 8 and not os.path.exists(killed / "report.md")
+
+  proc = start()
+  wait_for_finished_runs(killed / "fixed", 1, proc)
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
-  assert not os.path.exists(killed / "report.md")
+  assert len(finished_runs(killed / "tuning")) == 8 and not os.path.exists(killed / "report.md")
   rerun = subprocess.run(_args(study, killed), cwd=ROOT, env=_env(reads), capture_output=True,
                          text=True, timeout=900)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
