@@ -1,6 +1,7 @@
 """Image folders: both layouts, the seeded stratified split, the digest and the change warning,
 FolderSource's checks, pickling, and the one-line errors."""
 
+import errno
 import json
 import logging
 import os
@@ -226,3 +227,46 @@ def test_a_lone_train_folder_is_split_and_two_held_out_folders_are_refused(tmp_p
   _make_classes(str(root / "test"), {"a": 1, "b": 1})
   with pytest.raises(DatasetError, match=r"several held-out folders \(val/, test/\); keep one"):
     _index(str(root), tmp_path)
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"\x00\xff not json", b"[1, 2, 3]", b'{"splits": [1, 2]}', b'{"root": NaN}',
+    b'{"root": "/elsewhere", "class_names": [], "splits": {}, "digest": "x"}', "half"])
+def test_a_damaged_or_foreign_index_cache_is_replaced_without_a_warning(flat, tmp_path, caplog,
+                                                                        content):
+  root, _ = flat
+  cache = tmp_path / "cache" / "index.json"
+  if content == "half":   # A torn copy of the folder's own index.
+    _index(root, tmp_path)
+    content = cache.read_bytes()[:len(cache.read_bytes()) // 2]
+  cache.parent.mkdir(exist_ok=True)
+  cache.write_bytes(content)
+  caplog.set_level(logging.WARNING, logger="cnnlab.data.folders")
+  index = _index(root, tmp_path)
+  assert index.digest == folders.scan_folder(root, 0.4, 0).digest
+  assert json.loads(cache.read_text())["digest"] == index.digest
+  assert caplog.records == []
+
+
+@pytest.mark.parametrize("blocked", ["read-only", "full disk"])
+def test_an_index_cache_that_cannot_be_written_is_one_warning_and_the_folder_is_used(
+    flat, tmp_path, caplog, monkeypatch, blocked):
+  root, _ = flat
+  cache_dir = tmp_path / "cache"
+  if blocked == "read-only":
+    cache_dir.write_text("a file where the cache folder goes")
+    why = "File exists"
+  else:
+    def full(fd):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(folders.files.os, "fsync", full)   # The write reaches a full disk.
+    why = os.strerror(errno.ENOSPC)
+  caplog.set_level(logging.WARNING, logger="cnnlab.data.folders")
+  index = folders.index_folder(root, 0.4, 0, str(cache_dir))
+  assert index.digest == folders.scan_folder(root, 0.4, 0).digest
+  [record] = caplog.records
+  assert record.getMessage() == (
+      f"cannot keep the index of folder {index.root} in {cache_dir} ({why}); the folder is used "
+      f"as scanned, and the next run cannot name what changed in it")
+  if cache_dir.is_dir():   # Nothing half-written is left behind.
+    assert os.listdir(cache_dir) == []

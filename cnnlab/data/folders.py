@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cnnlab.base import files
-from cnnlab.base.errors import DatasetError
+from cnnlab.base.errors import DatasetError, WorkdirError
 from cnnlab.data import transforms
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -190,10 +190,12 @@ def index_folder(root: str, test_fraction: float, split_seed: int, cache_dir: st
   removed and edited files, and indexed again. The cache is replaced atomically, so processes
   indexing the same folder at once write identical content and never a torn file.
 
+  The cache only serves to name the changes: where it cannot be written (a read-only data
+  directory, a full disk), one warning line says so and the folder is used as scanned.
+
   Raises:
     DatasetError: root is not a directory, holds no class folders or an empty one, train/ and
       val/ hold different classes, or test_fraction is not in (0, 1) or leaves a split empty.
-    WorkdirError: cache_dir cannot be written.
   """
   new = scan_folder(root, test_fraction, split_seed)
   path = os.path.join(cache_dir, INDEX_FILE)
@@ -208,9 +210,12 @@ def index_folder(root: str, test_fraction: float, split_seed: int, cache_dir: st
   if cached != record:
     try:
       os.makedirs(cache_dir, exist_ok=True)
-    except OSError as e:
-      raise files.write_error(cache_dir, e, None) from e
-    files.write_json_atomic(path, record)
+      files.write_json_atomic(path, record)
+    except (OSError, WorkdirError) as e:
+      reason = getattr(e if isinstance(e, OSError) else e.__cause__, "strerror", None) or e
+      logger.warning("cannot keep the index of folder %s in %s (%s); the folder is used as "
+                     "scanned, and the next run cannot name what changed in it", new.root,
+                     cache_dir, reason)
   return new
 
 
