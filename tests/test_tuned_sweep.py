@@ -9,13 +9,14 @@ import re
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 from conftest import ROOT, finished_runs, load_config, wait_for_finished_runs
 
 from cnnlab.base.errors import ConfigError
+from cnnlab.study import grid, tables
 from cnnlab.study import settings as sweep_settings
-from cnnlab.study import tables
 from cnnlab.training import validation
 
 # Reads of a split recorded with the time they happened, from every process that reads them.
@@ -61,7 +62,8 @@ from cnnlab.configs import sweep_base
 
 def get_config(arg=None):
   """ablation.py:quick cut to 2 cells x 2 final seeds, the learning rate tuned over 2 points
-  with 2 tuning seeds, on digits read through a recording source."""
+  with 2 tuning seeds, on digits read through a recording source; the larger point is the
+  config's own rate, 0.05, which every cell chooses (the other, 0.0005, barely trains)."""
   config = sweep_base("tuned_test", "quick", imports=(RECORDED,))
   config.dataset.name = "recorded_digits"
   config.dataset.workers = 0
@@ -69,8 +71,8 @@ def get_config(arg=None):
       {"key": "model.bn_placement", "values": ("none", "before_act")})
   config.sweep.seeds = (0, 1)
   config.sweep.baseline = "bn=none"
-  config.sweep.nuisance.lr = config_dict.ConfigDict(
-      {"key": "optimizer.learning_rate", "log": (0.02, 0.2)})
+  config.sweep.nuisance.lr = config_dict.ConfigDict(   # Its fixed rate, 0.05, wins.
+      {"key": "optimizer.learning_rate", "log": (0.0005, 0.05)})
   config.sweep.tuning_method = "grid"
   config.sweep.tuning_budget = 2
   config.sweep.tuning_seeds = (10, 11)
@@ -117,7 +119,7 @@ def test_tuning_never_reads_the_test_split(tuned):
 def test_the_report_shows_the_choice_the_figure_and_both_comparisons(tuned):
   workdir, _, _ = tuned
   record = json.load(open(workdir / "tuning.json"))
-  assert [p["lr"] for p in record["points"]] == [0.02, 0.2]
+  assert [p["lr"] for p in record["points"]] == [0.0005, 0.05]
   assert record["tuning_seeds"] == [10, 11] and record["cost"]["runs"] == 8
   rows = tables.read_results_csv(str(workdir / "results.csv"))
   assert {r["seed"] for r in rows} == {0, 1}   # Disjoint from the tuning seeds.
@@ -162,6 +164,41 @@ def test_a_tuned_sweep_stopped_by_sigterm_then_killed_reruns_to_the_same_report(
   text = lambda w: re.sub(r"\d+ s of training", "T s of training",
                           open(w / "report.md").read().replace(str(w), "WORKDIR"))
   assert text(killed) == text(reference)
+
+
+def test_final_runs_at_the_fixed_point_are_the_fixed_point_runs_copied(tuned):
+  workdir, _, _ = tuned
+  record = json.load(open(workdir / "tuning.json"))
+  assert {c["chosen"]["lr"] for c in record["cells"].values()} == {0.05}
+  finals = finished_runs(workdir / "cells")
+  assert len(finals) == 4
+  for final in finals:   # Byte for byte, wall time included: copied, not trained again.
+    fixed = final.replace(str(workdir / "cells"), str(workdir / "fixed" / "cells"))
+    assert open(final, "rb").read() == open(fixed, "rb").read()
+  assert ("`bn=none`, `bn=before_act` chose the fixed point: their final runs are the "
+          "fixed-point runs (the same config and seeds), copied rather than trained again."
+          ) in open(workdir / "report.md").read()
+
+
+def test_copying_finished_runs_keeps_what_is_there_and_removes_dead_copies(tuned, tmp_path):
+  workdir, _, _ = tuned
+  fixed = workdir / "fixed" / "cells"
+  cells = [types.SimpleNamespace(dirname=d) for d in sorted(os.listdir(fixed))]
+  target = tmp_path / "final"
+  started = target / "cells" / cells[0].dirname / "seed_1"   # A run that began here.
+  started.mkdir(parents=True)
+  (started / "mine").write_text("kept")
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  dead = target / "cells" / cells[0].dirname / f"seed_0.copy{gone.pid}"
+  dead.mkdir()
+  (dead / "results.json").write_text("{}")   # What a killed copy left.
+  grid.copy_finished_runs(str(workdir / "fixed"), str(target), cells, (0, 1, 7))
+  copied = finished_runs(target / "cells")
+  assert len(copied) == 3 and not dead.exists()   # seed 1 of cell 0 is the one that began.
+  assert os.listdir(started) == ["mine"]
+  assert all(open(p, "rb").read() == open(p.replace(str(target), str(workdir / "fixed")),
+                                          "rb").read() for p in copied)
 
 
 @pytest.mark.parametrize("change, says", [

@@ -84,7 +84,8 @@ def _process_start(pid: int) -> str:
   return stat.rsplit(")", 1)[-1].split()[19] if stat else ""
 
 
-def _process_alive(pid: int, start: str) -> bool:
+def process_alive(pid: int, start: str) -> bool:
+  """Whether process `pid` runs (and is the one started at `start`, when given)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -237,7 +238,7 @@ class CellLock:
   def _stale(self, holder: _Holder) -> bool:
     record = holder.record
     if record.get("machine") == _MACHINE and isinstance(record.get("pid"), int):
-      if not _process_alive(record["pid"], str(record.get("start") or "")):
+      if not process_alive(record["pid"], str(record.get("start") or "")):
         return True
     return self._filesystem_now() - holder.stat.st_mtime > self.stale_after_s
 

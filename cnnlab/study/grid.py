@@ -9,11 +9,12 @@ import dataclasses
 import itertools
 import os
 import re
+import shutil
 from typing import Any
 
 import ml_collections
 
-from cnnlab.base import environment
+from cnnlab.base import environment, files, locks
 from cnnlab.base.errors import ConfigError
 from cnnlab.study.settings import sweep_settings
 from cnnlab.training import rundir
@@ -154,3 +155,37 @@ def finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> b
   if config is None:
     return run.finished()
   return run.finished_result(config) is not None
+
+
+def copy_finished_runs(source: str, workdir: str, cells: list[Cell], seeds) -> None:
+  """Copies each finished run of `source` (another stage's workdir) whose cell dir (its config's
+  hash) and seed a run of `cells` in `workdir` has, and which is not there yet: the same config
+  and seed train the same bits, so it is not trained twice. Each copy is made beside its place
+  and renamed into it (a killed copy is never taken for a run); another process's finished copy
+  is kept."""
+  for cell in cells:
+    for seed in seeds:
+      src, dst = seed_workdir(source, cell, seed, False), seed_workdir(workdir, cell, seed, False)
+      if os.path.exists(dst) or not finished(src):
+        continue
+      _remove_dead_copies(dst)
+      tmp = f"{dst}.copy{os.getpid()}"
+      shutil.rmtree(tmp, ignore_errors=True)
+      try:
+        shutil.copytree(src, tmp)
+      except OSError as e:   # A full disk: one line, and no partial copy left.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise files.write_error(tmp, e, None) from e
+      try:
+        os.rename(tmp, dst)
+      except OSError:   # Another process put its copy (or its run) there first.
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_dead_copies(dst: str) -> None:
+  """Removes `<dst>.copy<pid>` folders left by copying processes that are gone (killed)."""
+  folder, name = os.path.split(dst)
+  for entry in os.listdir(folder) if os.path.isdir(folder) else ():
+    pid = entry[len(name) + len(".copy"):]
+    if entry.startswith(f"{name}.copy") and pid.isdigit() and not locks.process_alive(int(pid), ""):
+      shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)

@@ -184,7 +184,8 @@ def _tuning_section(tuned: dict, seeds: list[int]) -> list[str]:
            f"Every number above comes from final runs at the chosen points with seeds "
            f"{', '.join(map(str, seeds))}, disjoint from the tuning seeds, each evaluated on the "
            f"test split once. Cost: {cost['runs']} tuning runs, "
-           f"{cost['wall_time_s']:.0f} s of training (tuning.json holds every trial).", "",
+           f"{cost['wall_time_s']:.0f} s of training (tuning.json holds every trial)."
+           + _same_as_fixed(tuned.get("same_as_fixed", [])), "",
            "| cell | " + " | ".join(f"chosen {a}" for a in axes)
            + " | mean validation accuracy (%) | notes |",
            "|---|" + "---|" * len(axes) + "---|---|"]
@@ -201,6 +202,16 @@ def _tuning_section(tuned: dict, seeds: list[int]) -> list[str]:
       if warnings else "no chosen value sits on the edge of what was tried."), *warnings,
             "", "![tuning](tuning.png)"]
   return lines
+
+
+def _same_as_fixed(cells: list[str]) -> str:
+  """The sentence naming the cells whose chosen point is the fixed one ("" for none)."""
+  if not cells:
+    return ""
+  names = ", ".join(f"`{c}`" for c in cells)
+  return (f" {names} chose the fixed point: {'their' if len(cells) > 1 else 'its'} final runs "
+          f"are the fixed-point runs (the same config and seeds), copied rather than trained "
+          f"again.")
 
 
 def _against_fixed_section(rows, fixed_rows, baseline, min_effect) -> list[str]:

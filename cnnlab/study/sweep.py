@@ -34,7 +34,7 @@ from cnnlab.base.locks import CellLock
 from cnnlab.inspection import diagnostics, plots
 from cnnlab.study import collect, launchers, pretrain, tables, tuning
 from cnnlab.study import workers as workers_lib
-from cnnlab.study.grid import TRIAL_AXIS, expand, finished, seed_workdir
+from cnnlab.study.grid import TRIAL_AXIS, copy_finished_runs, expand, finished, seed_workdir
 from cnnlab.study.settings import VMAP_AUTO, sweep_settings
 from cnnlab.training import loop, rundir, transfer
 from cnnlab.training import seeds as seeds_lib
@@ -268,6 +268,10 @@ def _run_tuned(config: ml_collections.ConfigDict, workdir: str, cells, *, overri
                  for cell, t in tuned["cells"].items() if t["chosen"] is not None)
   final_config = _stage_config(config, cell_overrides=chosen)
   final_cells = expand(final_config)
+  if settings.compare_fixed:   # A cell that chose the fixed point has trained its final runs.
+    copy_finished_runs(fixed_dir, workdir, final_cells, settings.seeds)
+    fixed_dirs = {c.dirname for c in cells}
+    tuned["same_as_fixed"] = [c.name for c in final_cells if c.dirname in fixed_dirs]
   before &= train_all(final_config, workdir, final_cells, overrides=overrides, command=command,
                       progress=progress, desc="final runs")
   path = collect.write_sweep_report(final_config, final_cells, tuple(settings.seeds), workdir,
