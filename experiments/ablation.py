@@ -14,9 +14,9 @@ runs/ablation/report.md, results.csv and the plots. Variants:
                                                               # learning rate (below)
 
 `tuned` is the fair comparison of the Deep Learning Tuning Playbook: the learning rate is a
-nuisance hyperparameter, tuned for every cell separately over a log range (4 points: 0.0125,
-0.025, 0.05, 0.1) with 3 tuning seeds on the validation split; each cell then trains at its
-chosen rate with the 5 final seeds, and the same cells at the fixed rate 0.05 with the same
+nuisance hyperparameter, tuned for every cell separately over a log range (6 points: 0.0125,
+0.025, 0.05, 0.1, 0.2, 0.4) with 3 tuning seeds on the validation split; each cell then trains at
+its chosen rate with the 5 final seeds, and the same cells at the fixed rate 0.05 with the same
 seeds, so the report shows both comparisons side by side (workdir: runs/ablation_tuned).
 
 Change the grid or the seeds like any other value, e.g.
@@ -41,8 +41,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   if arg == "tuned":
     config.name = "ablation_tuned"
     config.sweep.nuisance.learning_rate = config_dict.ConfigDict(
-        {"key": "optimizer.learning_rate", "log": (0.0125, 0.1)})
+        {"key": "optimizer.learning_rate", "log": (0.0125, 0.4)})
     config.sweep.tuning_method = "grid"
-    config.sweep.tuning_budget = 4
+    config.sweep.tuning_budget = 6
     config.sweep.tuning_seeds = (1000, 1001, 1002)
   return config

@@ -8,7 +8,7 @@ import pytest
 from conftest import load_config, run_launch
 
 from cnnlab.inspection import summary
-from cnnlab.study import grid, tables
+from cnnlab.study import grid, tables, tuning
 
 
 def _run_quick(path, data_dir, tmp_path):
@@ -75,3 +75,15 @@ def test_the_imagenet_recipe(variant):
         "resnet50", 90, 224)
     assert config.optimizer.warmup_epochs == 5 and config.optimizer.schedule == "cosine"
     assert config.dataset.tfds_name == "imagenet2012"
+
+
+def test_the_tuned_ablation_searches_six_rates_around_the_fixed_one():
+  config = load_config("experiments/ablation.py", "tuned")
+  settings = config.sweep
+  axes = tuning.parse_space(settings.nuisance, ("model.dropout", "model.bn_placement"))
+  rates = [p["learning_rate"] for p in tuning.points(axes, settings.tuning_method,
+                                                     settings.tuning_budget)]
+  assert rates == [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4]
+  assert config.optimizer.learning_rate in rates   # Its fixed point is tried too.
+  assert not set(settings.tuning_seeds) & set(settings.seeds) and len(settings.tuning_seeds) == 3
+  assert len(grid.expand(config)) == 9 and len(settings.seeds) == 5
