@@ -38,6 +38,13 @@ def load_config(path: str, arg: str | None = None):
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_stay_in_the_session(tmp_path_factory):
+  """Processes the tests start keep their temporary files (e.g. the log a multi-process run's
+  failed process names) in the session's folder, which pytest removes, not in /tmp."""
+  os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """A TFDS data dir shared by the session, so each bundled dataset is prepared once."""
