@@ -3,6 +3,7 @@ split (the test split is never read while tuning: the dataset records its reads)
 fresh seeds, the fixed-point comparison beside it, the tuning figure; killed mid-tuning, a rerun
 ends with the same report; bad tuning settings are one line and write nothing."""
 
+import errno
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import types
 import pytest
 from conftest import ROOT, finished_runs, load_config, wait_for_finished_runs
 
-from cnnlab.base.errors import ConfigError
+from cnnlab.base.errors import ConfigError, WorkdirError
 from cnnlab.study import grid, tables
 from cnnlab.study import settings as sweep_settings
 from cnnlab.training import validation
@@ -228,3 +229,19 @@ def test_evaluate_test_false_needs_a_validation_split(tiny_config):
     validation.validate_config(tiny_config)
   tiny_config.dataset.validation_fraction = 0.1
   validation.validate_config(tiny_config)
+
+
+def test_copying_onto_a_full_disk_is_one_line_and_leaves_no_partial_copy(tuned, tmp_path,
+                                                                         monkeypatch):
+  workdir, _, _ = tuned
+  fixed = workdir / "fixed" / "cells"
+  cells = [types.SimpleNamespace(dirname=d) for d in sorted(os.listdir(fixed))]
+
+  def full(src, dst, **kw):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(grid.shutil, "copyfile", full)   # What each file copy calls.
+  with pytest.raises(WorkdirError) as error:
+    grid.copy_finished_runs(str(workdir / "fixed"), str(tmp_path / "final"), cells, (0,))
+  assert "\n" not in str(error.value) and "No space left on device" in str(error.value)
+  assert finished_runs(tmp_path / "final") == [] and not any(
+      ".copy" in name for _, dirs, _ in os.walk(tmp_path) for name in dirs)
