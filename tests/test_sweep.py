@@ -190,13 +190,20 @@ def test_kill_mid_sweep_then_rerun_keeps_finished_cells_and_same_report(data_dir
 
 
 def test_two_workers_train_every_run_once(data_dir, tmp_path):
+  """Also: with sweep.diagnostics=False no cell draws diagnostics and the report has none."""
   workdir = str(tmp_path / "workers")
   proc = subprocess.run(_small_sweep_args(data_dir, workdir, "--config.sweep.workers=2",
-                                          "--config.num_epochs=1"),
+                                          "--config.num_epochs=1",
+                                          "--config.sweep.diagnostics=False"),
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = tables.read_results_csv(os.path.join(workdir, "results.csv"))
   assert len(rows) == 4 and {r["threads"] for r in rows} == {1}
+  drawn = [f for _, _, fs in os.walk(workdir) for f in fs
+           if f in ("diagnostics.json", "filters.png", "variance_shift.png")]
+  assert drawn == []
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "Variance shift" not in report and "filters" not in report
   for root, _, files in os.walk(os.path.join(workdir, "cells")):
     if "metrics.jsonl" in files:
       lines = [json.loads(l) for l in open(os.path.join(root, "metrics.jsonl"))]

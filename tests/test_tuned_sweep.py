@@ -137,6 +137,19 @@ def test_the_report_shows_the_choice_the_figure_and_both_comparisons(tuned):
   assert os.path.getsize(workdir / "tuning.png") > 10_000
 
 
+def test_only_compared_cells_draw_diagnostics(tuned):
+  """The final (and fixed-point) cells draw the variance shift and filters the report shows; the
+  tuning trials, which no report compares, draw none (about 1-1.5 s a cell)."""
+  workdir, _, _ = tuned
+  def drawn(stage):
+    cells = [d for d in (stage / "cells").iterdir() if d.is_dir()]
+    assert cells
+    return {(c / "diagnostics.json").exists() and (c / "filters.png").exists() for c in cells}
+  assert drawn(workdir / "tuning") == {False}
+  assert drawn(workdir) == {True} and drawn(workdir / "fixed") == {True}
+  assert "## Variance shift" in open(workdir / "report.md").read()
+
+
 def test_a_tuned_sweep_stopped_by_sigterm_then_killed_reruns_to_the_same_report(tuned, tmp_path):
   """SIGTERM mid-tuning ends the sweep in one line (exit 130); the rerun, killed with -9 once
   the fixed-point stage has begun, and a second rerun end with the uninterrupted report."""

@@ -119,6 +119,7 @@ def _settings(**changes):
     ({"workers": 0}, r"sweep\.workers=0 is out of range; allowed: \[1, inf\)"),
     ({"workers": 1.5}, r"sweep\.workers=1\.5 must be an integer"),
     ({"vmap_seeds": "maybe"}, r"sweep\.vmap_seeds='maybe' is not allowed; choose one of: auto"),
+    ({"diagnostics": "no"}, r"sweep\.diagnostics='no' is not allowed; choose one of: True"),
     ({"target_accuracy": 0.0}, r"target_accuracy=0\.0 is out of range; allowed: \(0, 1\]"),
     ({"target_accuracy": 95}, r"target_accuracy=95 is out of range"),
     ({"target_accuracy": float("nan")}, r"target_accuracy=nan must be a finite number"),

@@ -84,7 +84,9 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
       curves[cell.name].append(metrics)
     path = os.path.join(workdir, "cells", cell.dirname, "diagnostics.json")
     diagnostics[cell.name] = files.read_json(path) if os.path.exists(path) else []
-  filter_grids = _filter_grids(cells, seeds, workdir)
+  if not settings.diagnostics:
+    diagnostics = None
+  filter_grids = _filter_grids(cells, seeds, workdir) if settings.diagnostics else {}
   baseline = settings.baseline or cells[0].name
   meta = {"command": command, "config": config_for_report(config, settings),
           "packages": environment.package_versions(), "git_commit": environment.git_commit(),

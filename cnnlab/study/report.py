@@ -278,17 +278,18 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
     lines += _tuning_section(tuned, seeds)
   if fixed_rows is not None:
     lines += _against_fixed_section(rows, with_status(fixed_rows), baseline, min_effect)
-  lines += ["", "## Variance shift (Li et al. 2019)", "",
-            "Per BatchNorm layer, the mean over channels of its input's variance in training mode "
-            "(dropout on) and in evaluation mode (dropout off), their ratio, and the running "
-            "variance BN divides by at evaluation. A ratio far from 1 means the statistics BN "
-            "learned in training do not describe its inputs at test time.", "",
-            "| cell | BN layer | var train | var eval | ratio | running var |",
-            "|---|---|---|---|---|---|"]
-  for cell in [s["cell"] for s in summary]:
-    for d in diagnostics.get(cell, []):
-      lines.append(f"| `{cell}` | {d['layer']} | {_f(d['var_train'])} | {_f(d['var_eval'])} | "
-                   f"{_f(d['ratio'], 3)} | {_f(d['running_var'])} |")
+  if diagnostics is not None:  # None: the sweep measured none (sweep.diagnostics=False).
+    lines += ["", "## Variance shift (Li et al. 2019)", "",
+              "Per BatchNorm layer, the mean over channels of its input's variance in training "
+              "mode (dropout on) and in evaluation mode (dropout off), their ratio, and the "
+              "running variance BN divides by at evaluation. A ratio far from 1 means the "
+              "statistics BN learned in training do not describe its inputs at test time.", "",
+              "| cell | BN layer | var train | var eval | ratio | running var |",
+              "|---|---|---|---|---|---|"]
+    for cell in [s["cell"] for s in summary]:
+      for d in diagnostics.get(cell, []):
+        lines.append(f"| `{cell}` | {d['layer']} | {_f(d['var_train'])} | {_f(d['var_eval'])} | "
+                     f"{_f(d['ratio'], 3)} | {_f(d['running_var'])} |")
   lines += ["", "## Figures", "", "![test accuracy](accuracy.png)", ""]
   cut = [f"`{s['cell']}`" for s in summary if s["n"] and plots.clipped(s["test_accuracy"])]
   if cut:  # An accuracy stays in [0, 100]%; its t-interval need not.
@@ -296,7 +297,9 @@ def render_markdown(rows, diagnostics, *, baseline, target_accuracy, meta,
               "clipped there (arrowheads); the table gives them whole.", ""]
   if plot_axis:
     lines += [f"![test accuracy by {plot_axis}](accuracy_by_{plot_axis}.png)", ""]
-  lines += ["![learning curves](curves.png)", "", "![variance shift](variance_shift.png)", ""]
+  lines += ["![learning curves](curves.png)", ""]
+  if diagnostics is not None:
+    lines += ["![variance shift](variance_shift.png)", ""]
   lines += [f"![first-layer filters of `{cell}`, seed {seed}]({path})\n"
             for cell, (seed, path) in meta.get("filter_grids", {}).items()]
   lines += ["## Reproduce", "", "```", meta["command"], "```", "",
@@ -315,10 +318,12 @@ def write_report(workdir: str, rows: list[dict], curves: dict[str, list[list[dic
   `workdir`; returns report.md's path.
 
   `curves[cell][i]` holds the metrics of the i-th row of that cell; diverged runs are left out
-  of the plots. `min_effect` is the accuracy difference (0.01 = 1 point) whose seeds needed the
-  report states (None: no such statement). `plot_axis` (an axis, "" = none) adds a plot of test
-  accuracy against its values, one line per value of the other axes. A tuned sweep adds its
-  tuning summary `tuned` (cnnlab.study.tuning.summarize) and its fixed-point runs' rows.
+  of the plots. `diagnostics[cell]`: its variance-shift records (None: none measured, no
+  section or figure). `min_effect` is the accuracy difference (0.01 = 1 point) whose seeds
+  needed the report states (None: no such statement). `plot_axis` (an axis, "" = none) adds a
+  plot of test accuracy against its values, one line per value of the other axes. A tuned sweep
+  adds its tuning summary `tuned` (cnnlab.study.tuning.summarize) and its fixed-point runs'
+  rows.
 
   Each file is written atomically; report.md is removed first and written last, so one on disk
   always describes the files beside it. A failed write (a full disk) raises WorkdirError.
@@ -342,7 +347,8 @@ def write_report(workdir: str, rows: list[dict], curves: dict[str, list[list[dic
                      for cell, group in by_cell(rows).items()}
   plots.accuracy(os.path.join(workdir, "accuracy.png"), summary, finished_rows(rows), baseline)
   plots.curves(os.path.join(workdir, "curves.png"), finished_curves)
-  plots.variance_shift(os.path.join(workdir, "variance_shift.png"), diagnostics)
+  if diagnostics is not None:
+    plots.variance_shift(os.path.join(workdir, "variance_shift.png"), diagnostics)
   if plot_axis:
     plots.accuracy_by_axis(os.path.join(workdir, f"accuracy_by_{plot_axis}.png"), summary,
                            finished_rows(rows), plot_axis)

@@ -44,6 +44,10 @@ def sweep_defaults(seed: int = 0) -> config_dict.ConfigDict:
   sweep.seed_keys = ()
   # An axis to plot test accuracy against, one line per value of the other axes ("" = none).
   sweep.plot_axis = ""
+  # Each cell's diagnostics for the report: BatchNorm's variance shift (train vs eval mode) and a
+  # picture of the first layer's filters, about 1-1.5 s a cell on a CPU. A tuned sweep's tuning
+  # trials skip them (no report compares the trials).
+  sweep.diagnostics = True
   # The smallest test-accuracy difference worth detecting (0.01 = 1 point): the report says how
   # many seeds a paired t-test would need to detect it with 80% power.
   sweep.min_effect = 0.01
@@ -104,6 +108,7 @@ def validate_sweep(settings: ml_collections.ConfigDict) -> None:
   if settings.workers is not None:  # None: one per CPU core (sweep.worker_count).
     check_number("sweep.workers", settings.workers, low=1, integer=True)
   choice("sweep.vmap_seeds", settings.vmap_seeds, VMAP_CHOICES)
+  choice("sweep.diagnostics", settings.get("diagnostics", True), (True, False))
   check_number("sweep.target_accuracy", settings.target_accuracy, low=0, high=1, low_open=True)
   if settings.get("min_effect") is not None:
     check_number("sweep.min_effect", settings.min_effect, low=0, high=1, low_open=True)

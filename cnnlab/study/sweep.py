@@ -91,7 +91,8 @@ def work(config: ml_collections.ConfigDict, workdir: str, *, overrides=(), comma
     for cell in cells:
       dirs = [seed_workdir(workdir, cell, s, degenerate) for s in seeds]
       cell_dir = workdir if degenerate else os.path.dirname(dirs[0])
-      diag_path = None if degenerate else os.path.join(cell_dir, "diagnostics.json")
+      diag_path = None if degenerate or not settings.diagnostics else os.path.join(
+          cell_dir, "diagnostics.json")
       configs = [cell.seed_config(s) for s in seeds]
       if _cell_done(dirs, configs, diag_path):
         continue
@@ -243,6 +244,7 @@ def _run_tuned(config: ml_collections.ConfigDict, workdir: str, cells, *, overri
   keys = tuple(a.key for a in axes)
   tune_dir = os.path.join(workdir, "tuning")
   trials_config = _stage_config(config, seeds=settings.tuning_seeds, evaluate_test=False,
+                                diagnostics=False,
                                 trial_axis=(keys, tuple(tuple(p[a.name] for a in axes)
                                                         for p in trial_points)))
   trial_cells = expand(trials_config)
@@ -282,9 +284,11 @@ def _run_tuned(config: ml_collections.ConfigDict, workdir: str, cells, *, overri
 
 
 def _stage_config(config: ml_collections.ConfigDict, *, seeds=None, evaluate_test=None,
-                  trial_axis=None, cell_overrides=()) -> ml_collections.ConfigDict:
+                  diagnostics=None, trial_axis=None, cell_overrides=()
+                  ) -> ml_collections.ConfigDict:
   """One stage of a tuned sweep: `config` without nuisance axes, with other seeds, the test
-  split left unread, an axis `trial` over the points (keys, values) or per-cell settings."""
+  split left unread, without diagnostics, an axis `trial` over the points (keys, values) or
+  per-cell settings."""
   stage = copy.deepcopy(config)
   with stage.unlocked():
     stage.sweep.nuisance = ml_collections.ConfigDict()
@@ -293,6 +297,8 @@ def _stage_config(config: ml_collections.ConfigDict, *, seeds=None, evaluate_tes
       stage.sweep.seeds = tuple(seeds)
     if evaluate_test is not None:
       stage.evaluate_test = evaluate_test
+    if diagnostics is not None:
+      stage.sweep.diagnostics = diagnostics
     if trial_axis is not None:
       stage.sweep.axes[TRIAL_AXIS] = ml_collections.ConfigDict(
           {"keys": trial_axis[0], "values": trial_axis[1]})
