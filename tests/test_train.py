@@ -1,5 +1,6 @@
 """Training core: reproducibility, resume, RNG discipline, optimizers and schedules."""
 
+import functools
 import json
 import os
 import shutil
@@ -194,6 +195,51 @@ def test_schedules_by_hand(tiny_config):
   opt.schedule, opt.step_boundaries, opt.step_factor = "step", (0.5, 0.75), 0.1
   s = optim.learning_rate_schedule(opt, steps_per_epoch=10, total_steps=100)
   np.testing.assert_allclose([s(49), s(50), s(74), s(75)], [0.1, 0.01, 0.01, 0.001], rtol=1e-5)
+
+
+def _setup_state_and_batch(config):
+  """steps.setup's model and optimizer, a fresh state and the first batch (as jax arrays)."""
+  s = steps.setup(config)
+  state = steps.create_train_state(s.model, s.tx, steps.split_seed(config.seed),
+                                   s.info.image_shape)
+  batch = next(data.train_iterator(config.dataset, config.batch_size, 0))
+  return s, state, {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"])}
+
+
+def test_runs_that_differ_only_in_the_learning_rate_compile_one_train_step(tiny_config):
+  """The rate is an input of the train step (optim.rate_as_input), not a constant in it: a
+  tuning sweep's trials over the learning rate share one compiled program (one compile per
+  cell, not per trial: 2-4 s each here, far more for a large net on a GPU)."""
+  programs = []
+  for rate in (0.05, 0.1):
+    tiny_config.optimizer.learning_rate = rate
+    _, state, batch = _setup_state_and_batch(tiny_config)
+    step = jax.jit(functools.partial(steps.train_step, aux_loss_weight=0.0))
+    programs.append(step.lower(state, batch).as_text())
+    assert float(state.tx_inputs["learning_rate"]) == np.float32(rate)
+  assert programs[0] == programs[1]
+
+
+@pytest.mark.parametrize("changes", [
+    {"schedule": "cosine"},
+    {"schedule": "step", "step_boundaries": (0.1, 0.5, 0.5), "step_factor": 0.3},
+    {"schedule": "constant", "warmup_epochs": 0.0, "name": "adamw"},
+    {"name": "rmsprop", "learning_rate": 0.0123456789}])
+def test_the_rate_as_an_input_trains_bit_for_bit_as_a_constant_rate(tiny_config, changes):
+  """Against the optimizer built with the rate compiled in as a constant (as optax is used
+  everywhere): the same float32 operations on the same values, so the same bits."""
+  tiny_config.optimizer.update(changes)
+  s, state, batch = _setup_state_and_batch(tiny_config)
+  constant = optim.create_optimizer(tiny_config.optimizer, s.schedule)
+  baseline = state.replace(tx=constant, tx_inputs={})
+  step = jax.jit(functools.partial(steps.train_step, aux_loss_weight=0.0))
+  for _ in range(3):
+    state, _ = step(state, batch)
+    baseline, _ = step(baseline, batch)
+  assert steps.state_digest(state) == steps.state_digest(baseline)
+  leaves = jax.tree_util.tree_leaves
+  for a, b in zip(leaves(state.opt_state), leaves(baseline.opt_state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _launch_args(config, workdir):

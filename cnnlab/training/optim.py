@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from ml_collections import config_dict
@@ -123,32 +124,80 @@ def kernel_mask(params):
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
+def warmup_target(opt: ml_collections.ConfigDict, steps_per_epoch: int,
+                  total_steps: int) -> float:
+  """The rate the warm-up ramps to: `opt.learning_rate`, times `step_factor` for each step
+  boundary that falls inside the warm-up (or at its end). Computed in float64 on the host."""
+  factor = 1.0
+  if opt.schedule == "step":
+    warmup = _warmup_steps(opt, steps_per_epoch, total_steps)
+    for fraction in opt.step_boundaries:
+      if max(int(round(fraction * total_steps)) - warmup, 0) == 0:
+        factor *= float(opt.step_factor)
+  return float(opt.learning_rate) * factor
+
+
+def _warmup_steps(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> int:
+  return min(int(round(opt.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+
+
 def learning_rate_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int,
-                           total_steps: int) -> optax.Schedule:
+                           total_steps: int, target=None) -> optax.Schedule:
   """Linear warm-up from 0 over `warmup_epochs`, then constant, cosine (to 0) or step decay.
 
   The step schedule multiplies the rate by `step_factor` at each of `step_boundaries`, given as
   fractions of the whole run, warm-up included (0.5 = half-way: step round(0.5 * total_steps)).
   Every boundary applies: one that falls inside the warm-up scales the warm-up's target and
   everything after it; boundaries that round to the same step multiply.
+
+  `target`: the rate the warm-up ramps to, `warmup_target(...)` when None; a traced scalar makes
+  the rate an input of the compiled program (`rate_as_input`) with the same arithmetic.
   """
-  peak = float(opt.learning_rate)   # The rate the warm-up ramps to.
-  warmup = min(int(round(opt.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  peak = warmup_target(opt, steps_per_epoch, total_steps) if target is None else target
+  warmup = _warmup_steps(opt, steps_per_epoch, total_steps)
   rest = max(total_steps - warmup, 1)
   if opt.schedule == "constant":
     main = optax.constant_schedule(peak)
   elif opt.schedule == "cosine":
     main = optax.cosine_decay_schedule(peak, decay_steps=rest)
-  else:  # "step"; validated earlier.
+  else:  # "step"; validated earlier. Boundaries inside the warm-up are in `peak` already.
     scales = {}   # Step after the warm-up -> factor applied from there on.
     for fraction in opt.step_boundaries:
       step = max(int(round(fraction * total_steps)) - warmup, 0)
-      scales[step] = scales.get(step, 1.0) * float(opt.step_factor)
-    peak *= scales.pop(0, 1.0)   # Boundaries inside the warm-up (or at its end).
+      if step:
+        scales[step] = scales.get(step, 1.0) * float(opt.step_factor)
     main = optax.piecewise_constant_schedule(peak, scales)
   if warmup == 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+class RateAsInput(NamedTuple):
+  """An optax transformation whose rate (the warm-up target of its schedule) is an argument of
+  `update`, `learning_rate=` a float32 scalar, rather than a constant compiled into the train
+  step: runs that differ only in the learning rate (a tuning sweep's trials) share one compiled
+  program. Built by `rate_as_input`; `learning_rate` is the value the config gives."""
+  init: Callable
+  update: Callable
+  learning_rate: float
+
+
+def rate_as_input(build: Callable[[Any], optax.GradientTransformation],
+                  learning_rate: float) -> RateAsInput:
+  """`build(rate)` (rate: a float, or the traced scalar a train step passes) as a RateAsInput.
+  The traced rate goes through the same float32 operations as the constant did, so the results
+  are bit for bit those of `build(learning_rate)`."""
+  def update(updates, state, params=None, *, learning_rate):
+    return build(learning_rate).update(updates, state, params)
+  return RateAsInput(build(learning_rate).init, update, learning_rate)
+
+
+def runtime_inputs(tx) -> dict[str, Any]:
+  """The keyword arguments a train step passes to `tx.update`: a RateAsInput's learning rate as
+  a float32 scalar, nothing for any other transformation."""
+  if isinstance(tx, RateAsInput):
+    return {"learning_rate": jnp.asarray(tx.learning_rate, jnp.float32)}
+  return {}
 
 
 def create_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule,

@@ -46,6 +46,9 @@ class TrainState(struct.PyTreeNode):
   rngs: dict[str, jax.Array]      # one key per dropout stream; fold_in(step) per step.
   apply_fn: Callable = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  # `tx.update`'s keyword inputs (optim.runtime_inputs: the learning rate, a float32 scalar);
+  # derived from the config like `rngs`, not checkpointed.
+  tx_inputs: dict[str, jax.Array] = struct.field(default_factory=dict)
 
 
 def split_seed(seed: int) -> dict[str, jax.Array]:
@@ -101,7 +104,7 @@ def create_train_state(model, tx: optax.GradientTransformation, streams: dict[st
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       opt_state=opt_state, rngs={name: streams[name] for name in DROPOUT_STREAMS},
-      apply_fn=model.apply, tx=tx)
+      apply_fn=model.apply, tx=tx, tx_inputs=optim.runtime_inputs(tx))
 
 
 def step_rngs(rngs: dict[str, jax.Array], step: jax.Array) -> dict[str, jax.Array]:
@@ -156,7 +159,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], aux_loss_weight: 
     return total, (loss, logits, updates.get("batch_stats", {}))
 
   grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **state.tx_inputs)
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         batch_stats=batch_stats, opt_state=opt_state)
   accuracy = (jnp.argmax(logits, -1) == batch["label"]).mean()
@@ -209,7 +212,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   """Builds the dataset facts, model, learning-rate schedule and optimizer of `config`.
 
   Cached by the config's fingerprint without the seed, so the seeds of a sweep cell share one
-  model and optimizer object, and with them the compiled train and eval steps.
+  model and optimizer object, and with them the compiled train and eval steps. The learning
+  rate is an input of the train step (optim.rate_as_input): configs that differ only in it
+  compile one program.
   """
   key = rundir.fingerprint(config, exclude=("seed",))
   if key not in _SETUPS:
@@ -219,9 +224,11 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     total_steps = steps_per_epoch * config.num_epochs
     schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps)
     model, param_labels, lr_scales = init_settings.prepare(config, model, info.image_shape)
-    _SETUPS[key] = Setup(info, model, steps_per_epoch, total_steps, schedule,
-                         optim.create_optimizer(config.optimizer, schedule, param_labels,
-                                                lr_scales))
+    build = lambda target: optim.create_optimizer(config.optimizer, optim.learning_rate_schedule(
+        config.optimizer, steps_per_epoch, total_steps, target), param_labels, lr_scales)
+    tx = optim.rate_as_input(build, optim.warmup_target(config.optimizer, steps_per_epoch,
+                                                        total_steps))
+    _SETUPS[key] = Setup(info, model, steps_per_epoch, total_steps, schedule, tx)
   return _SETUPS[key]
 
 
