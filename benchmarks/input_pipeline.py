@@ -38,8 +38,6 @@ import hashlib
 import itertools
 import json
 import os
-import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,14 +46,14 @@ import time
 
 import numpy as np
 from absl import app, flags
+from image_folders import IMAGENET_MEAN, IMAGENET_STD, make_folder, open_folder, torch_loader
 from nets import CnnlabRunner
-from PIL import Image
 
 from cnnlab import cli
 from cnnlab import data as data_lib
 from cnnlab.base import environment
 from cnnlab.configs import base_config, sweep_base
-from cnnlab.data import folders, pipeline, stream, transforms
+from cnnlab.data import pipeline, stream, transforms
 
 SECTIONS = ("pipeline", "read", "step", "rss")
 _SECTIONS = flags.DEFINE_list("sections", list(SECTIONS), "Sections to run, in this order.")
@@ -110,8 +108,6 @@ flags.register_validator("rss_images", lambda v: bool(v) and all(x.isdigit() and
 flags.register_multi_flags_validator(["min_size", "max_size"],
                                      lambda f: f["min_size"] <= f["max_size"],
                                      "--min_size must not exceed --max_size")
-IMAGENET_MEAN = np.float32(transforms.IMAGENET_MEAN)
-IMAGENET_STD = np.float32(transforms.IMAGENET_STD)
 SMALL_SIDES = (80, 120)
 
 
@@ -123,42 +119,10 @@ def worker_counts(values: list[str]) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # Folders.
 
-def make_folder(root: str, classes: int, images: int, sides: tuple[int, int], quality: int,
-                seed: int) -> str:
-  """root/class_XX/NNNNNN.jpg: `images` JPEGs dealt over `classes` classes, each side drawn
-  uniformly in `sides` (px): a bicubic-upsampled 48x48 random colour field plus Gaussian grain
-  (sigma 12), whose JPEG decodes about as slowly as a photo of its size. Made once (seeded): a
-  folder whose `<root>.complete` mark exists is reused."""
-  if os.path.exists(f"{root}.complete"):
-    return root
-  rng = np.random.default_rng(seed)
-  tmp = f"{root}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  for i in range(images):
-    h, w = (int(s) for s in rng.integers(sides[0], sides[1] + 1, 2))
-    field = Image.fromarray(rng.integers(0, 256, (48, 48, 3), np.uint8)).resize(
-        (w, h), Image.BICUBIC)
-    pixels = np.asarray(field, np.int16) + rng.normal(0, 12, (h, w, 3)).astype(np.int16)
-    folder = os.path.join(tmp, f"class_{i % classes:02d}")
-    os.makedirs(folder, exist_ok=True)
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-        os.path.join(folder, f"{i:06d}.jpg"), quality=quality)
-  shutil.rmtree(root, ignore_errors=True)
-  os.replace(tmp, root)
-  open(f"{root}.complete", "w").close()
-  return root
-
-
 def synthetic(images: int, sides: tuple[int, int]) -> str:
   name = f"jpeg_{_CLASSES.value}x{images}_{sides[0]}-{sides[1]}px_q{_QUALITY.value}_s{_SEED.value}"
   return make_folder(os.path.join(_CACHE.value, name), _CLASSES.value, images, sides,
                      _QUALITY.value, _SEED.value)
-
-
-def open_folder(root: str, index_dir: str) -> tuple[folders.FolderIndex, folders.FolderSource]:
-  """The folder's index (its seeded 10% test split held out) and a source over its train split."""
-  index = folders.index_folder(root, 0.1, 0, index_dir)
-  return index, folders.FolderSource(root, index.splits["train"], index.class_names)
 
 
 def index_dir(root: str) -> str:
@@ -172,26 +136,6 @@ def index_dir(root: str) -> str:
 def cnnlab_stream(source, transform, mean, std, workers: int, seed: int = 0):
   it = stream.StreamIterator(source, _BATCH.value, seed, transform, mean, std, workers=workers)
   return it, it.close
-
-
-def _member(paths: frozenset, path: str) -> bool:
-  return os.path.normpath(path) in paths
-
-
-def torch_loader(root: str, relpaths, size: int, workers: int):
-  """torchvision's ImageNet training input over the files `relpaths` of `root`."""
-  import torch
-  from torchvision import datasets
-  from torchvision import transforms as tv
-  tf = tv.Compose([tv.RandomResizedCrop(size), tv.RandomHorizontalFlip(), tv.ToTensor(),
-                   tv.Normalize(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)])
-  paths = frozenset(os.path.normpath(os.path.join(root, p)) for p in relpaths)
-  dataset = datasets.ImageFolder(root, tf, is_valid_file=functools.partial(_member, paths))
-  loader = torch.utils.data.DataLoader(
-      dataset, batch_size=_BATCH.value, shuffle=True, num_workers=workers, drop_last=True,
-      generator=torch.Generator().manual_seed(_SEED.value))
-  it = iter(loader)
-  return it, getattr(it, "_shutdown_workers", lambda: None)
 
 
 def fixed(batch: dict):
@@ -244,7 +188,7 @@ def pipeline_section(root: str, index, source) -> list[dict]:
                                             IMAGENET_STD, w, _SEED.value)}
     if _TORCH.value:
       variants["torch"] = functools.partial(torch_loader, root, index.splits["train"].paths,
-                                            size, w)
+                                            size, w, _BATCH.value, _SEED.value)
     row = {"workers": w}
     for name, results in interleaved(variants, images_per_s).items():
       row[name] = {"img_s": _spread([r[0] for r in results]),
@@ -340,53 +284,9 @@ def step_section() -> list[dict]:
                           f"crops {s}x{s}x3", runner, _FOLDER_STEPS.value, feeds)
 
 
-def _status_mb(pid: int | str, key: str) -> float:
-  """`key` (VmRSS, VmHWM) of /proc/<pid>/status in MB (2**20 bytes); 0 for a process gone."""
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      return next(int(l.split()[1]) for l in f if l.startswith(f"{key}:")) / 1024
-  except (FileNotFoundError, StopIteration):
-    return 0.0
-
-
-def _workers() -> list[int]:
-  """This process's children but multiprocessing's resource tracker: the pipeline's workers."""
-  pids = []
-  for task in os.listdir("/proc/self/task"):
-    with open(f"/proc/self/task/{task}/children") as f:
-      pids += [int(p) for p in f.read().split()]
-  def tracker(pid: int) -> bool:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-      return b"resource_tracker" in f.read()
-  return [pid for pid in pids if not tracker(pid)]
-
-
-def epoch_rss(root: str, cache: str, workers: int, batch: int, size: int) -> dict:
-  """In a fresh process: one epoch of StreamIterator over the folder's train split; its memory
-  facts (MB). getrusage's maxrss counts from the fork this process
-  was started by (Linux carries it over exec), so it includes the parent's RSS at that moment;
-  VmHWM, the peak of this process's own image, does not."""
-  _, source = open_folder(root, cache)
-  before = _status_mb("self", "VmRSS")
-  it = stream.StreamIterator(source, batch, 0, transforms.train_transform("imagenet", size),
-                             IMAGENET_MEAN, IMAGENET_STD, workers=workers)
-  start = time.perf_counter()
-  for _ in range(it.steps_per_epoch):
-    next(it)
-  seconds = time.perf_counter() - start
-  worker_peaks = [_status_mb(pid, "VmHWM") for pid in _workers()]
-  it.close()
-  maxrss = lambda who: resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux.
-  return {"examples": len(source), "epoch_s": seconds, "rss_before_mb": before,
-          "peak_mb": _status_mb("self", "VmHWM"), "worker_peaks_mb": worker_peaks,
-          "maxrss_self_mb": maxrss(resource.RUSAGE_SELF),
-          "maxrss_children_mb": maxrss(resource.RUSAGE_CHILDREN),
-          "decoded_whole_mb": len(source) * size * size * 3 / 2**20}
-
-
 def rss_section() -> list[dict]:
   """epoch_rss per folder size, each in a fresh Python process (maxrss is a lifetime peak)."""
-  rows, code = [], ("import json, sys, input_pipeline as m; "
+  rows, code = [], ("import json, sys, pipeline_memory as m; "
                     "print(json.dumps(m.epoch_rss(*json.loads(sys.argv[1]))))")
   for n in (int(v) for v in _RSS_IMAGES.value):
     root = synthetic(n, SMALL_SIDES)
