@@ -242,6 +242,20 @@ def test_the_rate_as_an_input_trains_bit_for_bit_as_a_constant_rate(tiny_config,
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_an_optimizer_that_needs_the_rate_as_a_number_gets_it(tiny_config):
+  """A registered builder that reads the schedule on the host (float(schedule(0))) cannot take
+  a traced rate: it gets the constant one, and trains as before."""
+  @optim.register_optimizer("host_rate_sgd")
+  def host_rate_sgd(opt, schedule):
+    return optax.sgd(float(schedule(0)) + 0.01)
+
+  tiny_config.optimizer.name = "host_rate_sgd"
+  s, state, batch = _setup_state_and_batch(tiny_config)
+  assert not isinstance(s.tx, optim.RateAsInput) and state.tx_inputs == {}
+  state, metrics = jax.jit(functools.partial(steps.train_step, aux_loss_weight=0.0))(state, batch)
+  assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
 def _launch_args(config, workdir):
   return ["--config=experiments/default.py", f"--workdir={workdir}", "--noprogress",
           f"--config.dataset.name={config.dataset.name}",

@@ -182,11 +182,23 @@ class RateAsInput(NamedTuple):
   learning_rate: float
 
 
+# What a builder that needs the rate as a Python number raises when it gets a traced one.
+_NEEDS_A_NUMBER = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                   jax.errors.TracerIntegerConversionError)
+
+
 def rate_as_input(build: Callable[[Any], optax.GradientTransformation],
-                  learning_rate: float) -> RateAsInput:
+                  learning_rate: float) -> RateAsInput | optax.GradientTransformation:
   """`build(rate)` (rate: a float, or the traced scalar a train step passes) as a RateAsInput.
   The traced rate goes through the same float32 operations as the constant did, so the results
-  are bit for bit those of `build(learning_rate)`."""
+  are bit for bit those of `build(learning_rate)`. A builder that needs the rate as a number
+  (a registered optimizer that calls `float(schedule(0))` or branches on it) gets it: then
+  `build(learning_rate)` itself, the rate a constant of the program."""
+  try:
+    jax.eval_shape(lambda rate: (build(rate), jnp.zeros(()))[1], jnp.float32(learning_rate))
+  except _NEEDS_A_NUMBER:
+    return build(learning_rate)
+
   def update(updates, state, params=None, *, learning_rate):
     return build(learning_rate).update(updates, state, params)
   return RateAsInput(build(learning_rate).init, update, learning_rate)
