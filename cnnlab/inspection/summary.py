@@ -258,8 +258,7 @@ def summarize_model(model: nn.Module, input_shape: tuple[int, ...], *,
 def train_step_flops(config: ml_collections.ConfigDict, model: nn.Module,
                      input_shape: tuple[int, ...], batch_size: int) -> float:
   """XLA's FLOP count of one compiled `steps.train_step` of `model` on a batch (no data read)."""
-  tx = optim.create_optimizer(config.optimizer, optim.learning_rate_schedule(
-      config.optimizer, 1, 1))
+  tx = optim.build_optimizer(config.optimizer, 1, 1)
   streams = steps.split_seed(0)
   state = steps.create_train_state(model, tx, streams, input_shape, abstract=True)
   batch = {"image": jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.dtype(config.dtype)),

@@ -83,8 +83,9 @@ def write_sweep_report(config, cells: list[Cell], seeds: tuple[int, ...], workdi
           "diverged_reason": res.get("diverged_reason")})
       curves[cell.name].append(metrics)
     path = os.path.join(workdir, "cells", cell.dirname, "diagnostics.json")
-    diagnostics[cell.name] = files.read_json(path) if os.path.exists(path) else []
-  if not settings.diagnostics:
+    if settings.diagnostics:
+      diagnostics[cell.name] = files.read_json(path) if os.path.exists(path) else []
+  if not settings.diagnostics:   # None: the report has no variance-shift section or figure.
     diagnostics = None
   filter_grids = _filter_grids(cells, seeds, workdir) if settings.diagnostics else {}
   baseline = settings.baseline or cells[0].name

@@ -204,6 +204,17 @@ def rate_as_input(build: Callable[[Any], optax.GradientTransformation],
   return RateAsInput(build(learning_rate).init, update, learning_rate)
 
 
+def build_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int,
+                    param_labels=None, lr_scales: dict[str, float] | None = None
+                    ) -> RateAsInput | optax.GradientTransformation:
+  """The optimizer `opt` names, driven by its learning-rate schedule (`create_optimizer` over
+  `learning_rate_schedule`), the rate an input of `update` (`rate_as_input`)."""
+  def build(target) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(opt, steps_per_epoch, total_steps, target)
+    return create_optimizer(opt, schedule, param_labels, lr_scales)
+  return rate_as_input(build, warmup_target(opt, steps_per_epoch, total_steps))
+
+
 def runtime_inputs(tx) -> dict[str, Any]:
   """The keyword arguments a train step passes to `tx.update`: a RateAsInput's learning rate as
   a float32 scalar, nothing for any other transformation."""

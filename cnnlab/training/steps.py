@@ -224,10 +224,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     total_steps = steps_per_epoch * config.num_epochs
     schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps)
     model, param_labels, lr_scales = init_settings.prepare(config, model, info.image_shape)
-    build = lambda target: optim.create_optimizer(config.optimizer, optim.learning_rate_schedule(
-        config.optimizer, steps_per_epoch, total_steps, target), param_labels, lr_scales)
-    tx = optim.rate_as_input(build, optim.warmup_target(config.optimizer, steps_per_epoch,
-                                                        total_steps))
+    tx = optim.build_optimizer(config.optimizer, steps_per_epoch, total_steps, param_labels,
+                               lr_scales)
     _SETUPS[key] = Setup(info, model, steps_per_epoch, total_steps, schedule, tx)
   return _SETUPS[key]
 
